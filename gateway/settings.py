@@ -1,0 +1,187 @@
+"""Configuration, read once at start into frozen objects and passed in.
+
+Nothing below `gateway/` reads the environment: `Settings.from_env()` is the
+one place that does, and the app, the credit services and the CLI get the
+result. Secrets are wrapped in `Secret` so a stray log line or repr shows
+`Secret('***')`, never the value.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+from budget.pricing import PlanBook, PriceBook
+from config import CONFIG_DIR
+
+DEFAULT_UPSTREAM = "https://api.openai.com/v1"
+DEFAULT_DATABASE_URL = "sqlite:///./data/aza-gateway.sqlite"
+
+
+@dataclass(frozen=True, slots=True)
+class Secret:
+    """A secret string that never shows itself in repr, str or logs."""
+
+    _value: str = field(repr=False)
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('***')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+
+class ConfigError(ValueError):
+    """The environment or a config file holds a value the gateway cannot use."""
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be 1/0 (or true/false), not {raw!r}")
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, not {raw!r}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class CreditConfig:
+    """Top-up constants (config/defaults.toml [credit]); the seed's values by default."""
+
+    currency: str = "chf"
+    chf_per_internal_usd: Decimal = Decimal("3")
+    default_topup_amount_chf: Decimal = Decimal("30")
+    default_internal_usd: Decimal = Decimal("10")
+    default_trigger_percent: int = 5
+    default_monthly_limit_chf: Decimal = Decimal("300")
+    auto_topup_cooldown_seconds: int = 86_400
+    min_topup_chf: Decimal = Decimal("10")
+    max_topup_chf: Decimal = Decimal("1000")
+    topup_success_url: str = "https://aza-medwork.ch/succes2"
+    setup_success_url: str = "https://aza-medwork.ch/ki-topup-setup-success/"
+    cancel_url: str = "https://aza-medwork.ch"
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> CreditConfig:
+        base = cls()
+        kwargs: dict[str, Any] = {}
+        for name in cls.__dataclass_fields__:
+            if name in data:
+                current = getattr(base, name)
+                raw = data[name]
+                kwargs[name] = Decimal(str(raw)) if isinstance(current, Decimal) else raw
+        return replace(base, **kwargs)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the gateway needs to run, fixed for the life of the process."""
+
+    upstream_base_url: str = DEFAULT_UPSTREAM
+    upstream_api_key: Secret = Secret("")
+    upstream_timeout_seconds: float = 600.0
+    database_url: str = DEFAULT_DATABASE_URL
+    database_pool_size: int = 10
+    api_token: Secret = Secret("")
+    stripe_secret_key: Secret = Secret("")
+    stripe_webhook_secret: Secret = Secret("")
+    stripe_api_base: str | None = None
+    auto_topup_enabled: bool = False
+    topup_dry_run: bool = True
+    topup_allow_live: bool = False
+    max_request_body_bytes: int = 26_738_688
+    unpriced_model_policy: Literal["reject", "fallback"] = "reject"
+    fallback_model: str = "gpt-4o"
+    user_language: Literal["de", "en"] = "de"
+    default_max_output_tokens: int = 1024
+    hold_ttl_seconds: int = 900
+    period_grace_seconds: int = 172_800
+    # In-memory cache of key → practice lookups; a revoked key stops working
+    # within this many seconds on every instance.
+    auth_cache_seconds: float = 30.0
+    log_level: str = "info"
+    prices: PriceBook = field(default_factory=lambda: PriceBook.load(CONFIG_DIR / "prices.toml"))
+    plans: PlanBook = field(default_factory=lambda: PlanBook.load(CONFIG_DIR / "plans.toml"))
+    credit: CreditConfig = field(default_factory=CreditConfig)
+
+    @property
+    def stripe_live_key(self) -> bool:
+        """True when the Stripe key moves real money (sk_live_ / rk_live_)."""
+        key = self.stripe_secret_key.reveal()
+        return key.startswith(("sk_live_", "rk_live_"))
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, *, config_dir: Path | None = None
+    ) -> Settings:
+        """Read the environment (default: os.environ) and the config files once."""
+        env = os.environ if env is None else env
+        folder = Path(env.get("AZA_CONFIG_DIR") or config_dir or CONFIG_DIR)
+        defaults: dict[str, Any] = {}
+        defaults_file = folder / "defaults.toml"
+        if defaults_file.exists():
+            with defaults_file.open("rb") as handle:
+                defaults = tomllib.load(handle)
+        gw = defaults.get("gateway", {})
+        budget = defaults.get("budget", {})
+        policy = env.get("AZA_UNPRICED_MODEL_POLICY", gw.get("unpriced_model_policy", "reject"))
+        if policy not in ("reject", "fallback"):
+            raise ConfigError(f"AZA_UNPRICED_MODEL_POLICY must be reject or fallback, not {policy!r}")
+        language = env.get("AZA_USER_LANGUAGE", gw.get("user_language", "de"))
+        if language not in ("de", "en"):
+            raise ConfigError(f"AZA_USER_LANGUAGE must be de or en, not {language!r}")
+        return cls(
+            upstream_base_url=env.get("AZA_UPSTREAM_BASE_URL", DEFAULT_UPSTREAM).rstrip("/"),
+            upstream_api_key=Secret(env.get("OPENAI_API_KEY", "")),
+            upstream_timeout_seconds=float(
+                env.get("AZA_UPSTREAM_TIMEOUT_SECONDS", gw.get("upstream_timeout_seconds", 600))
+            ),
+            database_url=env.get("AZA_DATABASE_URL", DEFAULT_DATABASE_URL),
+            database_pool_size=_int(env, "AZA_DATABASE_POOL_SIZE", 10),
+            api_token=Secret(env.get("AZA_API_TOKEN", "")),
+            stripe_secret_key=Secret(env.get("STRIPE_SECRET_KEY", "")),
+            stripe_webhook_secret=Secret(env.get("STRIPE_WEBHOOK_SECRET", "")),
+            stripe_api_base=env.get("AZA_STRIPE_API_BASE") or None,
+            auto_topup_enabled=_flag(env, "AZA_AI_AUTO_TOPUP_ENABLED", False),
+            # Safe by default: nothing is charged until dry run is switched off.
+            topup_dry_run=_flag(env, "AZA_AI_TOPUP_DRY_RUN", True),
+            topup_allow_live=_flag(env, "AZA_AI_TOPUP_ALLOW_LIVE", False),
+            max_request_body_bytes=_int(
+                env, "AZA_MAX_REQUEST_BODY_BYTES", int(gw.get("max_request_body_bytes", 26_738_688))
+            ),
+            unpriced_model_policy=policy,
+            fallback_model=env.get("AZA_FALLBACK_MODEL", gw.get("fallback_model", "gpt-4o")),
+            user_language=language,
+            default_max_output_tokens=int(budget.get("default_max_output_tokens", 1024)),
+            hold_ttl_seconds=_int(env, "AZA_HOLD_TTL_SECONDS", int(budget.get("hold_ttl_seconds", 900))),
+            period_grace_seconds=_int(
+                env, "AZA_PERIOD_GRACE_SECONDS", int(budget.get("period_grace_seconds", 172_800))
+            ),
+            log_level=env.get("AZA_LOG_LEVEL", "info"),
+            prices=PriceBook.load(folder / "prices.toml"),
+            plans=PlanBook.load(folder / "plans.toml"),
+            credit=CreditConfig.from_mapping(defaults.get("credit", {})),
+        )

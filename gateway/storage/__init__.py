@@ -1,0 +1,87 @@
+"""Storage engines behind one contract (`credit.ports.Database`), and migrations.
+
+`open_database(url)` picks the engine from `AZA_DATABASE_URL`'s form:
+`postgresql://…` → PostgreSQL, `sqlite:///path` or a plain path → SQLite.
+"""
+
+from __future__ import annotations
+
+import time
+from importlib import resources
+
+from credit.ports import DatabaseUnavailable, UniqueViolation
+from gateway.storage.postgres import PostgresDatabase
+from gateway.storage.sqlite import SqliteDatabase, sqlite_path
+
+AnyDatabase = SqliteDatabase | PostgresDatabase
+
+__all__ = [
+    "AnyDatabase",
+    "DatabaseUnavailable",
+    "PostgresDatabase",
+    "SqliteDatabase",
+    "UniqueViolation",
+    "migrate",
+    "open_database",
+]
+
+
+def make_database(url: str, *, pool_size: int = 10, schema: str | None = None) -> AnyDatabase:
+    """An unconnected engine for `url` (call `connect()` before use)."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return PostgresDatabase(url, pool_size=pool_size, schema=schema)
+    return SqliteDatabase(sqlite_path(url))
+
+
+async def open_database(url: str, *, pool_size: int = 10, schema: str | None = None) -> AnyDatabase:
+    """Connect to `url` and bring its schema up to date."""
+    db = make_database(url, pool_size=pool_size, schema=schema)
+    await db.connect()
+    try:
+        await migrate(db)
+    except BaseException:
+        await db.close()
+        raise
+    return db
+
+
+def _migration_files(dialect: str) -> list[tuple[int, str]]:
+    folder = resources.files("gateway.storage") / "migrations" / dialect
+    found = []
+    for entry in folder.iterdir():
+        if entry.name.endswith(".sql"):
+            version = int(entry.name.split("_", 1)[0])
+            found.append((version, entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+async def migrate(db: AnyDatabase) -> list[int]:
+    """Apply the migrations not yet applied; idempotent. Returns the versions applied now."""
+    await db.executescript(
+        "CREATE TABLE IF NOT EXISTS aza_schema_migrations "
+        "(version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)"
+    )
+    applied_now: list[int] = []
+    for version, script in _migration_files(db.dialect):
+        if isinstance(db, SqliteDatabase):
+            # sqlite3 runs a multi-statement script only through executescript;
+            # the script and its version row commit together or not at all.
+            if await db.apply_script_once(version, script, int(time.time())):
+                applied_now.append(version)
+            continue
+        # The advisory lock makes concurrent starts of several instances apply
+        # each migration once; the version check inside it makes re-runs no-ops.
+        async with db.transaction(lock="aza:migrations") as conn:
+            done = await conn.fetchval(
+                "SELECT 1 FROM aza_schema_migrations WHERE version = ?", version
+            )
+            if done:
+                continue
+            await conn.execute(script)
+            await conn.execute(
+                "INSERT INTO aza_schema_migrations (version, applied_at) VALUES (?, ?)",
+                version,
+                int(time.time()),
+            )
+        applied_now.append(version)
+    return applied_now
