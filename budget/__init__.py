@@ -1,0 +1,1 @@
+"""Metering and limits: prices, usage, estimates, budget periods and snapshots; pure logic."""
