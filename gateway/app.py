@@ -1,0 +1,139 @@
+"""The ASGI app: `create_app(settings)` wires routes, middleware and the lifespan.
+
+Request path, outermost first: request context (id, metrics) → metering
+(auth, budget gate, usage tap; OpenAI API paths only) → router, where the
+OpenAI API paths go to the proxy and the gateway's own routes to their
+handlers. Shared resources (database, upstream client, credit service,
+background maintenance) are made in the lifespan and closed after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import httpx
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.auth import Authenticator
+from gateway.errors import GatewayError, not_found
+from gateway.metrics import GatewayMetrics
+from gateway.middleware import MeteringMiddleware, RequestContextMiddleware
+from gateway.proxy import MODELS_PATH, PROXIED_POST_PATHS, Proxy
+from gateway.routes import all_routes
+from gateway.services import Services, build_credit, upstream_client
+from gateway.settings import Settings
+from gateway.storage import AnyDatabase, open_database
+from gateway.storage.metering import MeteringStore
+
+log = logging.getLogger("aza.gateway")
+
+
+def _request_id(request: Request) -> str | None:
+    value = request.scope.get("state", {}).get("request_id")
+    return value if isinstance(value, str) else None
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404/405 in the OpenAI error shape."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        error = not_found(f"Unknown path: {request.method} {request.url.path}")
+    else:
+        error = GatewayError(
+            exc.status_code,
+            str(exc.detail),
+            type="invalid_request_error",
+            code="method_not_allowed" if exc.status_code == 405 else None,
+        )
+    return error.response(_request_id(request))
+
+
+def create_app(
+    settings: Settings,
+    *,
+    database: AnyDatabase | None = None,
+    upstream_transport: httpx.AsyncBaseTransport | None = None,
+    maintenance_interval: float = 60.0,
+) -> Starlette:
+    """The gateway app for `settings`.
+
+    `database`: an already open (and migrated) database to use and leave
+    open; by default the app opens `settings.database_url` at start and
+    closes it at shutdown. `upstream_transport`: an httpx transport for the
+    upstream client (tests, demo); by default real HTTP.
+    """
+    holder: dict[str, Services] = {}
+
+    def services() -> Services:
+        return holder["services"]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        db = database
+        if db is None:
+            db = await open_database(settings.database_url, pool_size=settings.database_pool_size)
+        metering = MeteringStore(
+            db,
+            plans=settings.plans,
+            hold_ttl_seconds=settings.hold_ttl_seconds,
+            period_grace_seconds=settings.period_grace_seconds,
+        )
+        credit, stripe = build_credit(settings, db)
+        http = upstream_client(settings, upstream_transport)
+        current = Services(
+            settings=settings,
+            db=db,
+            metering=metering,
+            auth=Authenticator(
+                lookup=metering.practice_for_key,
+                service_token=settings.api_token,
+                cache_seconds=settings.auth_cache_seconds,
+            ),
+            http=http,
+            metrics=metrics,
+            credit=credit,
+        )
+        holder["services"] = current
+        app.state.services = current
+        maintenance = asyncio.create_task(
+            current.maintenance_loop(maintenance_interval), name="maintenance"
+        )
+        try:
+            yield
+        finally:
+            maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await maintenance
+            await current.drain()
+            await http.aclose()
+            if stripe is not None:
+                await stripe.aclose()
+            if database is None:
+                await db.close()
+
+    metrics = GatewayMetrics()
+    proxy = Proxy(client=lambda: services().http, settings=settings, metrics=lambda: metrics)
+    proxied = [Route(path, proxy, methods=["POST"]) for path in sorted(PROXIED_POST_PATHS)]
+    proxied += [
+        Route(MODELS_PATH, proxy, methods=["GET"]),
+        Route(MODELS_PATH + "/{model:path}", proxy, methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=[*proxied, *all_routes()],
+        middleware=[
+            Middleware(RequestContextMiddleware, services=lambda: holder.get("services")),
+            Middleware(MeteringMiddleware, services=services),
+        ],
+        exception_handlers={404: _http_error, 405: _http_error},
+        lifespan=lifespan,
+    )
+    app.state.metrics = metrics
+    return app

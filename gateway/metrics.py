@@ -1,0 +1,70 @@
+"""Prometheus metrics of one app, in its own registry.
+
+Each app gets its own `CollectorRegistry`, so several apps in one process
+(the tests start many) never collide on metric names.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+
+class GatewayMetrics:
+    """The gateway's counters, gauges and histograms."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "aza_gateway_requests",
+            "HTTP requests answered, by path template and status.",
+            ["path", "status"],
+            registry=self.registry,
+        )
+        self.usage_cost = Counter(
+            "aza_gateway_usage_cost_micro_usd",
+            "Cost of settled usage events, in micro-USD.",
+            registry=self.registry,
+        )
+        self.usage_events = Counter(
+            "aza_gateway_usage_events",
+            "Usage events written, by operation and whether usage was estimated.",
+            ["operation", "estimated"],
+            registry=self.registry,
+        )
+        self.holds_in_flight = Gauge(
+            "aza_gateway_holds_in_flight",
+            "Budget holds this instance has placed and not yet settled or released.",
+            registry=self.registry,
+        )
+        self.gate_decisions = Counter(
+            "aza_gateway_gate_decisions",
+            "Budget gate decisions (admitted, admitted_after_topup, blocked, license_problem).",
+            ["decision"],
+            registry=self.registry,
+        )
+        self.upstream_latency = Histogram(
+            "aza_gateway_upstream_latency_seconds",
+            "Time from forwarding a request to the upstream's response headers.",
+            ["path"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+            registry=self.registry,
+        )
+        self.upstream_errors = Counter(
+            "aza_gateway_upstream_errors",
+            "Upstream calls that failed (status >= 400, timeout, connection error).",
+            ["kind"],
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        """The registry in Prometheus text format."""
+        return generate_latest(self.registry)

@@ -1,0 +1,418 @@
+"""Pure ASGI middleware: request context, and metering (the budget gate and the usage tap).
+
+`MeteringMiddleware` sits in front of the proxy. For each OpenAI API request
+it authenticates the caller, reads the body (bounded), prices an estimate and
+places a hold (the gate, with one auto top-up retry), then lets the proxy
+forward the request while it watches the response go by (the tap): a stream's
+bytes pass through `budget.usage`'s stream tap on their way to the client, a
+whole body is kept to read its usage. When the response has been sent, or the
+client went away, the hold is replaced by one usage event (or released when
+the upstream failed) in a task the request's cancellation cannot stop.
+
+Per-request state lives in locals of `__call__`; the middleware objects hold
+only their options.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from budget.estimate import estimate_usage
+from budget.pricing import PriceBook, UnpricedModel
+from budget.usage import (
+    OPERATION_BY_PATH,
+    InvalidRequest,
+    Operation,
+    RequestInfo,
+    StreamTap,
+    Usage,
+    parse_request,
+    stream_tap_for,
+    usage_from_response,
+)
+from credit.ports import DatabaseUnavailable
+from gateway.auth import require_practice
+from gateway.errors import GatewayError, bad_request, unavailable
+from gateway.messages import (
+    ACTIONABLE_TOPUP_CODES,
+    BUDGET_EXHAUSTED,
+    developer_message,
+    user_message,
+)
+from gateway.proxy import MODELS_PATH, PROXIED_POST_PATHS, is_proxied
+from gateway.services import Services
+from gateway.settings import Settings
+from gateway.storage.metering import BudgetState, Hold
+
+if TYPE_CHECKING:
+    from credit.autotopup import AutoTopupOutcome
+
+log = logging.getLogger("aza.gateway.metering")
+
+# A whole (non-streamed) response is kept to read its usage up to this size;
+# OpenAI's largest JSON answers (several base64 images) stay well below it.
+MAX_KEPT_RESPONSE_BYTES = 64 * 1024 * 1024
+
+
+def new_request_id() -> str:
+    return "req_" + uuid.uuid4().hex
+
+
+def path_label(scope: Scope) -> str:
+    """A bounded metrics label for a request path."""
+    path: str = scope.get("path", "")
+    if path.startswith(MODELS_PATH + "/"):
+        return MODELS_PATH + "/{id}"
+    if path in PROXIED_POST_PATHS or path in (MODELS_PATH, "/healthz", "/readyz", "/metrics"):
+        return path
+    route = scope.get("route")
+    route_path = getattr(route, "path", None)
+    return route_path if isinstance(route_path, str) else "unmatched"
+
+
+class RequestContextMiddleware:
+    """Gives every HTTP request an id (`x-request-id`) and counts it by path and status."""
+
+    def __init__(self, app: ASGIApp, *, services: Callable[[], Services | None]) -> None:
+        self.app = app
+        self.services = services
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = new_request_id()
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = MutableHeaders(scope=message)
+                if "x-request-id" not in headers:
+                    headers.append("x-request-id", request_id)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            services = self.services()
+            if services is not None:
+                services.metrics.requests.labels(path_label(scope), str(status)).inc()
+
+
+def too_large(limit: int) -> GatewayError:
+    return GatewayError(
+        413,
+        f"Request body too large: the limit is {limit} bytes.",
+        type="invalid_request_error",
+        code="request_too_large",
+    )
+
+
+def model_not_priced(model: str) -> GatewayError:
+    return bad_request(
+        f"The model '{model}' has no price configured at this gateway.",
+        code="model_not_priced",
+        param="model",
+    )
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its request body arrived."""
+
+
+async def read_bounded_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes."""
+    declared = Headers(scope=scope).get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+class Pricing:
+    """Prices usage under the unpriced-model policy; integer micro-USD, rounded up."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.prices: PriceBook = settings.prices
+        self.fallback = (
+            settings.fallback_model if settings.unpriced_model_policy == "fallback" else None
+        )
+
+    def check(self, model: str) -> None:
+        """Refuse a model without a price (policy reject) before anything is forwarded."""
+        if self.fallback is None and self.prices.resolve(model) is None:
+            raise model_not_priced(model)
+
+    def cost_micros(self, usage: Usage) -> int:
+        try:
+            return self.prices.cost_micros(usage)
+        except UnpricedModel:
+            if self.fallback is None:
+                raise
+            return self.prices.cost_micros(replace(usage, model=self.fallback))
+
+
+@dataclass
+class _Watch:
+    """What the tap saw of one response."""
+
+    status: int = 0
+    completed: bool = False
+    tap: StreamTap | None = None
+    kept: bytearray | None = None
+
+
+class MeteringMiddleware:
+    """The budget gate and the usage tap around the proxy, as one pure ASGI middleware."""
+
+    def __init__(self, app: ASGIApp, *, services: Callable[[], Services]) -> None:
+        self.app = app
+        self.services = services
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not is_proxied(scope["method"], scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        services = self.services()
+        settings = services.settings
+        request_id: str = scope.setdefault("state", {}).setdefault("request_id", new_request_id())
+        operation = OPERATION_BY_PATH.get(scope["path"])
+        try:
+            caller = await services.auth.authenticate(Headers(scope=scope))
+            practice_id = require_practice(caller)
+            if operation is None:
+                # Model listing: authenticated, not metered.
+                await self.app(scope, receive, send)
+                return
+            body = await read_bounded_body(scope, receive, settings.max_request_body_bytes)
+            try:
+                info, forward = parse_request(
+                    operation, Headers(scope=scope).get("content-type", ""), body
+                )
+            except InvalidRequest as exc:
+                raise bad_request(exc.message, code=exc.code, param=exc.param) from None
+            pricing = Pricing(settings)
+            pricing.check(info.model)
+            estimate = estimate_usage(
+                info, default_max_output_tokens=settings.default_max_output_tokens
+            )
+            try:
+                estimate_micros = pricing.cost_micros(estimate)
+            except UnpricedModel:
+                raise model_not_priced(info.model) from None
+            hold = await self._gate(services, practice_id, request_id, estimate_micros)
+        except GatewayError as exc:
+            await exc.send(send, request_id)
+            return
+        except DatabaseUnavailable:
+            log.exception("database unavailable while admitting %s", request_id)
+            await unavailable().send(send, request_id)
+            return
+        except _ClientGone:
+            return
+
+        services.metrics.holds_in_flight.inc()
+        started_at = int(time.time())
+        watch = _Watch()
+        replayed = False
+
+        async def receive_forward() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": forward, "more_body": False}
+            return await receive()
+
+        async def send_watched(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                watch.status = message["status"]
+                if 200 <= watch.status < 300:
+                    content_type = Headers(raw=message.get("headers", [])).get("content-type", "")
+                    if content_type.startswith("text/event-stream"):
+                        watch.tap = stream_tap_for(info)
+                        if not info.client_wants_usage:
+                            # The tap may remove the usage chunk: any length is stale.
+                            del MutableHeaders(scope=message)["content-length"]
+                    elif info.operation is not Operation.SPEECH:
+                        watch.kept = bytearray()
+            elif message["type"] == "http.response.body":
+                chunk: bytes = message.get("body", b"")
+                more = bool(message.get("more_body", False))
+                if watch.tap is not None:
+                    out = watch.tap.feed(chunk) if chunk else b""
+                    if not more:
+                        out += watch.tap.close()
+                    message = {**message, "body": out}
+                elif watch.kept is not None:
+                    if len(watch.kept) + len(chunk) <= MAX_KEPT_RESPONSE_BYTES:
+                        watch.kept.extend(chunk)
+                    else:
+                        watch.kept = None
+                if not more:
+                    watch.completed = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive_forward, send_watched)
+        finally:
+            # Settle in its own task: a cancelled request (server shutdown,
+            # client gone) must still replace its hold with its usage event.
+            task = services.spawn(
+                self._finish(services, hold, info, estimate, watch, caller.device_id, started_at),
+                name=f"settle:{request_id}",
+            )
+            await asyncio.shield(task)
+
+    # -- the gate ---------------------------------------------------------
+
+    async def _gate(
+        self, services: Services, practice_id: str, request_id: str, estimate_micros: int
+    ) -> Hold:
+        """Place the request's hold, topping up once when blocked; else raise 403/429."""
+        metering, metrics = services.metering, services.metrics
+        reservation = await metering.reserve(
+            practice_id, request_id=request_id, estimate_micros=estimate_micros
+        )
+        if reservation.hold is not None:
+            metrics.gate_decisions.labels("admitted").inc()
+            return reservation.hold
+        state = reservation.state
+        language = services.settings.user_language
+        if state.problem is not None:
+            metrics.gate_decisions.labels("license_problem").inc()
+            code = str(state.problem)
+            raise GatewayError(
+                403,
+                developer_message(code),
+                type="permission_error",
+                code=code.lower(),
+                error_code=code,
+                message_user=user_message(code, language),
+            )
+        outcome = await self._auto_topup(services, practice_id, state)
+        if outcome is not None and outcome.charged:
+            reservation = await metering.reserve(
+                practice_id, request_id=request_id, estimate_micros=estimate_micros
+            )
+            if reservation.hold is not None:
+                metrics.gate_decisions.labels("admitted_after_topup").inc()
+                return reservation.hold
+            state = reservation.state
+        metrics.gate_decisions.labels("blocked").inc()
+        error_code = BUDGET_EXHAUSTED
+        if outcome is not None and outcome.error_code in ACTIONABLE_TOPUP_CODES:
+            error_code = outcome.error_code
+        raise GatewayError(
+            429,
+            developer_message(error_code),
+            type="insufficient_quota",
+            code="insufficient_quota",
+            error_code=error_code,
+            message_user=user_message(error_code, language),
+            extra={"budget": state.snapshot.to_dict()},
+            # The official SDKs retry a 429 unless told not to; waiting will
+            # not bring money back.
+            headers={"x-should-retry": "false"},
+        )
+
+    @staticmethod
+    async def _auto_topup(
+        services: Services, practice_id: str, state: BudgetState
+    ) -> AutoTopupOutcome | None:
+        if services.credit is None:
+            return None
+        try:
+            return await services.credit.maybe_auto_topup(
+                practice_id,
+                available_percent=state.snapshot.available_percent,
+                subscription_id=state.license.subscription_id if state.license else None,
+                trigger="gate",
+            )
+        except Exception:
+            log.exception("auto top-up at the gate failed for practice %s", practice_id)
+            return None
+
+    # -- settling ---------------------------------------------------------
+
+    async def _finish(
+        self,
+        services: Services,
+        hold: Hold,
+        info: RequestInfo,
+        estimate: Usage,
+        watch: _Watch,
+        device_id: str | None,
+        started_at: int,
+    ) -> None:
+        """Replace the hold with the usage event, or release it when the upstream failed."""
+        metering, metrics = services.metering, services.metrics
+        try:
+            if not 200 <= watch.status < 300:
+                await metering.release(hold)
+                return
+            usage = _usage_of(info, estimate, watch)
+            pricing = Pricing(services.settings)
+            try:
+                cost = pricing.cost_micros(usage)
+            except UnpricedModel:
+                # Checked before forwarding; a model name the upstream
+                # answered with that has no price is charged at the estimate.
+                cost = hold.amount_micros
+            settlement = await metering.settle(
+                hold,
+                usage,
+                cost_micros=cost,
+                device_id=device_id,
+                status="success" if watch.completed else "partial",
+                started_at=started_at,
+            )
+            if settlement.event_id is not None:
+                metrics.usage_cost.inc(cost)
+                metrics.usage_events.labels(
+                    str(usage.operation), str(usage.estimated).lower()
+                ).inc()
+            state = settlement.state
+            if state is not None and state.snapshot.available_percent < 100:
+                services.schedule_auto_topup(
+                    hold.practice_id,
+                    available_percent=state.snapshot.available_percent,
+                    subscription_id=hold.license.subscription_id,
+                )
+        except Exception:
+            log.exception("settling request %s failed; its hold expires by itself", hold.request_id)
+        finally:
+            metrics.holds_in_flight.dec()
+
+
+def _usage_of(info: RequestInfo, estimate: Usage, watch: _Watch) -> Usage:
+    """The usage to charge for a response the upstream answered with 2xx."""
+    if watch.tap is not None:
+        # Usage seen in the stream wins, even if the client left after it.
+        return watch.tap.usage() or watch.tap.estimated_usage()
+    usage: Usage | None = None
+    if watch.completed:
+        usage = usage_from_response(info, bytes(watch.kept or b""))
+    return usage if usage is not None else estimate

@@ -1,0 +1,265 @@
+"""The reverse proxy: forwards an OpenAI API request upstream and streams the answer back.
+
+An ASGI app behind the metering middleware. It swaps the client's credentials
+for the upstream key, drops hop-by-hop and private headers both ways, asks the
+upstream for an unencoded body (so usage can be read), and passes the
+response's bytes on as they arrive. While a response streams it listens for
+the client going away and then closes the upstream response at once, so an
+abandoned stream stops costing money.
+
+It knows nothing of budgets: the middleware watches what it sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+
+import httpx
+from starlette.types import Message, Receive, Scope, Send
+
+from gateway.errors import GatewayError
+from gateway.metrics import GatewayMetrics
+from gateway.settings import Settings
+
+log = logging.getLogger("aza.gateway.proxy")
+
+# The OpenAI API paths the gateway forwards, by method.
+PROXIED_POST_PATHS = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/responses",
+        "/v1/embeddings",
+        "/v1/audio/transcriptions",
+        "/v1/audio/translations",
+        "/v1/audio/speech",
+        "/v1/images/generations",
+        "/v1/moderations",
+    }
+)
+MODELS_PATH = "/v1/models"
+
+# Headers that describe one connection, not the message (RFC 9110 §7.6.1), and
+# those the proxy sets itself.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "content-encoding",
+    }
+)
+# The client's credentials and identity stay with the gateway; the upstream
+# gets the gateway's own key and organisation.
+_PRIVATE_REQUEST_HEADERS = frozenset(
+    {
+        "authorization",
+        "x-api-key",
+        "x-practice-id",
+        "x-device-id",
+        "cookie",
+        "openai-organization",
+        "openai-project",
+        "accept-encoding",
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-real-ip",
+    }
+)
+# Upstream response headers that are the upstream's business (its cookies, its
+# account) or that the gateway's server writes itself.
+_PRIVATE_RESPONSE_HEADERS = frozenset(
+    {"set-cookie", "openai-organization", "openai-project", "server", "date", "alt-svc"}
+)
+
+
+def is_proxied(method: str, path: str) -> bool:
+    """True for the OpenAI API requests the gateway forwards upstream."""
+    if method == "POST":
+        return path in PROXIED_POST_PATHS
+    if method == "GET":
+        return path == MODELS_PATH or (
+            path.startswith(MODELS_PATH + "/") and len(path) > len(MODELS_PATH) + 1
+        )
+    return False
+
+
+def upstream_request_headers(
+    headers: Iterable[tuple[bytes, bytes]], upstream_key: str
+) -> list[tuple[str, str]]:
+    """The client's headers as the upstream gets them: private and hop-by-hop ones removed."""
+    forwarded: list[tuple[str, str]] = []
+    for raw_name, raw_value in headers:
+        name = raw_name.decode("latin-1").lower()
+        if name in HOP_BY_HOP or name in _PRIVATE_REQUEST_HEADERS or name.startswith("proxy-"):
+            continue
+        forwarded.append((name, raw_value.decode("latin-1")))
+    forwarded.append(("accept-encoding", "identity"))
+    if upstream_key:
+        forwarded.append(("authorization", f"Bearer {upstream_key}"))
+    return forwarded
+
+
+def client_response_headers(response: httpx.Response) -> list[tuple[bytes, bytes]]:
+    """The upstream's response headers as the client gets them."""
+    out: list[tuple[bytes, bytes]] = []
+    encoded = response.headers.get("content-encoding", "identity").lower() != "identity"
+    for name, value in response.headers.multi_items():
+        lower = name.lower()
+        if lower == "x-request-id":
+            # The gateway's request id is the client's x-request-id; the
+            # upstream's stays findable for support cases.
+            out.append((b"x-upstream-request-id", value.encode("latin-1")))
+            continue
+        if lower == "content-length" and not encoded:
+            out.append((b"content-length", value.encode("latin-1")))
+            continue
+        if lower in HOP_BY_HOP or lower in _PRIVATE_RESPONSE_HEADERS or lower.startswith("proxy-"):
+            continue
+        out.append((lower.encode("latin-1"), value.encode("latin-1")))
+    return out
+
+
+def upstream_timeout() -> GatewayError:
+    return GatewayError(
+        504,
+        "The upstream API did not answer in time.",
+        type="server_error",
+        code="upstream_timeout",
+    )
+
+
+def upstream_unreachable() -> GatewayError:
+    return GatewayError(
+        502, "The upstream API could not be reached.", type="server_error", code="upstream_error"
+    )
+
+
+async def read_body(receive: Receive) -> bytes:
+    """The whole request body (the metering middleware has bounded its size)."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ConnectionAbortedError("client disconnected while sending the request")
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+class Proxy:
+    """ASGI app forwarding each request to the upstream with the shared client."""
+
+    def __init__(
+        self,
+        *,
+        client: Callable[[], httpx.AsyncClient],
+        settings: Settings,
+        metrics: Callable[[], GatewayMetrics],
+    ) -> None:
+        # The client and metrics are made in the lifespan, after this app.
+        self._client = client
+        self._metrics = metrics
+        self._upstream_key = settings.upstream_api_key.reveal()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        assert scope["type"] == "http"
+        request_id: str | None = scope.get("state", {}).get("request_id")
+        try:
+            body = await read_body(receive)
+        except ConnectionAbortedError:
+            return
+        path: str = scope["path"]
+        query: bytes = scope.get("query_string", b"")
+        # The client's base URL ends in /v1, and so does the upstream's.
+        url = path[len("/v1") :] + ("?" + query.decode("latin-1") if query else "")
+        client = self._client()
+        request = client.build_request(
+            scope["method"],
+            url,
+            headers=upstream_request_headers(scope["headers"], self._upstream_key),
+            content=body,
+        )
+        metrics = self._metrics()
+        started = time.perf_counter()
+        try:
+            response = await client.send(request, stream=True)
+        except httpx.TimeoutException:
+            metrics.upstream_errors.labels("timeout").inc()
+            await upstream_timeout().send(send, request_id)
+            return
+        except httpx.TransportError as exc:
+            log.warning("upstream unreachable: %s", exc)
+            metrics.upstream_errors.labels("connection").inc()
+            await upstream_unreachable().send(send, request_id)
+            return
+        metrics.upstream_latency.labels(
+            path if not path.startswith(MODELS_PATH) else MODELS_PATH
+        ).observe(time.perf_counter() - started)
+        if response.status_code >= 400:
+            metrics.upstream_errors.labels(str(response.status_code)).inc()
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": response.status_code,
+                    "headers": client_response_headers(response),
+                }
+            )
+            await _stream_body(response, receive, send)
+        finally:
+            await response.aclose()
+
+
+async def _stream_body(response: httpx.Response, receive: Receive, send: Send) -> None:
+    """Send the upstream body on as it arrives, until it ends or the client goes away.
+
+    Returns without finishing the response when the client disconnected or
+    the upstream broke off: the server then drops the connection, so the
+    client sees a cut stream rather than a false end.
+    """
+
+    async def pump() -> None:
+        async for chunk in response.aiter_bytes():
+            if chunk:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def client_gone() -> None:
+        message: Message = await receive()
+        while message["type"] != "http.disconnect":
+            message = await receive()
+
+    pumping = asyncio.ensure_future(pump())
+    watching = asyncio.ensure_future(client_gone())
+    done: set[asyncio.Future[None]] = set()
+    try:
+        done, _ = await asyncio.wait({pumping, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (pumping, watching):
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+    if pumping not in done:
+        return  # the client left; the caller's response.aclose() ends the upstream request
+    exc = pumping.exception()
+    if isinstance(exc, httpx.HTTPError):
+        log.warning("upstream stream broke off: %r", exc)
+        return
+    if exc is not None:
+        raise exc

@@ -1,0 +1,169 @@
+"""The app's shared resources, made once in the lifespan and handed to whoever needs them.
+
+`Services` holds the settings, the database and its stores, the one shared
+upstream `httpx.AsyncClient`, the metrics, the optional credit service, and
+the background tasks (hold sweep, pending top-up reconciliation, auto top-ups
+scheduled after a settle).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from gateway.auth import Authenticator
+from gateway.metrics import GatewayMetrics
+from gateway.settings import Settings
+from gateway.storage import AnyDatabase
+from gateway.storage.metering import MeteringStore
+
+if TYPE_CHECKING:
+    from credit.service import CreditService
+
+log = logging.getLogger("aza.gateway")
+
+SWEEP_INTERVAL_SECONDS = 60.0
+RECONCILE_EVERY_SWEEPS = 5
+# A settle schedules at most one background top-up per practice this often;
+# the database's one-pending-auto-top-up rule is the real guard.
+TOPUP_DEBOUNCE_SECONDS = 10.0
+
+
+def upstream_client(
+    settings: Settings, transport: httpx.AsyncBaseTransport | None = None
+) -> httpx.AsyncClient:
+    """The one shared client for upstream calls.
+
+    HTTP/1.1 only (http2 off: one slow stream must not hold up others on a
+    shared connection); generous pool limits, as every client request becomes
+    one upstream request; no redirects (the OpenAI API does not redirect).
+    """
+    timeout = httpx.Timeout(settings.upstream_timeout_seconds, connect=10.0)
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100, keepalive_expiry=30)
+    return httpx.AsyncClient(
+        base_url=settings.upstream_base_url,
+        timeout=timeout,
+        limits=limits,
+        transport=transport,
+        http2=False,
+        follow_redirects=False,
+        trust_env=False,
+    )
+
+
+def build_credit(settings: Settings, db: AnyDatabase) -> tuple[CreditService | None, Any]:
+    """The credit service and its Stripe adapter (to close), when `credit.service` exists."""
+    try:
+        from credit.service import CreditPolicy, CreditService
+    except ModuleNotFoundError as exc:
+        # credit/ is optional for the metering runtime; anything else is a bug.
+        if not (exc.name or "").startswith("credit."):
+            raise
+        log.warning("credit features off: %s", exc)
+        return None, None
+
+    stripe: Any = None
+    if settings.stripe_secret_key:
+        from credit.stripe_port import StripeClientAdapter
+
+        stripe = StripeClientAdapter(
+            settings.stripe_secret_key.reveal(), api_base=settings.stripe_api_base
+        )
+    policy = CreditPolicy(
+        auto_topup_enabled=settings.auto_topup_enabled,
+        dry_run=settings.topup_dry_run,
+        allow_live=settings.topup_allow_live,
+        live_key=settings.stripe_live_key,
+        webhook_secret=settings.stripe_webhook_secret.reveal() or None,
+        config=settings.credit,
+    )
+    return CreditService(db, stripe=stripe, policy=policy), stripe
+
+
+@dataclass
+class Services:
+    """Everything a request needs, shared by all requests of one app."""
+
+    settings: Settings
+    db: AnyDatabase
+    metering: MeteringStore
+    auth: Authenticator
+    http: httpx.AsyncClient
+    metrics: GatewayMetrics
+    credit: CreditService | None = None
+    clock: Callable[[], float] = time.monotonic
+    _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    _topups_in_flight: set[str] = field(default_factory=set)
+    _topup_last: dict[str, float] = field(default_factory=dict)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], *, name: str) -> asyncio.Task[Any]:
+        """Run `coro` in the background, keeping a reference until it ends."""
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def schedule_auto_topup(
+        self, practice_id: str, *, available_percent: int, subscription_id: str | None
+    ) -> bool:
+        """Start a background auto top-up check unless one runs or ran within 10 s here."""
+        credit = self.credit
+        if credit is None or practice_id in self._topups_in_flight:
+            return False
+        now = self.clock()
+        last = self._topup_last.get(practice_id)
+        if last is not None and now - last < TOPUP_DEBOUNCE_SECONDS:
+            return False
+        self._topup_last[practice_id] = now
+        self._topups_in_flight.add(practice_id)
+
+        async def run() -> None:
+            try:
+                await credit.maybe_auto_topup(
+                    practice_id,
+                    available_percent=available_percent,
+                    subscription_id=subscription_id,
+                    trigger="background",
+                )
+            except Exception:
+                log.exception("background auto top-up failed for practice %s", practice_id)
+            finally:
+                self._topups_in_flight.discard(practice_id)
+
+        self.spawn(run(), name=f"auto-topup:{practice_id}")
+        return True
+
+    async def maintenance_loop(self, interval: float = SWEEP_INTERVAL_SECONDS) -> None:
+        """Sweep expired holds every `interval` s; reconcile pending top-ups every few sweeps."""
+        rounds = 0
+        while True:
+            await asyncio.sleep(interval)
+            rounds += 1
+            try:
+                swept = await self.metering.sweep_expired_holds()
+                if swept:
+                    log.warning("swept %d expired budget holds", swept)
+            except Exception:
+                log.exception("sweeping expired holds failed")
+            if self.credit is not None and rounds % RECONCILE_EVERY_SWEEPS == 0:
+                try:
+                    await self.credit.reconcile_pending()
+                except Exception:
+                    log.exception("reconciling pending top-ups failed")
+
+    async def drain(self, grace_seconds: float = 10.0) -> None:
+        """Wait for background work (settles, top-ups) to finish, then cancel what is left."""
+        pending = [task for task in self._tasks if not task.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=grace_seconds)
+        for task in list(self._tasks):
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
