@@ -76,7 +76,8 @@ def current_period(lic: License | None, now: int, *, grace_seconds: int) -> Peri
     A Stripe-driven license uses its Stripe period and keeps it for
     `grace_seconds` past its end while the renewal webhook arrives; any other
     license uses its own period when `now` is inside it, else the UTC calendar
-    month.
+    month — starting no earlier than the end of its own period, so the usage
+    of one moment is never counted in two periods.
     """
     if lic is None:
         return LicenseProblem.MISSING
@@ -88,4 +89,7 @@ def current_period(lic: License | None, now: int, *, grace_seconds: int) -> Peri
         return LicenseProblem.EXPIRED
     if lic.period_start <= now < lic.period_end:
         return Period(lic.period_start, lic.period_end)
-    return calendar_month(now)
+    month = calendar_month(now)
+    if lic.period_start <= month.start < lic.period_end <= now:
+        return Period(lic.period_end, month.end)
+    return month

@@ -149,7 +149,9 @@ class Settings:
         budget = defaults.get("budget", {})
         policy = env.get("AZA_UNPRICED_MODEL_POLICY", gw.get("unpriced_model_policy", "reject"))
         if policy not in ("reject", "fallback"):
-            raise ConfigError(f"AZA_UNPRICED_MODEL_POLICY must be reject or fallback, not {policy!r}")
+            raise ConfigError(
+                f"AZA_UNPRICED_MODEL_POLICY must be reject or fallback, not {policy!r}"
+            )
         language = env.get("AZA_USER_LANGUAGE", gw.get("user_language", "de"))
         if language not in ("de", "en"):
             raise ConfigError(f"AZA_USER_LANGUAGE must be de or en, not {language!r}")
@@ -176,7 +178,9 @@ class Settings:
             fallback_model=env.get("AZA_FALLBACK_MODEL", gw.get("fallback_model", "gpt-4o")),
             user_language=language,
             default_max_output_tokens=int(budget.get("default_max_output_tokens", 1024)),
-            hold_ttl_seconds=_int(env, "AZA_HOLD_TTL_SECONDS", int(budget.get("hold_ttl_seconds", 900))),
+            hold_ttl_seconds=_int(
+                env, "AZA_HOLD_TTL_SECONDS", int(budget.get("hold_ttl_seconds", 900))
+            ),
             period_grace_seconds=_int(
                 env, "AZA_PERIOD_GRACE_SECONDS", int(budget.get("period_grace_seconds", 172_800))
             ),

@@ -46,8 +46,7 @@ class _SqliteConnection:
 
     async def fetchall(self, sql: str, *args: Any) -> Sequence[Row]:
         async with self._conn.execute(sql, args) as cursor:
-            rows: Sequence[Row] = await cursor.fetchall()
-            return rows
+            return list(await cursor.fetchall())
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
         row = await self.fetchone(sql, *args)

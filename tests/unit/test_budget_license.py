@@ -64,3 +64,22 @@ def test_calendar_month_rolls_over_the_year() -> None:
     assert calendar_month(new_year - 1) == Period(ts(2025, 12, 1), new_year)
     assert calendar_month(new_year) == Period(new_year, ts(2026, 2, 1))
     assert calendar_month(ts(2024, 2, 29, 23)) == Period(ts(2024, 2, 1), ts(2024, 3, 1))
+
+
+def test_manual_period_ending_mid_month_does_not_overlap_the_next() -> None:
+    """After an own period that ends mid-month, the next starts at its end, not the 1st."""
+    own_end = ts(2025, 3, 15)
+    lic = License(
+        subscription_id="lic_1",
+        practice_id="p",
+        status="active",
+        lookup_key="aza_basic_monthly",
+        customer_id=None,
+        customer_email=None,
+        period_start=ts(2025, 2, 13),
+        period_end=own_end,
+    )
+    assert current_period(lic, ts(2025, 3, 20), grace_seconds=0) == Period(own_end, ts(2025, 4, 1))
+    assert current_period(lic, ts(2025, 4, 2), grace_seconds=0) == Period(
+        ts(2025, 4, 1), ts(2025, 5, 1)
+    )

@@ -1,0 +1,491 @@
+"""Metering persistence: keys, licenses, holds, usage events and period totals.
+
+Every operation that reads the budget and then writes against it runs in one
+transaction locked on the practice (see `Database.transaction`), so the
+check-then-hold step cannot be raced, in one process or across several.
+
+Amounts are integer micro-USD throughout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from budget.license import License, LicenseProblem, Period, current_period
+from budget.pricing import PlanBook
+from budget.snapshot import BudgetSnapshot, admit, split_charge
+from budget.usage import Usage
+from credit.ports import Connection, Database, Row
+
+ACTIVE_STATUSES = ("active", "trialing", "past_due")
+KEY_PREFIX = "aza_"
+
+_SNAPSHOT_SQL = """
+SELECT
+  (SELECT COALESCE(SUM(used_micro_usd), 0) FROM ai_usage_period_totals
+     WHERE practice_id = ? AND period_start = ?) AS used,
+  (SELECT COALESCE(SUM(amount_internal_micro_usd), 0) FROM ai_credit_ledger
+     WHERE practice_id = ? AND status = 'succeeded') AS credited,
+  (SELECT COALESCE(SUM(used_credit_micro_usd), 0) FROM ai_usage_period_totals
+     WHERE practice_id = ?) AS credit_used,
+  (SELECT COALESCE(SUM(amount_micro_usd), 0) FROM ai_budget_holds
+     WHERE practice_id = ? AND expires_at > ?) AS held
+"""
+
+_LICENSE_SQL = """
+SELECT subscription_id, practice_id, status, lookup_key, customer_id, customer_email,
+       current_period_start, current_period_end
+FROM licenses WHERE practice_id = ?
+ORDER BY CASE WHEN status IN ('active', 'trialing', 'past_due') THEN 0 ELSE 1 END,
+         current_period_end DESC
+LIMIT 1
+"""
+
+
+def hash_key(raw_key: str) -> str:
+    """SHA-256 hex of a gateway key.
+
+    Keys are 256-bit random tokens, so a fast hash suffices (a slow password
+    hash guards guessable secrets; these are not guessable) and keeps auth
+    cheap on every request.
+    """
+    return hashlib.sha256(raw_key.encode("utf-8")).hexdigest()
+
+
+def new_key() -> str:
+    """A fresh gateway key: `aza_` and 43 URL-safe characters (256 bits)."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def _license(row: Row) -> License:
+    return License(
+        subscription_id=row["subscription_id"],
+        practice_id=row["practice_id"],
+        status=row["status"] or "",
+        lookup_key=row["lookup_key"] or "",
+        customer_id=row["customer_id"],
+        customer_email=row["customer_email"],
+        period_start=int(row["current_period_start"] or 0),
+        period_end=int(row["current_period_end"] or 0),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetState:
+    """A practice's license, budget period and snapshot at one moment."""
+
+    license: License | None
+    period: Period | None
+    problem: LicenseProblem | None
+    snapshot: BudgetSnapshot
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """A reservation of budget for one request in flight."""
+
+    hold_id: str
+    practice_id: str
+    request_id: str
+    amount_micros: int
+    license: License
+    period: Period
+    budget_micros: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """The gate's answer: a hold, or the state that blocked it."""
+
+    hold: Hold | None
+    state: BudgetState
+
+    @property
+    def admitted(self) -> bool:
+        return self.hold is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What settling a request wrote."""
+
+    event_id: int | None  # None: this request was settled before (no-op)
+    cost_micros: int
+    charged_budget_micros: int
+    charged_credit_micros: int
+    state: BudgetState | None
+
+
+class MeteringStore:
+    """Keys, licenses, holds and usage on one `Database`."""
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        plans: PlanBook,
+        hold_ttl_seconds: int = 900,
+        period_grace_seconds: int = 172_800,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.db = db
+        self.plans = plans
+        self.hold_ttl_seconds = hold_ttl_seconds
+        self.period_grace_seconds = period_grace_seconds
+        self._clock = clock
+
+    def now(self) -> int:
+        return int(self._clock())
+
+    # -- keys -------------------------------------------------------------
+
+    async def create_key(self, practice_id: str, *, label: str | None = None) -> str:
+        """Make a key for a practice; only its hash is stored. Returns the key (show it once)."""
+        raw = new_key()
+        async with self.db.transaction() as conn:
+            await conn.execute(
+                "INSERT INTO gateway_keys (key_hash, key_prefix, practice_id, label, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                hash_key(raw),
+                raw[: len(KEY_PREFIX) + 6],
+                practice_id,
+                label,
+                self.now(),
+            )
+        return raw
+
+    async def revoke_key(self, key_prefix_or_hash: str) -> int:
+        async with self.db.transaction() as conn:
+            return await conn.execute(
+                "UPDATE gateway_keys SET revoked_at = ? "
+                "WHERE (key_hash = ? OR key_prefix = ?) AND revoked_at IS NULL",
+                self.now(),
+                key_prefix_or_hash,
+                key_prefix_or_hash,
+            )
+
+    async def practice_for_key(self, raw_key: str) -> str | None:
+        """The practice a (not revoked) gateway key belongs to."""
+        async with self.db.read() as conn:
+            value = await conn.fetchval(
+                "SELECT practice_id FROM gateway_keys WHERE key_hash = ? AND revoked_at IS NULL",
+                hash_key(raw_key),
+            )
+        return None if value is None else str(value)
+
+    async def list_keys(self, practice_id: str) -> list[dict[str, Any]]:
+        async with self.db.read() as conn:
+            rows = await conn.fetchall(
+                "SELECT key_prefix, label, created_at, revoked_at FROM gateway_keys "
+                "WHERE practice_id = ? ORDER BY created_at",
+                practice_id,
+            )
+        return [
+            {
+                "key_prefix": row["key_prefix"],
+                "label": row["label"],
+                "created_at": row["created_at"],
+                "revoked_at": row["revoked_at"],
+            }
+            for row in rows
+        ]
+
+    # -- licenses ---------------------------------------------------------
+
+    async def upsert_license(
+        self,
+        *,
+        subscription_id: str,
+        practice_id: str,
+        lookup_key: str,
+        status: str = "active",
+        period_start: int,
+        period_end: int,
+        customer_id: str | None = None,
+        customer_email: str | None = None,
+        conn: Connection | None = None,
+    ) -> None:
+        """Create or update a license row (keyed by subscription id)."""
+        sql = (
+            "INSERT INTO licenses (subscription_id, practice_id, lookup_key, status, "
+            "current_period_start, current_period_end, customer_id, customer_email, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (subscription_id) DO UPDATE SET practice_id = excluded.practice_id, "
+            "lookup_key = excluded.lookup_key, status = excluded.status, "
+            "current_period_start = excluded.current_period_start, "
+            "current_period_end = excluded.current_period_end, "
+            "customer_id = COALESCE(excluded.customer_id, licenses.customer_id), "
+            "customer_email = COALESCE(excluded.customer_email, licenses.customer_email), "
+            "updated_at = excluded.updated_at"
+        )
+        args = (
+            subscription_id,
+            practice_id,
+            lookup_key,
+            status,
+            period_start,
+            period_end,
+            customer_id,
+            customer_email,
+            self.now(),
+        )
+        if conn is not None:
+            await conn.execute(sql, *args)
+            return
+        async with self.db.transaction(lock=practice_id) as tx:
+            await tx.execute(sql, *args)
+
+    async def license_for(self, conn: Connection, practice_id: str) -> License | None:
+        row = await conn.fetchone(_LICENSE_SQL, practice_id)
+        return None if row is None else _license(row)
+
+    # -- budget -----------------------------------------------------------
+
+    async def _state(self, conn: Connection, practice_id: str, now: int) -> BudgetState:
+        lic = await self.license_for(conn, practice_id)
+        period_or_problem = current_period(lic, now, grace_seconds=self.period_grace_seconds)
+        if isinstance(period_or_problem, LicenseProblem):
+            period, problem = None, period_or_problem
+            period_start = -1
+        else:
+            period, problem = period_or_problem, None
+            period_start = period.start
+        budget = self.plans.monthly_budget_micros(lic.lookup_key) if lic else None
+        row = await conn.fetchone(
+            _SNAPSHOT_SQL, practice_id, period_start, practice_id, practice_id, practice_id, now
+        )
+        assert row is not None  # an aggregate query always returns one row
+        snapshot = BudgetSnapshot(
+            budget_micros=budget or 0,
+            used_micros=int(row["used"]),
+            extra_credit_micros=int(row["credited"]) - int(row["credit_used"]),
+            held_micros=int(row["held"]),
+        )
+        return BudgetState(license=lic, period=period, problem=problem, snapshot=snapshot)
+
+    async def state(self, practice_id: str) -> BudgetState:
+        """License, period and budget snapshot of a practice now (no lock, no hold)."""
+        async with self.db.read() as conn:
+            return await self._state(conn, practice_id, self.now())
+
+    async def reserve(
+        self, practice_id: str, *, request_id: str, estimate_micros: int
+    ) -> Reservation:
+        """Check the budget and, when it admits the request, place its hold; atomically."""
+        now = self.now()
+        async with self.db.transaction(lock=practice_id) as conn:
+            state = await self._state(conn, practice_id, now)
+            if state.problem is not None or state.license is None or state.period is None:
+                return Reservation(hold=None, state=state)
+            decision = admit(state.snapshot, estimate_micros)
+            if not decision.admitted:
+                return Reservation(hold=None, state=state)
+            hold_id = uuid.uuid4().hex
+            await conn.execute(
+                "INSERT INTO ai_budget_holds (hold_id, practice_id, request_id, amount_micro_usd, "
+                "created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+                hold_id,
+                practice_id,
+                request_id,
+                decision.hold_micros,
+                now,
+                now + self.hold_ttl_seconds,
+            )
+        hold = Hold(
+            hold_id=hold_id,
+            practice_id=practice_id,
+            request_id=request_id,
+            amount_micros=decision.hold_micros,
+            license=state.license,
+            period=state.period,
+            budget_micros=state.snapshot.budget_micros,
+        )
+        return Reservation(hold=hold, state=state)
+
+    async def release(self, hold: Hold) -> bool:
+        """Drop a hold without charging (upstream failed). False if it was gone already."""
+        async with self.db.transaction(lock=hold.practice_id) as conn:
+            changed = await conn.execute(
+                "DELETE FROM ai_budget_holds WHERE hold_id = ?", hold.hold_id
+            )
+        return changed > 0
+
+    async def settle(
+        self,
+        hold: Hold,
+        usage: Usage,
+        *,
+        cost_micros: int,
+        device_id: str | None,
+        status: str = "success",
+        started_at: int | None = None,
+        with_state: bool = True,
+    ) -> Settlement:
+        """Replace the hold with the request's usage event, in one transaction.
+
+        The usage event is written even when the hold already expired and was
+        swept (usage is never lost); a second settle of the same request is a
+        no-op, guaranteed by the unique request id of usage events.
+        """
+        now = self.now()
+        async with self.db.transaction(lock=hold.practice_id) as conn:
+            await conn.execute("DELETE FROM ai_budget_holds WHERE hold_id = ?", hold.hold_id)
+            settlement = await self._write_usage(
+                conn,
+                lic=hold.license,
+                period=hold.period,
+                budget_micros=hold.budget_micros,
+                usage=usage,
+                cost_micros=cost_micros,
+                request_id=hold.request_id,
+                device_id=device_id,
+                status=status,
+                started_at=started_at,
+                now=now,
+            )
+            state = await self._state(conn, hold.practice_id, now) if with_state else None
+        return Settlement(
+            event_id=settlement[0],
+            cost_micros=cost_micros,
+            charged_budget_micros=settlement[1],
+            charged_credit_micros=settlement[2],
+            state=state,
+        )
+
+    async def record_usage(
+        self,
+        lic: License,
+        period: Period,
+        usage: Usage,
+        *,
+        cost_micros: int,
+        request_id: str,
+        device_id: str | None = None,
+        status: str = "success",
+    ) -> Settlement:
+        """Write a usage event with no hold (imports, corrections, tests)."""
+        now = self.now()
+        budget = self.plans.monthly_budget_micros(lic.lookup_key) or 0
+        async with self.db.transaction(lock=lic.practice_id) as conn:
+            event_id, to_budget, to_credit = await self._write_usage(
+                conn,
+                lic=lic,
+                period=period,
+                budget_micros=budget,
+                usage=usage,
+                cost_micros=cost_micros,
+                request_id=request_id,
+                device_id=device_id,
+                status=status,
+                started_at=None,
+                now=now,
+            )
+        return Settlement(event_id, cost_micros, to_budget, to_credit, None)
+
+    async def _write_usage(
+        self,
+        conn: Connection,
+        *,
+        lic: License,
+        period: Period,
+        budget_micros: int,
+        usage: Usage,
+        cost_micros: int,
+        request_id: str,
+        device_id: str | None,
+        status: str,
+        started_at: int | None,
+        now: int,
+    ) -> tuple[int | None, int, int]:
+        used = await conn.fetchval(
+            "SELECT used_micro_usd FROM ai_usage_period_totals "
+            "WHERE practice_id = ? AND period_start = ?",
+            lic.practice_id,
+            period.start,
+        )
+        to_budget, to_credit = split_charge(cost_micros, max(0, budget_micros - int(used or 0)))
+        event_id = await conn.fetchval(
+            "INSERT INTO ai_usage_events (practice_id, subscription_id, customer_email, device_id, "
+            "request_id, operation_type, model, input_tokens, cached_input_tokens, output_tokens, "
+            "reasoning_tokens, total_tokens, audio_seconds, characters, images, "
+            "estimated_cost_micro_usd, charged_budget_micro_usd, charged_credit_micro_usd, "
+            "usage_estimated, period_start, period_end, status, started_at, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (request_id) DO NOTHING RETURNING id",
+            lic.practice_id,
+            lic.subscription_id,
+            lic.customer_email,
+            device_id,
+            request_id,
+            str(usage.operation),
+            usage.model,
+            usage.input_tokens,
+            usage.cached_input_tokens,
+            usage.output_tokens,
+            usage.reasoning_tokens,
+            usage.total_tokens,
+            float(usage.audio_seconds),
+            usage.characters,
+            usage.images,
+            cost_micros,
+            to_budget,
+            to_credit,
+            int(usage.estimated),
+            period.start,
+            period.end,
+            status,
+            started_at,
+            now,
+        )
+        if event_id is None:
+            return None, 0, 0
+        await conn.execute(
+            "INSERT INTO ai_usage_period_totals (practice_id, period_start, used_micro_usd, "
+            "used_credit_micro_usd, events) VALUES (?, ?, ?, ?, 1) "
+            "ON CONFLICT (practice_id, period_start) DO UPDATE SET "
+            "used_micro_usd = ai_usage_period_totals.used_micro_usd + excluded.used_micro_usd, "
+            "used_credit_micro_usd = ai_usage_period_totals.used_credit_micro_usd "
+            "+ excluded.used_credit_micro_usd, "
+            "events = ai_usage_period_totals.events + 1",
+            lic.practice_id,
+            period.start,
+            cost_micros,
+            to_credit,
+        )
+        return int(event_id), to_budget, to_credit
+
+    async def sweep_expired_holds(self) -> int:
+        """Delete holds past their expiry (left by a crashed gateway). Returns how many."""
+        async with self.db.transaction() as conn:
+            return await conn.execute(
+                "DELETE FROM ai_budget_holds WHERE expires_at <= ?", self.now()
+            )
+
+    async def active_holds(self, practice_id: str | None = None) -> int:
+        async with self.db.read() as conn:
+            if practice_id is None:
+                value = await conn.fetchval("SELECT COUNT(*) FROM ai_budget_holds")
+            else:
+                value = await conn.fetchval(
+                    "SELECT COUNT(*) FROM ai_budget_holds WHERE practice_id = ?", practice_id
+                )
+        return int(value or 0)
+
+    async def totals_mismatches(self) -> Sequence[Row]:
+        """Period totals that disagree with the usage events they summarise (should be none)."""
+        async with self.db.read() as conn:
+            return await conn.fetchall(
+                "SELECT t.practice_id, t.period_start FROM ai_usage_period_totals t "
+                "LEFT JOIN (SELECT practice_id, period_start, SUM(estimated_cost_micro_usd) AS c, "
+                "SUM(charged_credit_micro_usd) AS cc, COUNT(*) AS n FROM ai_usage_events "
+                "GROUP BY practice_id, period_start) e "
+                "ON e.practice_id = t.practice_id AND e.period_start = t.period_start "
+                "WHERE COALESCE(e.c, 0) <> t.used_micro_usd "
+                "OR COALESCE(e.cc, 0) <> t.used_credit_micro_usd OR COALESCE(e.n, 0) <> t.events"
+            )
