@@ -1,0 +1,198 @@
+"""Stripe Checkout for a manual top-up (mode payment, CHF) and for saving a card (mode setup).
+
+Nothing is written to the ledger here: a top-up is credited when Stripe's
+webhook says it was paid (credit/webhooks.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from credit.config import CreditConfigLike
+from credit.errors import CreditError, invalid
+from credit.money import (
+    InvalidAmount,
+    chf_to_internal_usd,
+    chf_to_rappen,
+    parse_chf,
+    usd_to_micros,
+)
+from credit.stripe_port import (
+    CheckoutRequest,
+    CheckoutSessionResult,
+    StripeFailure,
+    StripePort,
+    StripeUnavailable,
+)
+
+PURPOSE_TOPUP = "ai_topup"
+PURPOSE_SETUP = "ai_topup_setup"
+PURPOSE_AUTO_TOPUP = "ai_auto_topup"
+
+
+@dataclass(frozen=True, slots=True)
+class Mode:
+    """The deployment's top-up mode (from CreditPolicy)."""
+
+    dry_run: bool
+    live_key: bool
+    allow_live: bool
+
+
+def validate_topup_amount(
+    amount_chf: Decimal | str | float | int, config: CreditConfigLike
+) -> Decimal:
+    """The CHF amount of a manual top-up, or a 422 `INVALID_TOPUP_AMOUNT` saying what is wrong."""
+    low, high = config.min_topup_chf, config.max_topup_chf
+    hint = f"Bitte einen Betrag zwischen {low} und {high} CHF wählen."
+    try:
+        chf = parse_chf(amount_chf)
+    except InvalidAmount as exc:
+        raise invalid("amount_chf", str(exc), hint, "INVALID_TOPUP_AMOUNT") from None
+    if chf < low or chf > high:
+        raise invalid(
+            "amount_chf",
+            f"amount_chf must be between {low} and {high} CHF, got {chf}",
+            hint,
+            "INVALID_TOPUP_AMOUNT",
+        )
+    return chf
+
+
+def _guard_live(mode: Mode) -> None:
+    if mode.live_key and not mode.allow_live:
+        raise CreditError(
+            403,
+            "LIVE_TOPUP_BLOCKED",
+            "a live Stripe key is configured but AZA_AI_TOPUP_ALLOW_LIVE is off",
+            message_user="Aufladen ist auf diesem Server noch nicht freigeschaltet.",
+        )
+
+
+def _require(stripe: StripePort | None) -> StripePort:
+    if stripe is None:
+        raise CreditError(
+            503,
+            "STRIPE_NOT_CONFIGURED",
+            "STRIPE_SECRET_KEY is not set",
+            message_user="Zahlungen sind zurzeit nicht verfügbar.",
+        )
+    return stripe
+
+
+async def _create(stripe: StripePort, request: CheckoutRequest) -> CheckoutSessionResult:
+    try:
+        return await stripe.create_checkout_session(request)
+    except StripeUnavailable as exc:
+        raise CreditError(
+            503,
+            "STRIPE_UNAVAILABLE",
+            f"Stripe is unavailable: {exc}",
+            message_user="Stripe ist gerade nicht erreichbar. Bitte später erneut versuchen.",
+        ) from exc
+    except StripeFailure as exc:
+        raise CreditError(
+            502,
+            "STRIPE_REQUEST_FAILED",
+            f"Stripe refused the checkout session: {exc}",
+            message_user="Die Zahlung konnte nicht vorbereitet werden.",
+        ) from exc
+
+
+def _urls(session: CheckoutSessionResult | None) -> dict[str, Any]:
+    url = None if session is None else session.url
+    # The seed's clients read any of these names.
+    return {"checkout_url": url, "setup_url": url, "url": url}
+
+
+async def create_topup_checkout(
+    stripe: StripePort | None,
+    *,
+    mode: Mode,
+    config: CreditConfigLike,
+    practice_id: str,
+    subscription_id: str | None,
+    customer_email: str | None,
+    amount_chf: Decimal | str | float | int,
+    success_url: str | None,
+    cancel_url: str | None,
+) -> dict[str, Any]:
+    """A Checkout Session buying `amount_chf` of credit (or a dry-run answer without URL)."""
+    chf = validate_topup_amount(amount_chf, config)
+    credit_usd = chf_to_internal_usd(chf, config.chf_per_internal_usd)
+    result: dict[str, Any] = {
+        "ok": True,
+        "dry_run": mode.dry_run,
+        "session_id": None,
+        "paid_chf": float(chf),
+        "internal_credit_usd": float(credit_usd),
+        "paid_rappen": chf_to_rappen(chf),
+        "internal_credit_micro_usd": usd_to_micros(credit_usd),
+        **_urls(None),
+    }
+    if mode.dry_run:
+        return result
+    _guard_live(mode)
+    metadata = {
+        "aza_purpose": PURPOSE_TOPUP,
+        "practice_id": practice_id,
+        "subscription_id": subscription_id or "",
+        "internal_credit_usd": str(credit_usd),
+        "paid_chf": str(chf),
+    }
+    session = await _create(
+        _require(stripe),
+        CheckoutRequest(
+            mode="payment",
+            success_url=success_url or config.topup_success_url,
+            cancel_url=cancel_url or config.cancel_url,
+            metadata=metadata,
+            currency=config.currency,
+            amount_rappen=chf_to_rappen(chf),
+            product_name="AzA KI-Zusatzguthaben",
+            customer_email=customer_email,
+            client_reference_id=practice_id,
+        ),
+    )
+    result.update(session_id=session.id, **_urls(session))
+    return result
+
+
+async def create_setup_checkout(
+    stripe: StripePort | None,
+    *,
+    mode: Mode,
+    config: CreditConfigLike,
+    practice_id: str,
+    customer_id: str | None,
+    customer_email: str | None,
+    success_url: str | None,
+    cancel_url: str | None,
+) -> dict[str, Any]:
+    """A Checkout Session (mode setup) saving a card for automatic top-ups."""
+    result: dict[str, Any] = {
+        "ok": True,
+        "dry_run": mode.dry_run,
+        "session_id": None,
+        **_urls(None),
+    }
+    if mode.dry_run:
+        return result
+    _guard_live(mode)
+    session = await _create(
+        _require(stripe),
+        CheckoutRequest(
+            mode="setup",
+            success_url=success_url or config.setup_success_url,
+            cancel_url=cancel_url or config.cancel_url,
+            metadata={"aza_purpose": PURPOSE_SETUP, "practice_id": practice_id},
+            currency=config.currency,
+            customer_id=customer_id,
+            customer_email=customer_email,
+            client_reference_id=practice_id,
+        ),
+    )
+    result.update(session_id=session.id, **_urls(session))
+    return result

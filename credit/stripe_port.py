@@ -1,0 +1,285 @@
+"""The Stripe calls credit needs, behind one small interface.
+
+`StripePort` is what the services use; `StripeClientAdapter` implements it
+with stripe-python's `StripeClient` on its httpx transport (async). Stripe's
+exceptions are translated here, where they enter, into ours:
+
+- `CardDeclined` / `AuthenticationRequired`: the bank said no (a 402 card error);
+- `StripeUnavailable`: timeout, connection error, 5xx, rate limit, lock conflict —
+  the outcome is unknown or the call may be retried later;
+- `StripeRequestFailed`: any other refusal (bad request, missing object, auth).
+
+Results are our own frozen dataclasses, never Stripe objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import stripe
+
+from credit.stripe_ids import normalize_stripe_id
+
+
+class StripeFailure(Exception):
+    """A Stripe call failed (base of the errors below)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        http_status: int | None = None,
+        payment_intent_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.http_status = http_status
+        self.payment_intent_id = payment_intent_id
+
+
+class CardDeclined(StripeFailure):
+    """The card was declined (Stripe card_error); `code` is Stripe's, e.g. card_declined."""
+
+
+class AuthenticationRequired(CardDeclined):
+    """The bank wants the cardholder present (3-D Secure): an off-session charge cannot pass."""
+
+
+class StripeUnavailable(StripeFailure):
+    """Stripe could not be reached or answered 5xx/429/409: outcome unknown, retry later."""
+
+
+class StripeRequestFailed(StripeFailure):
+    """Stripe refused the request for another reason (4xx other than a card error)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentIntentResult:
+    """The parts of a PaymentIntent credit looks at (amounts in Rappen)."""
+
+    id: str
+    status: str
+    amount_rappen: int
+    amount_received_rappen: int
+    currency: str
+    customer_id: str | None
+    metadata: Mapping[str, str]
+    last_error_code: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SetupIntentResult:
+    id: str
+    status: str
+    customer_id: str | None
+    payment_method_id: str | None = field(repr=False)
+    metadata: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class CheckoutSessionResult:
+    id: str
+    url: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class CheckoutRequest:
+    """A Checkout Session to create (mode "payment" with one CHF line, or "setup")."""
+
+    mode: str
+    success_url: str
+    cancel_url: str
+    metadata: Mapping[str, str]
+    currency: str = "chf"
+    amount_rappen: int | None = None
+    product_name: str | None = None
+    customer_id: str | None = None
+    customer_email: str | None = None
+    client_reference_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentIntentRequest:
+    """An off-session, confirmed PaymentIntent charging a saved card."""
+
+    amount_rappen: int
+    currency: str
+    customer_id: str
+    payment_method_id: str = field(repr=False)
+    metadata: Mapping[str, str]
+    description: str
+
+
+class StripePort(Protocol):
+    async def create_checkout_session(self, request: CheckoutRequest) -> CheckoutSessionResult: ...
+
+    async def create_payment_intent(
+        self, request: PaymentIntentRequest, *, idempotency_key: str
+    ) -> PaymentIntentResult: ...
+
+    async def retrieve_payment_intent(self, payment_intent_id: str) -> PaymentIntentResult: ...
+
+    async def retrieve_setup_intent(self, setup_intent_id: str) -> SetupIntentResult: ...
+
+
+def checkout_params(request: CheckoutRequest) -> dict[str, Any]:
+    """Stripe's Checkout Session parameters for `request`."""
+    metadata = dict(request.metadata)
+    params: dict[str, Any] = {
+        "mode": request.mode,
+        "success_url": request.success_url,
+        "cancel_url": request.cancel_url,
+        "metadata": metadata,
+    }
+    if request.client_reference_id:
+        params["client_reference_id"] = request.client_reference_id
+    if request.customer_id:
+        params["customer"] = request.customer_id
+    elif request.customer_email:
+        params["customer_email"] = request.customer_email
+    if request.mode == "payment":
+        if request.amount_rappen is None:
+            raise ValueError("a payment checkout needs amount_rappen")
+        params["line_items"] = [
+            {
+                "quantity": 1,
+                "price_data": {
+                    "currency": request.currency,
+                    "unit_amount": request.amount_rappen,
+                    "product_data": {"name": request.product_name or "AzA KI-Zusatzguthaben"},
+                },
+            }
+        ]
+        # The PaymentIntent carries the same metadata, so its own webhook can
+        # be matched (and deduplicated) against the session's.
+        params["payment_intent_data"] = {"metadata": metadata}
+    else:
+        params["currency"] = request.currency
+        params["setup_intent_data"] = {"metadata": metadata}
+        if not request.customer_id:
+            params["customer_creation"] = "always"
+    return params
+
+
+def _str_map(value: Any) -> dict[str, str]:
+    if not value:
+        return {}
+    return {str(k): str(v) for k, v in dict(value).items() if v is not None}
+
+
+def payment_intent_result(obj: Mapping[str, Any]) -> PaymentIntentResult:
+    """Our view of a PaymentIntent (a Stripe object or webhook dict)."""
+    last_error = obj.get("last_payment_error") or {}
+    return PaymentIntentResult(
+        id=str(obj.get("id")),
+        status=str(obj.get("status") or ""),
+        amount_rappen=int(obj.get("amount") or 0),
+        amount_received_rappen=int(obj.get("amount_received") or 0),
+        currency=str(obj.get("currency") or ""),
+        customer_id=normalize_stripe_id(obj.get("customer"), "cus_"),
+        metadata=_str_map(obj.get("metadata")),
+        last_error_code=(last_error.get("decline_code") or last_error.get("code"))
+        if isinstance(last_error, Mapping)
+        else None,
+    )
+
+
+def _translate(exc: stripe.StripeError) -> StripeFailure:
+    status = exc.http_status
+    code = exc.code
+    message = exc.user_message or str(exc) or exc.__class__.__name__
+    body = exc.json_body if isinstance(exc.json_body, dict) else {}
+    err = body.get("error") if isinstance(body.get("error"), dict) else {}
+    pi_id = normalize_stripe_id(err.get("payment_intent"), "pi_") if err else None
+    if isinstance(exc, stripe.CardError):
+        decline = err.get("decline_code") if err else None
+        kind: type[CardDeclined] = (
+            AuthenticationRequired if "authentication_required" in (code, decline) else CardDeclined
+        )
+        return kind(message, code=decline or code, http_status=status, payment_intent_id=pi_id)
+    if isinstance(exc, stripe.APIConnectionError | stripe.RateLimitError) or (
+        status is not None and (status >= 500 or status in (409, 429))
+    ):
+        return StripeUnavailable(message, code=code, http_status=status, payment_intent_id=pi_id)
+    return StripeRequestFailed(message, code=code, http_status=status, payment_intent_id=pi_id)
+
+
+class StripeClientAdapter:
+    """`StripePort` on stripe-python's `StripeClient` (async, httpx transport)."""
+
+    def __init__(
+        self,
+        api_key: str,
+        *,
+        api_base: str | None = None,
+        timeout_seconds: float = 30.0,
+        max_network_retries: int = 2,
+    ) -> None:
+        # The key lives only inside the client; this object's repr shows none of it.
+        self._http = stripe.HTTPXClient(timeout=timeout_seconds)
+        self._client = stripe.StripeClient(
+            api_key,
+            http_client=self._http,
+            base_addresses={"api": api_base.rstrip("/")} if api_base else None,
+            max_network_retries=max_network_retries,
+        )
+
+    def __repr__(self) -> str:
+        return "StripeClientAdapter()"
+
+    async def aclose(self) -> None:
+        """Close the HTTP connections (at the gateway's shutdown)."""
+        await self._http.close_async()  # type: ignore[no-untyped-call]  # untyped in stripe
+
+    async def create_checkout_session(self, request: CheckoutRequest) -> CheckoutSessionResult:
+        params: Any = checkout_params(request)
+        try:
+            session = await self._client.v1.checkout.sessions.create_async(params)
+        except stripe.StripeError as exc:
+            raise _translate(exc) from exc
+        return CheckoutSessionResult(id=str(session.id), url=session.url)
+
+    async def create_payment_intent(
+        self, request: PaymentIntentRequest, *, idempotency_key: str
+    ) -> PaymentIntentResult:
+        params: Any = {
+            "amount": request.amount_rappen,
+            "currency": request.currency,
+            "customer": request.customer_id,
+            "payment_method": request.payment_method_id,
+            "confirm": True,
+            "off_session": True,
+            "description": request.description,
+            "metadata": dict(request.metadata),
+        }
+        try:
+            intent = await self._client.v1.payment_intents.create_async(
+                params, {"idempotency_key": idempotency_key}
+            )
+        except stripe.StripeError as exc:
+            raise _translate(exc) from exc
+        return payment_intent_result(intent.to_dict())
+
+    async def retrieve_payment_intent(self, payment_intent_id: str) -> PaymentIntentResult:
+        try:
+            intent = await self._client.v1.payment_intents.retrieve_async(payment_intent_id)
+        except stripe.StripeError as exc:
+            raise _translate(exc) from exc
+        return payment_intent_result(intent.to_dict())
+
+    async def retrieve_setup_intent(self, setup_intent_id: str) -> SetupIntentResult:
+        try:
+            found = await self._client.v1.setup_intents.retrieve_async(setup_intent_id)
+        except stripe.StripeError as exc:
+            raise _translate(exc) from exc
+        intent = found.to_dict()
+        return SetupIntentResult(
+            id=str(intent.get("id")),
+            status=str(intent.get("status") or ""),
+            customer_id=normalize_stripe_id(intent.get("customer"), "cus_"),
+            payment_method_id=normalize_stripe_id(intent.get("payment_method"), "pm_"),
+            metadata=_str_map(intent.get("metadata")),
+        )
