@@ -35,8 +35,8 @@ from starlette.types import Message, Receive, Scope, Send
 
 FAKE_UPSTREAM_KEY = "sk-fake-upstream-key"
 CREATED = 1_700_000_000
-ANSWER = "Guten Tag! Dies ist eine Antwort des AzA-Test-Upstreams."
-TRANSCRIPT = "Dies ist eine Transkription des AzA-Test-Upstreams."
+ANSWER = "Guten Tag! Dies ist eine Antwort des AzA-Demo-Upstreams."
+TRANSCRIPT = "Dies ist eine Transkription des AzA-Demo-Upstreams."
 MODELS = (
     "gpt-4o-mini",
     "gpt-4o",

@@ -1,0 +1,235 @@
+"""`aza-gateway`: run the gateway, try it, and manage licenses, keys and the schema.
+
+Every command reads its configuration once with `Settings.from_env()`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
+
+from budget.license import calendar_month
+from gateway.settings import ConfigError, Settings
+from gateway.storage import AnyDatabase, migrate, open_database
+from gateway.storage.metering import MeteringStore
+
+T = TypeVar("T")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aza-gateway",
+        description="OpenAI-compatible gateway that meters every request against a "
+        "practice's AI budget and extra credit.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo", help="try it: gateway + built-in fake upstream + demo practice, key printed"
+    )
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8000)
+
+    serve = commands.add_parser("serve", help="run the gateway (upstream: AZA_UPSTREAM_BASE_URL)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+
+    commands.add_parser("migrate", help="bring the database schema up to date (idempotent)")
+    commands.add_parser(
+        "verify", help="check period totals against usage events (exit 1: mismatch)"
+    )
+
+    license_ = commands.add_parser("license", help="manage licenses")
+    license_commands = license_.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create_license = license_commands.add_parser(
+        "create", help="create or update an active license (current month unless given)"
+    )
+    create_license.add_argument("--practice", required=True, help="practice id")
+    create_license.add_argument("--plan", required=True, help="plan lookup_key (config/plans.toml)")
+    create_license.add_argument(
+        "--subscription", help="subscription id (default: a generated, non-Stripe one)"
+    )
+    create_license.add_argument("--email", help="customer e-mail")
+    create_license.add_argument("--period-start", type=int, help="unix seconds")
+    create_license.add_argument("--period-end", type=int, help="unix seconds")
+
+    key = commands.add_parser("key", help="manage gateway keys")
+    key_commands = key.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create_key = key_commands.add_parser(
+        "create", help="make a key for a practice (printed once, alone on the last line)"
+    )
+    create_key.add_argument("--practice", required=True, help="practice id")
+    create_key.add_argument("--label", help="a note, e.g. the device or app it is for")
+    revoke_key = key_commands.add_parser("revoke", help="revoke a key by its printed prefix")
+    revoke_key.add_argument("prefix", help="the key's prefix (aza_ and 6 characters) or hash")
+    return parser
+
+
+async def _with_store(
+    settings: Settings, action: Callable[[MeteringStore, AnyDatabase], Awaitable[int]]
+) -> int:
+    db = await open_database(settings.database_url, pool_size=2)
+    try:
+        store = MeteringStore(
+            db,
+            plans=settings.plans,
+            hold_ttl_seconds=settings.hold_ttl_seconds,
+            period_grace_seconds=settings.period_grace_seconds,
+        )
+        return await action(store, db)
+    finally:
+        await db.close()
+
+
+async def _migrate(settings: Settings) -> int:
+    from gateway.storage import make_database
+
+    db = make_database(settings.database_url, pool_size=2)
+    await db.connect()
+    try:
+        applied = await migrate(db)
+    finally:
+        await db.close()
+    print(f"applied migrations {applied}" if applied else "schema is up to date")
+    return 0
+
+
+async def _license_create(settings: Settings, args: argparse.Namespace) -> int:
+    if settings.plans.monthly_budget_micros(args.plan) is None:
+        known = ", ".join(sorted(settings.plans.lookup_keys))
+        print(f"unknown plan {args.plan!r}; known plans: {known}", file=sys.stderr)
+        return 2
+    period = calendar_month(int(time.time()))
+    start = args.period_start if args.period_start is not None else period.start
+    end = args.period_end if args.period_end is not None else period.end
+    if end <= start:
+        print("--period-end must be after --period-start", file=sys.stderr)
+        return 2
+    # A `sub_` id means Stripe keeps the period current; a hand-made license is not.
+    subscription = args.subscription or f"lic_{uuid.uuid4().hex}"
+
+    async def action(store: MeteringStore, db: AnyDatabase) -> int:
+        await store.upsert_license(
+            subscription_id=subscription,
+            practice_id=args.practice,
+            lookup_key=args.plan,
+            status="active",
+            period_start=start,
+            period_end=end,
+            customer_email=args.email,
+        )
+        print(
+            f"license {subscription} for practice {args.practice}: plan {args.plan}, "
+            f"active, period {start}..{end}"
+        )
+        return 0
+
+    return await _with_store(settings, action)
+
+
+async def _key_create(settings: Settings, args: argparse.Namespace) -> int:
+    async def action(store: MeteringStore, db: AnyDatabase) -> int:
+        key = await store.create_key(args.practice, label=args.label)
+        print(f"gateway key for practice {args.practice} (shown once; only its hash is stored):")
+        print(key)
+        return 0
+
+    return await _with_store(settings, action)
+
+
+async def _key_revoke(settings: Settings, args: argparse.Namespace) -> int:
+    async def action(store: MeteringStore, db: AnyDatabase) -> int:
+        revoked = await store.revoke_key(args.prefix)
+        if not revoked:
+            print(f"no active key matches {args.prefix!r}", file=sys.stderr)
+            return 1
+        print(
+            f"revoked {revoked} key(s); gateways stop accepting them within "
+            f"{settings.auth_cache_seconds:g} s"
+        )
+        return 0
+
+    return await _with_store(settings, action)
+
+
+async def _verify(settings: Settings) -> int:
+    async def action(store: MeteringStore, db: AnyDatabase) -> int:
+        mismatches = await store.totals_mismatches()
+        for row in mismatches:
+            print(
+                f"mismatch: practice {row['practice_id']} period {row['period_start']}",
+                file=sys.stderr,
+            )
+        if mismatches:
+            return 1
+        print("period totals match the usage events")
+        return 0
+
+    return await _with_store(settings, action)
+
+
+def _serve(settings: Settings, host: str, port: int) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+
+    if not settings.upstream_api_key:
+        print(
+            "warning: OPENAI_API_KEY is not set; the upstream will refuse requests", file=sys.stderr
+        )
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level=settings.log_level,
+        lifespan="on",
+        ws="none",
+        # "auto" picks uvloop and httptools where they are installed.
+        loop="auto",
+        http="auto",
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    command = args.command
+    try:
+        if command == "serve":
+            return _serve(settings, args.host, args.port)
+        if command == "demo":
+            from gateway.demo import run_demo
+
+            _run(run_demo(settings, host=args.host, port=args.port))
+            return 0
+        if command == "migrate":
+            return _run(_migrate(settings))
+        if command == "verify":
+            return _run(_verify(settings))
+        if command == "license":
+            return _run(_license_create(settings, args))
+        if command == "key" and args.action == "create":
+            return _run(_key_create(settings, args))
+        if command == "key" and args.action == "revoke":
+            return _run(_key_revoke(settings, args))
+    except KeyboardInterrupt:
+        return 0
+    raise AssertionError(f"unhandled command {command}")
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

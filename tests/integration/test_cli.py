@@ -1,0 +1,113 @@
+"""The `aza-gateway` command as users run it: key creation, migrations, and demo mode."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import openai
+import pytest
+
+
+def _command() -> list[str]:
+    script = Path(sys.executable).with_name("aza-gateway")
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("aza-gateway")
+    if found:
+        return [found]
+    return [sys.executable, "-m", "gateway.cli"]
+
+
+def _run(args: list[str], database: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "AZA_DATABASE_URL": f"sqlite:///{database}"}
+    return subprocess.run(
+        [*_command(), *args], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+@pytest.mark.slow
+def test_key_create_prints_the_key_last_and_stores_only_its_hash(tmp_path: Path) -> None:
+    """`key create` prints the key alone on its last line; the database holds only its hash."""
+    database = tmp_path / "cli.sqlite"
+    assert _run(["migrate"], database).returncode == 0
+    assert _run(["migrate"], database).returncode == 0  # idempotent
+    licensed = _run(
+        ["license", "create", "--practice", "p1", "--plan", "aza_basic_monthly"], database
+    )
+    assert licensed.returncode == 0, licensed.stderr
+
+    result = _run(["key", "create", "--practice", "p1"], database)
+    assert result.returncode == 0, result.stderr
+    key = result.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"aza_[A-Za-z0-9_-]{43}", key)
+
+    with sqlite3.connect(database) as conn:
+        rows = conn.execute("SELECT key_hash, practice_id FROM gateway_keys").fetchall()
+        licenses = conn.execute("SELECT subscription_id, status FROM licenses").fetchall()
+    assert rows == [(hashlib.sha256(key.encode()).hexdigest(), "p1")]
+    assert key.encode() not in database.read_bytes()
+    [(subscription, status)] = licenses
+    assert status == "active" and not subscription.startswith("sub_")
+
+    assert _run(["verify"], database).returncode == 0
+    assert _run(["key", "revoke", key[:10]], database).returncode == 0
+    assert _run(["key", "revoke", key[:10]], database).returncode == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.mark.slow
+def test_demo_mode_answers_the_sdk_with_the_printed_key(tmp_path: Path) -> None:
+    """`aza-gateway demo` starts, prints a key, and answers a chat completion through the SDK."""
+    port = _free_port()
+    env = {**os.environ, "AZA_DATABASE_URL": f"sqlite:///{tmp_path / 'ignored.sqlite'}"}
+    process = subprocess.Popen(
+        [*_command(), "demo", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        found: list[str] = []
+
+        def read_key() -> None:
+            assert process.stdout is not None
+            for line in process.stdout:
+                match = re.match(r"Gateway key: (aza_\S+)", line)
+                if match:
+                    found.append(match.group(1))
+                    return
+
+        reader = threading.Thread(target=read_key, daemon=True)
+        reader.start()
+        reader.join(timeout=30)
+        assert found, "the demo printed no gateway key"
+        with openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key=found[0], max_retries=0
+        ) as client:
+            completion = client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "Hallo"}]
+            )
+        assert completion.choices[0].message.content
+        assert completion.usage is not None and completion.usage.total_tokens > 0
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+        if process.stdout is not None:
+            process.stdout.close()
