@@ -1,0 +1,124 @@
+"""What the JSON routes share: reaching the services, authenticating, one error path."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from decimal import Decimal, InvalidOperation
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from credit.ports import DatabaseUnavailable
+from gateway.auth import Caller, require_practice
+from gateway.errors import GatewayError, bad_request, forbidden, unavailable, unprocessable
+
+if TYPE_CHECKING:
+    from gateway.services import Services
+
+log = logging.getLogger("aza.routes")
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def services_of(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def credit_error(exc: Exception) -> GatewayError:
+    """A `credit.service.CreditError` as the client sees it."""
+    status = int(getattr(exc, "status", 400))
+    return GatewayError(
+        status,
+        str(getattr(exc, "message", None) or exc),
+        type="invalid_request_error" if status < 500 else "server_error",
+        code=str(getattr(exc, "error_code", "credit_error")).lower(),
+        param=getattr(exc, "param", None),
+        error_code=getattr(exc, "error_code", None),
+        message_user=getattr(exc, "message_user", None),
+    )
+
+
+def endpoint(handler: Handler) -> Handler:
+    """Wrap a route so every failure leaves in the OpenAI error shape, with a request id."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: Request) -> Response:
+        from credit.service import CreditError
+
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        try:
+            response = await handler(request)
+        except GatewayError as exc:
+            return exc.response(request_id)
+        except CreditError as exc:
+            return credit_error(exc).response(request_id)
+        except DatabaseUnavailable:
+            log.warning("database unavailable", extra={"request_id": request_id})
+            return unavailable().response(request_id)
+        response.headers.setdefault("x-request-id", request_id)
+        return response
+
+    return wrapped
+
+
+async def caller_of(request: Request) -> Caller:
+    services = services_of(request)
+    return await services.auth.authenticate(request.headers)
+
+
+async def practice_of(request: Request) -> tuple[Caller, str]:
+    """The caller and the practice it may act for (its key's, or X-Practice-Id for the service)."""
+    caller = await caller_of(request)
+    return caller, require_practice(caller)
+
+
+async def service_caller(request: Request) -> Caller:
+    """Only the service token (AZA_API_TOKEN) passes; a practice key gets 403."""
+    caller = await caller_of(request)
+    if not caller.is_service:
+        raise forbidden("This route needs the service token.", code="service_token_required")
+    return caller
+
+
+async def json_body(request: Request) -> dict[str, Any]:
+    """The request's JSON object body ({} when empty); 400 when it is not a JSON object."""
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise bad_request("Invalid JSON body.", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise bad_request("The JSON body must be an object.", code="invalid_json")
+    return data
+
+
+def decimal_field(data: dict[str, Any], name: str, *, required: bool = True) -> Decimal | None:
+    """A finite decimal from a JSON number or numeric string; 422 otherwise."""
+    if name not in data or data[name] is None:
+        if required:
+            raise unprocessable(f"'{name}' is required.", code="missing_field", param=name)
+        return None
+    raw = data[name]
+    if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+        raise unprocessable(f"'{name}' must be a number.", code="invalid_amount", param=name)
+    try:
+        value = Decimal(str(raw).strip())
+    except InvalidOperation:
+        raise unprocessable(
+            f"'{name}' must be a number.", code="invalid_amount", param=name
+        ) from None
+    if not value.is_finite():
+        raise unprocessable(f"'{name}' must be a finite number.", code="invalid_amount", param=name)
+    return value
+
+
+def ok(payload: dict[str, Any], status: int = 200) -> JSONResponse:
+    return JSONResponse(payload, status_code=status)
