@@ -457,13 +457,14 @@ class FakeUpstream:
     # -- audio ------------------------------------------------------------
 
     async def _audio_text(self, request: Request, *, task: str) -> Response:
-        form = await request.form()
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
-            return _error(400, "file is required", type="invalid_request_error")
-        audio = await upload.read()
-        model = str(form.get("model") or "whisper-1")
-        fmt = str(form.get("response_format") or "json")
+        # The form's uploads are temporary files: close them when done.
+        async with request.form() as form:
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile):
+                return _error(400, "file is required", type="invalid_request_error")
+            audio = await upload.read()
+            model = str(form.get("model") or "whisper-1")
+            fmt = str(form.get("response_format") or "json")
         seconds = _audio_seconds(audio)
         text = TRANSCRIPT
         if fmt == "text":
