@@ -65,7 +65,7 @@ def pg_schema() -> str:
     return "t_" + uuid.uuid4().hex[:16]
 
 
-async def _drop_schema(schema: str) -> None:
+async def drop_schema(schema: str) -> None:
     import asyncpg
 
     conn = await asyncpg.connect(POSTGRES_URL)
@@ -75,7 +75,7 @@ async def _drop_schema(schema: str) -> None:
         await conn.close()
 
 
-async def _create_schema(schema: str) -> None:
+async def create_schema(schema: str) -> None:
     import asyncpg
 
     conn = await asyncpg.connect(POSTGRES_URL)
@@ -85,7 +85,7 @@ async def _create_schema(schema: str) -> None:
         await conn.close()
 
 
-def _pg_url_with_schema(schema: str) -> str:
+def pg_url_with_schema(schema: str) -> str:
     sep = "&" if "?" in POSTGRES_URL else "?"
     # asyncpg passes unknown DSN query parameters on as server settings.
     return f"{POSTGRES_URL}{sep}search_path={schema}"
@@ -99,11 +99,11 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
         return
     skip_without_postgres()
     schema = "t_" + uuid.uuid4().hex[:16]
-    await _create_schema(schema)
+    await create_schema(schema)
     try:
-        yield _pg_url_with_schema(schema)
+        yield pg_url_with_schema(schema)
     finally:
-        await _drop_schema(schema)
+        await drop_schema(schema)
 
 
 @pytest.fixture

@@ -9,21 +9,26 @@ Amounts are integer micro-USD throughout.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from budget.license import License, LicenseProblem, Period, current_period
 from budget.pricing import PlanBook
 from budget.snapshot import BudgetSnapshot, admit, split_charge
 from budget.usage import Usage
-from credit.ports import Connection, Database, Row
+from credit.ports import Connection, Database, DatabaseUnavailable, Row
+
+log = logging.getLogger("aza.metering")
 
 ACTIVE_STATUSES = ("active", "trialing", "past_due")
+T = TypeVar("T")
 KEY_PREFIX = "aza_"
 
 _SNAPSHOT_SQL = """
@@ -133,8 +138,10 @@ class MeteringStore:
         hold_ttl_seconds: int = 900,
         period_grace_seconds: int = 172_800,
         clock: Callable[[], float] = time.time,
+        retry_seconds: float = 900.0,
     ) -> None:
         self.db = db
+        self.retry_seconds = retry_seconds
         self.plans = plans
         self.hold_ttl_seconds = hold_ttl_seconds
         self.period_grace_seconds = period_grace_seconds
@@ -142,6 +149,26 @@ class MeteringStore:
 
     def now(self) -> int:
         return int(self._clock())
+
+    async def _until_written(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run an idempotent write, retrying while the database is unreachable.
+
+        Settling and releasing must not be lost to a dropped connection or a
+        short outage: both are safe to repeat (the usage event is unique per
+        request, a deleted hold stays deleted), so they are retried with
+        backoff for up to `retry_seconds`.
+        """
+        delay, waited = 0.05, 0.0
+        while True:
+            try:
+                return await attempt()
+            except DatabaseUnavailable:
+                if waited >= self.retry_seconds:
+                    raise
+                log.warning("database unavailable while %s; retrying in %.2fs", what, delay)
+                await asyncio.sleep(delay)
+                waited += delay
+                delay = min(delay * 2, 5.0)
 
     # -- keys -------------------------------------------------------------
 
@@ -310,11 +337,14 @@ class MeteringStore:
 
     async def release(self, hold: Hold) -> bool:
         """Drop a hold without charging (upstream failed). False if it was gone already."""
-        async with self.db.transaction(lock=hold.practice_id) as conn:
-            changed = await conn.execute(
-                "DELETE FROM ai_budget_holds WHERE hold_id = ?", hold.hold_id
-            )
-        return changed > 0
+
+        async def attempt() -> int:
+            async with self.db.transaction(lock=hold.practice_id) as conn:
+                return await conn.execute(
+                    "DELETE FROM ai_budget_holds WHERE hold_id = ?", hold.hold_id
+                )
+
+        return await self._until_written(f"releasing {hold.request_id}", attempt) > 0
 
     async def settle(
         self,
@@ -334,22 +364,28 @@ class MeteringStore:
         no-op, guaranteed by the unique request id of usage events.
         """
         now = self.now()
-        async with self.db.transaction(lock=hold.practice_id) as conn:
-            await conn.execute("DELETE FROM ai_budget_holds WHERE hold_id = ?", hold.hold_id)
-            settlement = await self._write_usage(
-                conn,
-                lic=hold.license,
-                period=hold.period,
-                budget_micros=hold.budget_micros,
-                usage=usage,
-                cost_micros=cost_micros,
-                request_id=hold.request_id,
-                device_id=device_id,
-                status=status,
-                started_at=started_at,
-                now=now,
-            )
-            state = await self._state(conn, hold.practice_id, now) if with_state else None
+
+        async def attempt() -> tuple[tuple[int | None, int, int], BudgetState | None]:
+            async with self.db.transaction(lock=hold.practice_id) as conn:
+                await conn.execute("DELETE FROM ai_budget_holds WHERE hold_id = ?", hold.hold_id)
+                written = await self._write_usage(
+                    conn,
+                    lic=hold.license,
+                    period=hold.period,
+                    budget_micros=hold.budget_micros,
+                    usage=usage,
+                    cost_micros=cost_micros,
+                    request_id=hold.request_id,
+                    device_id=device_id,
+                    status=status,
+                    started_at=started_at,
+                    now=now,
+                    hold_micros=hold.amount_micros,
+                )
+                state = await self._state(conn, hold.practice_id, now) if with_state else None
+            return written, state
+
+        settlement, state = await self._until_written(f"settling {hold.request_id}", attempt)
         return Settlement(
             event_id=settlement[0],
             cost_micros=cost_micros,
@@ -385,6 +421,7 @@ class MeteringStore:
                 status=status,
                 started_at=None,
                 now=now,
+                hold_micros=None,
             )
         return Settlement(event_id, cost_micros, to_budget, to_credit, None)
 
@@ -402,6 +439,7 @@ class MeteringStore:
         status: str,
         started_at: int | None,
         now: int,
+        hold_micros: int | None,
     ) -> tuple[int | None, int, int]:
         used = await conn.fetchval(
             "SELECT used_micro_usd FROM ai_usage_period_totals "
@@ -415,8 +453,9 @@ class MeteringStore:
             "request_id, operation_type, model, input_tokens, cached_input_tokens, output_tokens, "
             "reasoning_tokens, total_tokens, audio_seconds, characters, images, "
             "estimated_cost_micro_usd, charged_budget_micro_usd, charged_credit_micro_usd, "
-            "usage_estimated, period_start, period_end, status, started_at, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "hold_micro_usd, usage_estimated, period_start, period_end, status, started_at, "
+            "created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (request_id) DO NOTHING RETURNING id",
             lic.practice_id,
             lic.subscription_id,
@@ -436,6 +475,7 @@ class MeteringStore:
             cost_micros,
             to_budget,
             to_credit,
+            hold_micros,
             int(usage.estimated),
             period.start,
             period.end,

@@ -51,6 +51,8 @@ CREATE TABLE IF NOT EXISTS ai_usage_events (
     estimated_cost_usd NUMERIC GENERATED ALWAYS AS (estimated_cost_micro_usd / 1000000.0) STORED,
     charged_budget_micro_usd BIGINT NOT NULL DEFAULT 0,
     charged_credit_micro_usd BIGINT NOT NULL DEFAULT 0,
+    -- What the gate reserved for this request (NULL: written without a hold).
+    hold_micro_usd BIGINT,
     usage_estimated BIGINT NOT NULL DEFAULT 0,
     period_start BIGINT NOT NULL,
     period_end BIGINT NOT NULL,

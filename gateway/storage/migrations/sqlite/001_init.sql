@@ -51,6 +51,8 @@ CREATE TABLE IF NOT EXISTS ai_usage_events (
     estimated_cost_usd REAL GENERATED ALWAYS AS (estimated_cost_micro_usd / 1000000.0) VIRTUAL,
     charged_budget_micro_usd INTEGER NOT NULL DEFAULT 0,
     charged_credit_micro_usd INTEGER NOT NULL DEFAULT 0,
+    -- What the gate reserved for this request (NULL: written without a hold).
+    hold_micro_usd INTEGER,
     usage_estimated INTEGER NOT NULL DEFAULT 0,
     period_start INTEGER NOT NULL,
     period_end INTEGER NOT NULL,
