@@ -48,7 +48,14 @@ from gateway.messages import (
     developer_message,
     user_message,
 )
-from gateway.proxy import MODELS_PATH, PROXIED_POST_PATHS, is_proxied
+from gateway.proxy import (
+    BODY_CHECKED,
+    MODELS_PATH,
+    PROXIED_POST_PATHS,
+    ClientGone,
+    is_proxied,
+    read_bounded_body,
+)
 from gateway.services import Services
 from gateway.settings import Settings
 from gateway.storage.metering import BudgetState, Hold
@@ -111,45 +118,12 @@ class RequestContextMiddleware:
                 services.metrics.requests.labels(path_label(scope), str(status)).inc()
 
 
-def too_large(limit: int) -> GatewayError:
-    return GatewayError(
-        413,
-        f"Request body too large: the limit is {limit} bytes.",
-        type="invalid_request_error",
-        code="request_too_large",
-    )
-
-
 def model_not_priced(model: str) -> GatewayError:
     return bad_request(
         f"The model '{model}' has no price configured at this gateway.",
         code="model_not_priced",
         param="model",
     )
-
-
-class _ClientGone(Exception):
-    """The client disconnected before its request body arrived."""
-
-
-async def read_bounded_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes."""
-    declared = Headers(scope=scope).get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large(limit)
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _ClientGone
-        chunk: bytes = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise too_large(limit)
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
 
 
 class Pricing:
@@ -208,6 +182,7 @@ class MeteringMiddleware:
                 await self.app(scope, receive, send)
                 return
             body = await read_bounded_body(scope, receive, settings.max_request_body_bytes)
+            scope["state"][BODY_CHECKED] = True
             try:
                 info, forward = parse_request(
                     operation, Headers(scope=scope).get("content-type", ""), body
@@ -231,7 +206,7 @@ class MeteringMiddleware:
             log.exception("database unavailable while admitting %s", request_id)
             await unavailable().send(send, request_id)
             return
-        except _ClientGone:
+        except ClientGone:
             return
 
         services.metrics.holds_in_flight.inc()

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 
 import httpx
+from starlette.datastructures import Headers
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway.errors import GatewayError
@@ -42,6 +43,8 @@ PROXIED_POST_PATHS = frozenset(
     }
 )
 MODELS_PATH = "/v1/models"
+# Set in scope["state"] by the metering middleware once it has read and bounded the body.
+BODY_CHECKED = "aza.body_checked"
 
 # Headers that describe one connection, not the message (RFC 9110 §7.6.1), and
 # those the proxy sets itself.
@@ -59,6 +62,8 @@ HOP_BY_HOP = frozenset(
         "host",
         "content-length",
         "content-encoding",
+        # 100-continue is between the client and this server.
+        "expect",
     }
 )
 # The client's credentials and identity stay with the gateway; the upstream
@@ -98,16 +103,29 @@ def is_proxied(method: str, path: str) -> bool:
     return False
 
 
+def _connection_listed(values: Iterable[str]) -> set[str]:
+    """Header names a `Connection` header marks as hop-by-hop for this connection only."""
+    return {
+        token.strip().lower() for value in values for token in value.split(",") if token.strip()
+    }
+
+
 def upstream_request_headers(
     headers: Iterable[tuple[bytes, bytes]], upstream_key: str
 ) -> list[tuple[str, str]]:
     """The client's headers as the upstream gets them: private and hop-by-hop ones removed."""
+    pairs = [(n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in headers]
+    listed = _connection_listed(v for n, v in pairs if n == "connection")
     forwarded: list[tuple[str, str]] = []
-    for raw_name, raw_value in headers:
-        name = raw_name.decode("latin-1").lower()
-        if name in HOP_BY_HOP or name in _PRIVATE_REQUEST_HEADERS or name.startswith("proxy-"):
+    for name, value in pairs:
+        if (
+            name in HOP_BY_HOP
+            or name in _PRIVATE_REQUEST_HEADERS
+            or name in listed
+            or name.startswith("proxy-")
+        ):
             continue
-        forwarded.append((name, raw_value.decode("latin-1")))
+        forwarded.append((name, value))
     forwarded.append(("accept-encoding", "identity"))
     if upstream_key:
         forwarded.append(("authorization", f"Bearer {upstream_key}"))
@@ -118,8 +136,11 @@ def client_response_headers(response: httpx.Response) -> list[tuple[bytes, bytes
     """The upstream's response headers as the client gets them."""
     out: list[tuple[bytes, bytes]] = []
     encoded = response.headers.get("content-encoding", "identity").lower() != "identity"
+    listed = _connection_listed(response.headers.get_list("connection"))
     for name, value in response.headers.multi_items():
         lower = name.lower()
+        if lower in listed:
+            continue
         if lower == "x-request-id":
             # The gateway's request id is the client's x-request-id; the
             # upstream's stays findable for support cases.
@@ -149,14 +170,39 @@ def upstream_unreachable() -> GatewayError:
     )
 
 
-async def read_body(receive: Receive) -> bytes:
-    """The whole request body (the metering middleware has bounded its size)."""
+def too_large(limit: int) -> GatewayError:
+    return GatewayError(
+        413,
+        f"Request body too large: the limit is {limit} bytes.",
+        type="invalid_request_error",
+        code="request_too_large",
+    )
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body arrived."""
+
+
+async def read_bounded_body(scope: Scope, receive: Receive, limit: int | None) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes.
+
+    The declared Content-Length is checked before anything is read; a
+    chunked body is counted while it arrives.
+    """
+    declared = Headers(scope=scope).get("content-length")
+    if limit is not None and declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large(limit)
     chunks: list[bytes] = []
+    size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise ConnectionAbortedError("client disconnected while sending the request")
-        chunks.append(message.get("body", b""))
+            raise ClientGone
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if limit is not None and size > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
 
@@ -175,13 +221,21 @@ class Proxy:
         self._client = client
         self._metrics = metrics
         self._upstream_key = settings.upstream_api_key.reveal()
+        self._body_limit = settings.max_request_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         assert scope["type"] == "http"
         request_id: str | None = scope.get("state", {}).get("request_id")
+        state = scope.get("state", {})
+        # A metered body was bounded by the middleware before it was rewritten
+        # (include_usage makes it a little longer); count only the others.
+        limit = None if state.get(BODY_CHECKED) else self._body_limit
         try:
-            body = await read_body(receive)
-        except ConnectionAbortedError:
+            body = await read_bounded_body(scope, receive, limit)
+        except GatewayError as exc:
+            await exc.send(send, request_id)
+            return
+        except ClientGone:
             return
         path: str = scope["path"]
         query: bytes = scope.get("query_string", b"")
@@ -261,5 +315,7 @@ async def _stream_body(response: httpx.Response, receive: Receive, send: Send) -
     if isinstance(exc, httpx.HTTPError):
         log.warning("upstream stream broke off: %r", exc)
         return
+    if isinstance(exc, OSError):
+        return  # servers on ASGI spec 2.4 report a gone client from send()
     if exc is not None:
         raise exc

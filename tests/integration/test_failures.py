@@ -202,3 +202,36 @@ async def test_readiness_and_health(gateway: Gateway, http: httpx.AsyncClient) -
     assert "aza_gateway_upstream_latency_seconds_count" in metrics
     assert gateway.fake.requests == 1  # health and metrics never touched the upstream
     json.loads((await http.get("/healthz")).text)
+
+
+async def test_readiness_is_503_when_the_database_is_down(
+    gateway: Gateway, http: httpx.AsyncClient
+) -> None:
+    """/readyz answers 503 in the OpenAI shape when the database does not; /healthz stays up."""
+    await gateway.db.close()
+    response = await http.get("/readyz")
+    assert response.status_code == 503
+    assert assert_openai_shape(response.json())["type"] == "server_error"
+    assert (await http.get("/healthz")).status_code == 200
+
+
+async def test_a_stream_just_under_the_limit_is_forwarded(start_gateway: StartGateway) -> None:
+    """The include_usage the gateway adds does not push a body under the limit over it."""
+    body_size = len(
+        json.dumps(
+            {
+                "messages": [{"role": "user", "content": "x" * 900}],
+                "model": "gpt-4o-mini",
+                "stream": True,
+            },
+            separators=(",", ":"),
+        )
+    )
+    async with start_gateway(max_request_body_bytes=body_size + 5) as gateway:
+        stream = await gateway.client().chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "x" * 900}], stream=True
+        )
+        assert [chunk async for chunk in stream]
+        assert len(gateway.fake.last_body) > body_size + 5
+        [event] = await gateway.settled(1)
+        assert event["usage_estimated"] == 0
