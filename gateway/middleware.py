@@ -40,7 +40,7 @@ from budget.usage import (
     usage_from_response,
 )
 from credit.ports import DatabaseUnavailable
-from gateway.auth import require_practice
+from gateway.auth import Caller, require_practice
 from gateway.errors import GatewayError, bad_request, unavailable
 from gateway.messages import (
     ACTIONABLE_TOPUP_CODES,
@@ -149,6 +149,17 @@ class Pricing:
             return self.prices.cost_micros(replace(usage, model=self.fallback))
 
 
+@dataclass(frozen=True, slots=True)
+class _Admitted:
+    """A request the gate let through: its hold, what it asks for and the body to forward."""
+
+    hold: Hold
+    info: RequestInfo
+    forward: bytes
+    estimate: Usage
+    device_id: str | None
+
+
 @dataclass
 class _Watch:
     """What the tap saw of one response."""
@@ -171,34 +182,15 @@ class MeteringMiddleware:
             await self.app(scope, receive, send)
             return
         services = self.services()
-        settings = services.settings
         request_id: str = scope.setdefault("state", {}).setdefault("request_id", new_request_id())
         operation = OPERATION_BY_PATH.get(scope["path"])
         try:
             caller = await services.auth.authenticate(Headers(scope=scope))
-            practice_id = require_practice(caller)
-            if operation is None:
-                # Model listing: authenticated, not metered.
-                await self.app(scope, receive, send)
-                return
-            body = await read_bounded_body(scope, receive, settings.max_request_body_bytes)
-            scope["state"][BODY_CHECKED] = True
-            try:
-                info, forward = parse_request(
-                    operation, Headers(scope=scope).get("content-type", ""), body
+            admitted = None
+            if operation is not None:
+                admitted = await self._admit(
+                    services, scope, receive, operation, caller, request_id
                 )
-            except InvalidRequest as exc:
-                raise bad_request(exc.message, code=exc.code, param=exc.param) from None
-            pricing = Pricing(settings)
-            pricing.check(info.model)
-            estimate = estimate_usage(
-                info, default_max_output_tokens=settings.default_max_output_tokens
-            )
-            try:
-                estimate_micros = pricing.cost_micros(estimate)
-            except UnpricedModel:
-                raise model_not_priced(info.model) from None
-            hold = await self._gate(services, practice_id, request_id, estimate_micros)
         except GatewayError as exc:
             await exc.send(send, request_id)
             return
@@ -208,7 +200,49 @@ class MeteringMiddleware:
             return
         except ClientGone:
             return
+        if admitted is None:
+            # Model listing: authenticated, not metered.
+            await self.app(scope, receive, send)
+            return
+        await self._forward_metered(services, admitted, scope, receive, send)
 
+    async def _admit(
+        self,
+        services: Services,
+        scope: Scope,
+        receive: Receive,
+        operation: Operation,
+        caller: Caller,
+        request_id: str,
+    ) -> _Admitted:
+        """Read and check the request, price its estimate and place its hold (the gate)."""
+        settings = services.settings
+        practice_id = require_practice(caller)
+        body = await read_bounded_body(scope, receive, settings.max_request_body_bytes)
+        scope["state"][BODY_CHECKED] = True
+        try:
+            info, forward = parse_request(
+                operation, Headers(scope=scope).get("content-type", ""), body
+            )
+        except InvalidRequest as exc:
+            raise bad_request(exc.message, code=exc.code, param=exc.param) from None
+        pricing = Pricing(settings)
+        pricing.check(info.model)
+        estimate = estimate_usage(
+            info, default_max_output_tokens=settings.default_max_output_tokens
+        )
+        try:
+            estimate_micros = pricing.cost_micros(estimate)
+        except UnpricedModel:
+            raise model_not_priced(info.model) from None
+        hold = await self._gate(services, practice_id, request_id, estimate_micros)
+        return _Admitted(hold, info, forward, estimate, caller.device_id)
+
+    async def _forward_metered(
+        self, services: Services, admitted: _Admitted, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """Let the proxy forward the request while the tap watches the response go by."""
+        info, forward = admitted.info, admitted.forward
         services.metrics.holds_in_flight.inc()
         started_at = int(time.time())
         watch = _Watch()
@@ -256,8 +290,8 @@ class MeteringMiddleware:
             # Settle in its own task: a cancelled request (server shutdown,
             # client gone) must still replace its hold with its usage event.
             task = services.spawn(
-                self._finish(services, hold, info, estimate, watch, caller.device_id, started_at),
-                name=f"settle:{request_id}",
+                self._finish(services, admitted, watch, started_at),
+                name=f"settle:{admitted.hold.request_id}",
             )
             await asyncio.shield(task)
 
@@ -333,22 +367,16 @@ class MeteringMiddleware:
     # -- settling ---------------------------------------------------------
 
     async def _finish(
-        self,
-        services: Services,
-        hold: Hold,
-        info: RequestInfo,
-        estimate: Usage,
-        watch: _Watch,
-        device_id: str | None,
-        started_at: int,
+        self, services: Services, admitted: _Admitted, watch: _Watch, started_at: int
     ) -> None:
         """Replace the hold with the usage event, or release it when the upstream failed."""
         metering, metrics = services.metering, services.metrics
+        hold = admitted.hold
         try:
             if not 200 <= watch.status < 300:
                 await metering.release(hold)
                 return
-            usage = _usage_of(info, estimate, watch)
+            usage = _usage_of(admitted.info, admitted.estimate, watch)
             pricing = Pricing(services.settings)
             try:
                 cost = pricing.cost_micros(usage)
@@ -360,7 +388,7 @@ class MeteringMiddleware:
                 hold,
                 usage,
                 cost_micros=cost,
-                device_id=device_id,
+                device_id=admitted.device_id,
                 status="success" if watch.completed else "partial",
                 started_at=started_at,
             )
