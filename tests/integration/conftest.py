@@ -42,8 +42,10 @@ def _probe_postgres_before_any_event_loop() -> None:
 
 
 @asynccontextmanager
-async def serve(app: ASGIApp) -> AsyncIterator[str]:
-    """Serve `app` on a free loopback port; yield its base URL (no trailing slash)."""
+async def serving(
+    app: ASGIApp, *, graceful_shutdown_seconds: float = 3.0
+) -> AsyncIterator[tuple[str, uvicorn.Server]]:
+    """Serve `app` on a free loopback port; yield its base URL and the server."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -56,7 +58,7 @@ async def serve(app: ASGIApp) -> AsyncIterator[str]:
         # No websockets: nothing here needs them, and importing their
         # implementation would warn about deprecated modules.
         ws="none",
-        timeout_graceful_shutdown=3,
+        timeout_graceful_shutdown=graceful_shutdown_seconds,
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
@@ -66,11 +68,18 @@ async def serve(app: ASGIApp) -> AsyncIterator[str]:
                 task.result()
                 raise RuntimeError("server stopped before it started")
             await asyncio.sleep(0.005)
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", server
     finally:
         server.should_exit = True
         await task
         sock.close()
+
+
+@asynccontextmanager
+async def serve(app: ASGIApp) -> AsyncIterator[str]:
+    """Serve `app` on a free loopback port; yield its base URL (no trailing slash)."""
+    async with serving(app) as (url, _server):
+        yield url
 
 
 @dataclass

@@ -10,7 +10,11 @@ from collections.abc import Callable
 import openai
 import pytest
 
-from tests.integration.conftest import Gateway
+from gateway.app import create_app
+from gateway.settings import Settings
+from gateway.storage import AnyDatabase
+from gateway.storage.metering import MeteringStore
+from tests.integration.conftest import Gateway, Upstream, serving
 
 PROMPT = "x" * 400
 # When the stream reports no usage, input is estimated: ceil(400 / 4) + 8 = 108 tokens.
@@ -107,3 +111,36 @@ async def test_stream_without_a_usage_chunk_is_charged_from_the_estimate(gateway
     assert event["status"] == "success"
     assert (event["input_tokens"], event["output_tokens"]) == (ESTIMATED_INPUT_TOKENS, 10)
     assert event["estimated_cost_micro_usd"] == estimated_cost(ESTIMATED_INPUT_TOKENS, 10)
+
+
+async def test_request_cancelled_at_shutdown_still_settles(
+    db: AnyDatabase,
+    metering: MeteringStore,
+    practice: str,
+    upstream: Upstream,
+    gateway_settings: Settings,
+) -> None:
+    """A server shutdown cancels a stream in flight; its settle still runs (one event, no hold)."""
+    upstream.fake.chunk_delay = 0.5
+    key = await metering.create_key(practice)
+    app = create_app(gateway_settings, database=db)
+    async with serving(app, graceful_shutdown_seconds=0.3) as (root, server):
+        client = openai.AsyncOpenAI(base_url=root + "/v1", api_key=key, max_retries=0)
+        try:
+            stream = await client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": PROMPT}], stream=True
+            )
+            chunks = stream.__aiter__()
+            await chunks.__anext__()
+            server.should_exit = True  # uvicorn cancels the request after 0.3 s
+            with pytest.raises(openai.APIError):
+                async for _chunk in chunks:
+                    pass
+        finally:
+            await client.close()
+    async with db.read() as conn:
+        rows = await conn.fetchall(
+            "SELECT usage_estimated, status FROM ai_usage_events WHERE practice_id = ?", practice
+        )
+    assert [(row[0], row[1]) for row in rows] == [(1, "partial")]
+    assert await metering.active_holds() == 0
