@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -10,7 +11,12 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import Gateway, StartGateway
+from budget.pricing import PlanBook
+from gateway.app import create_app
+from gateway.settings import Settings
+from gateway.storage import AnyDatabase
+from gateway.storage.metering import MeteringStore
+from tests.integration.conftest import Gateway, StartGateway, serve
 
 CHAT: dict[str, Any] = {
     "model": "gpt-4o-mini",
@@ -235,3 +241,20 @@ async def test_a_stream_just_under_the_limit_is_forwarded(start_gateway: StartGa
         assert len(gateway.fake.last_body) > body_size + 5
         [event] = await gateway.settled(1)
         assert event["usage_estimated"] == 0
+
+
+async def test_background_sweep_drops_expired_holds(
+    db: AnyDatabase, practice: str, plans: PlanBook, gateway_settings: Settings
+) -> None:
+    """The maintenance task deletes holds past their expiry (left by a crashed gateway)."""
+    crashed = MeteringStore(db, plans=plans, hold_ttl_seconds=0)
+    reservation = await crashed.reserve(practice, request_id="crashed", estimate_micros=100)
+    assert reservation.admitted
+    assert await crashed.active_holds() == 1
+    app = create_app(gateway_settings, database=db, maintenance_interval=0.05)
+    async with serve(app):
+        for _ in range(100):
+            if await crashed.active_holds() == 0:
+                break
+            await asyncio.sleep(0.02)
+    assert await crashed.active_holds() == 0
