@@ -28,19 +28,6 @@ from gateway.storage import AnyDatabase
 from gateway.storage.metering import MeteringStore
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _probe_postgres_before_any_event_loop() -> None:
-    """Probe PostgreSQL once from sync code.
-
-    The root conftest's probe calls asyncio.run(), which fails when it first
-    runs inside the async `database_url` fixture (a loop is running there);
-    its answer is cached, so probing here first gives the right one.
-    """
-    from tests.conftest import postgres_unreachable_reason
-
-    postgres_unreachable_reason()
-
-
 @asynccontextmanager
 async def serving(
     app: ASGIApp, *, graceful_shutdown_seconds: float = 3.0
