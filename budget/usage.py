@@ -143,6 +143,10 @@ def input_tokens_estimate(input_chars: int) -> int:
 # -- requests ----------------------------------------------------------------
 
 
+# The model OpenAI uses for a moderation request that names none.
+DEFAULT_MODERATION_MODEL = "omni-moderation-latest"
+
+
 def parse_request(
     operation: Operation, content_type: str, body: bytes
 ) -> tuple[RequestInfo, bytes]:
@@ -156,6 +160,8 @@ def parse_request(
         return _parse_audio_upload(operation, content_type, body), body
     data = _json_object(body)
     model = data.get("model")
+    if model is None and operation is Operation.MODERATION:
+        model = DEFAULT_MODERATION_MODEL  # OpenAI lets moderations omit the model
     if not isinstance(model, str) or not model:
         raise InvalidRequest("you must provide a model parameter", param="model")
     stream = _optional_bool(data, "stream") or False

@@ -79,7 +79,11 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         db = database
         if db is None:
-            db = await open_database(settings.database_url, pool_size=settings.database_pool_size)
+            db = await open_database(
+                settings.database_url,
+                pool_size=settings.database_pool_size,
+                sqlite_synchronous=settings.sqlite_synchronous,
+            )
         metering = MeteringStore(
             db,
             plans=settings.plans,

@@ -73,7 +73,9 @@ def _parser() -> argparse.ArgumentParser:
 async def _with_store(
     settings: Settings, action: Callable[[MeteringStore, AnyDatabase], Awaitable[int]]
 ) -> int:
-    db = await open_database(settings.database_url, pool_size=2)
+    db = await open_database(
+        settings.database_url, pool_size=2, sqlite_synchronous=settings.sqlite_synchronous
+    )
     try:
         store = MeteringStore(
             db,

@@ -351,8 +351,6 @@ class MeteringMiddleware:
     async def _auto_topup(
         services: Services, practice_id: str, state: BudgetState
     ) -> AutoTopupOutcome | None:
-        if services.credit is None:
-            return None
         try:
             return await services.credit.maybe_auto_topup(
                 practice_id,

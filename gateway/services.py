@@ -14,18 +14,17 @@ import logging
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 
+from credit.service import CreditPolicy, CreditService
+from credit.stripe_port import StripeClientAdapter
 from gateway.auth import Authenticator
 from gateway.metrics import GatewayMetrics
 from gateway.settings import Settings
 from gateway.storage import AnyDatabase
 from gateway.storage.metering import MeteringStore
-
-if TYPE_CHECKING:
-    from credit.service import CreditService
 
 log = logging.getLogger("aza.gateway")
 
@@ -58,21 +57,12 @@ def upstream_client(
     )
 
 
-def build_credit(settings: Settings, db: AnyDatabase) -> tuple[CreditService | None, Any]:
-    """The credit service and its Stripe adapter (to close), when `credit.service` exists."""
-    try:
-        from credit.service import CreditPolicy, CreditService
-    except ModuleNotFoundError as exc:
-        # credit/ is optional for the metering runtime; anything else is a bug.
-        if not (exc.name or "").startswith("credit."):
-            raise
-        log.warning("credit features off: %s", exc)
-        return None, None
-
-    stripe: Any = None
+def build_credit(
+    settings: Settings, db: AnyDatabase
+) -> tuple[CreditService, StripeClientAdapter | None]:
+    """The credit service and its Stripe adapter (None without a Stripe key; close it)."""
+    stripe: StripeClientAdapter | None = None
     if settings.stripe_secret_key:
-        from credit.stripe_port import StripeClientAdapter
-
         stripe = StripeClientAdapter(
             settings.stripe_secret_key.reveal(), api_base=settings.stripe_api_base
         )
@@ -97,7 +87,7 @@ class Services:
     auth: Authenticator
     http: httpx.AsyncClient
     metrics: GatewayMetrics
-    credit: CreditService | None = None
+    credit: CreditService
     clock: Callable[[], float] = time.monotonic
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     _topups_in_flight: set[str] = field(default_factory=set)
@@ -115,7 +105,7 @@ class Services:
     ) -> bool:
         """Start a background auto top-up check unless one runs or ran within 10 s here."""
         credit = self.credit
-        if credit is None or practice_id in self._topups_in_flight:
+        if practice_id in self._topups_in_flight:
             return False
         now = self.clock()
         last = self._topup_last.get(practice_id)
@@ -152,7 +142,7 @@ class Services:
                     log.warning("swept %d expired budget holds", swept)
             except Exception:
                 log.exception("sweeping expired holds failed")
-            if self.credit is not None and rounds % RECONCILE_EVERY_SWEEPS == 0:
+            if rounds % RECONCILE_EVERY_SWEEPS == 0:
                 try:
                     await self.credit.reconcile_pending()
                 except Exception:

@@ -105,6 +105,9 @@ class Settings:
     upstream_timeout_seconds: float = 600.0
     database_url: str = DEFAULT_DATABASE_URL
     database_pool_size: int = 10
+    # SQLite commit durability: NORMAL survives a gateway crash; FULL also an
+    # OS crash or power loss (an fsync per commit).
+    sqlite_synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
     api_token: Secret = Secret("")
     stripe_secret_key: Secret = Secret("")
     stripe_webhook_secret: Secret = Secret("")
@@ -152,6 +155,9 @@ class Settings:
             raise ConfigError(
                 f"AZA_UNPRICED_MODEL_POLICY must be reject or fallback, not {policy!r}"
             )
+        synchronous = env.get("AZA_SQLITE_SYNCHRONOUS", "NORMAL").upper()
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ConfigError(f"AZA_SQLITE_SYNCHRONOUS must be NORMAL or FULL, not {synchronous!r}")
         language = env.get("AZA_USER_LANGUAGE", gw.get("user_language", "de"))
         if language not in ("de", "en"):
             raise ConfigError(f"AZA_USER_LANGUAGE must be de or en, not {language!r}")
@@ -163,6 +169,7 @@ class Settings:
             ),
             database_url=env.get("AZA_DATABASE_URL", DEFAULT_DATABASE_URL),
             database_pool_size=_int(env, "AZA_DATABASE_POOL_SIZE", 10),
+            sqlite_synchronous=synchronous,  # type: ignore[arg-type]  # checked above
             api_token=Secret(env.get("AZA_API_TOKEN", "")),
             stripe_secret_key=Secret(env.get("STRIPE_SECRET_KEY", "")),
             stripe_webhook_secret=Secret(env.get("STRIPE_WEBHOOK_SECRET", "")),

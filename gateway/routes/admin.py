@@ -30,13 +30,6 @@ async def ledger(request: Request) -> Response:
     """GET /v1/admin/practices/{id}/ledger: every entry, Stripe references masked."""
     await service_caller(request)
     credit = services_of(request).credit
-    if credit is None:
-        raise GatewayError(
-            503,
-            "Credit features are not configured.",
-            type="server_error",
-            code="credit_not_configured",
-        )
     entries = await credit.admin_ledger(_practice(request))
     return ok({"ok": True, "practice_id": _practice(request), "entries": entries})
 
@@ -54,13 +47,6 @@ async def adjustment(request: Request) -> Response:
             "'note' must say why the adjustment is made.", code="missing_note", param="note"
         )
     credit = services_of(request).credit
-    if credit is None:
-        raise GatewayError(
-            503,
-            "Credit features are not configured.",
-            type="server_error",
-            code="credit_not_configured",
-        )
     result = await credit.adjust(
         _practice(request), amount_usd=amount, note=note.strip(), actor="service"
     )

@@ -51,7 +51,8 @@ def endpoint(handler: Handler) -> Handler:
     async def wrapped(request: Request) -> Response:
         from credit.service import CreditError
 
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        # The id the request context middleware gave this request (and logs).
+        request_id = request.scope.get("state", {}).get("request_id") or uuid.uuid4().hex
         try:
             response = await handler(request)
         except GatewayError as exc:

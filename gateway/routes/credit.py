@@ -14,20 +14,12 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from credit.service import CreditService
-from gateway.errors import GatewayError, unprocessable
+from gateway.errors import unprocessable
 from gateway.routes.common import decimal_field, endpoint, json_body, ok, practice_of, services_of
 
 
 def _credit(request: Request) -> CreditService:
-    credit = services_of(request).credit
-    if credit is None:
-        raise GatewayError(
-            503,
-            "Credit features are not configured on this gateway.",
-            type="server_error",
-            code="credit_not_configured",
-        )
-    return credit
+    return services_of(request).credit
 
 
 @endpoint

@@ -26,16 +26,30 @@ __all__ = [
 ]
 
 
-def make_database(url: str, *, pool_size: int = 10, schema: str | None = None) -> AnyDatabase:
+def make_database(
+    url: str,
+    *,
+    pool_size: int = 10,
+    schema: str | None = None,
+    sqlite_synchronous: str = "NORMAL",
+) -> AnyDatabase:
     """An unconnected engine for `url` (call `connect()` before use)."""
     if url.startswith(("postgresql://", "postgres://")):
         return PostgresDatabase(url, pool_size=pool_size, schema=schema)
-    return SqliteDatabase(sqlite_path(url))
+    return SqliteDatabase(sqlite_path(url), synchronous=sqlite_synchronous)
 
 
-async def open_database(url: str, *, pool_size: int = 10, schema: str | None = None) -> AnyDatabase:
+async def open_database(
+    url: str,
+    *,
+    pool_size: int = 10,
+    schema: str | None = None,
+    sqlite_synchronous: str = "NORMAL",
+) -> AnyDatabase:
     """Connect to `url` and bring its schema up to date."""
-    db = make_database(url, pool_size=pool_size, schema=schema)
+    db = make_database(
+        url, pool_size=pool_size, schema=schema, sqlite_synchronous=sqlite_synchronous
+    )
     await db.connect()
     try:
         await migrate(db)

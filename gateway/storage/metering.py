@@ -16,7 +16,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from budget.license import License, LicenseProblem, Period, current_period
@@ -283,18 +283,24 @@ class MeteringStore:
         else:
             period, problem = period_or_problem, None
             period_start = period.start
-        budget = self.plans.monthly_budget_micros(lic.lookup_key) if lic else None
+        budget = (self.plans.monthly_budget_micros(lic.lookup_key) if lic else None) or 0
+        snapshot = await self._snapshot(conn, practice_id, period_start, budget, now)
+        return BudgetState(license=lic, period=period, problem=problem, snapshot=snapshot)
+
+    async def _snapshot(
+        self, conn: Connection, practice_id: str, period_start: int, budget_micros: int, now: int
+    ) -> BudgetSnapshot:
+        """Used, extra credit and held amounts in one query (the gate's only read of money)."""
         row = await conn.fetchone(
             _SNAPSHOT_SQL, practice_id, period_start, practice_id, practice_id, practice_id, now
         )
         assert row is not None  # an aggregate query always returns one row
-        snapshot = BudgetSnapshot(
-            budget_micros=budget or 0,
+        return BudgetSnapshot(
+            budget_micros=budget_micros,
             used_micros=int(row["used"]),
             extra_credit_micros=int(row["credited"]) - int(row["credit_used"]),
             held_micros=int(row["held"]),
         )
-        return BudgetState(license=lic, period=period, problem=problem, snapshot=snapshot)
 
     async def state(self, practice_id: str) -> BudgetState:
         """License, period and budget snapshot of a practice now (no lock, no hold)."""
@@ -365,9 +371,12 @@ class MeteringStore:
         """
         now = self.now()
 
-        async def attempt() -> tuple[tuple[int | None, int, int], BudgetState | None]:
+        async def attempt() -> tuple[tuple[int | None, int, int], BudgetSnapshot]:
             async with self.db.transaction(lock=hold.practice_id) as conn:
                 await conn.execute("DELETE FROM ai_budget_holds WHERE hold_id = ?", hold.hold_id)
+                before = await self._snapshot(
+                    conn, hold.practice_id, hold.period.start, hold.budget_micros, now
+                )
                 written = await self._write_usage(
                     conn,
                     lic=hold.license,
@@ -381,11 +390,23 @@ class MeteringStore:
                     started_at=started_at,
                     now=now,
                     hold_micros=hold.amount_micros,
+                    used_micros=before.used_micros,
                 )
-                state = await self._state(conn, hold.practice_id, now) if with_state else None
-            return written, state
+            return written, before
 
-        settlement, state = await self._until_written(f"settling {hold.request_id}", attempt)
+        settlement, before = await self._until_written(f"settling {hold.request_id}", attempt)
+        state = None
+        if with_state:
+            # The state after this settle, derived from the one read inside it.
+            charged = cost_micros if settlement[0] is not None else 0
+            after = replace(
+                before,
+                used_micros=before.used_micros + charged,
+                extra_credit_micros=before.extra_credit_micros - settlement[2],
+            )
+            state = BudgetState(
+                license=hold.license, period=hold.period, problem=None, snapshot=after
+            )
         return Settlement(
             event_id=settlement[0],
             cost_micros=cost_micros,
@@ -440,14 +461,18 @@ class MeteringStore:
         started_at: int | None,
         now: int,
         hold_micros: int | None,
+        used_micros: int | None = None,
     ) -> tuple[int | None, int, int]:
-        used = await conn.fetchval(
-            "SELECT used_micro_usd FROM ai_usage_period_totals "
-            "WHERE practice_id = ? AND period_start = ?",
-            lic.practice_id,
-            period.start,
-        )
-        to_budget, to_credit = split_charge(cost_micros, max(0, budget_micros - int(used or 0)))
+        """Insert the usage event (unless this request has one) and add it to the totals."""
+        if used_micros is None:
+            used = await conn.fetchval(
+                "SELECT used_micro_usd FROM ai_usage_period_totals "
+                "WHERE practice_id = ? AND period_start = ?",
+                lic.practice_id,
+                period.start,
+            )
+            used_micros = int(used or 0)
+        to_budget, to_credit = split_charge(cost_micros, max(0, budget_micros - used_micros))
         event_id = await conn.fetchval(
             "INSERT INTO ai_usage_events (practice_id, subscription_id, customer_email, device_id, "
             "request_id, operation_type, model, input_tokens, cached_input_tokens, output_tokens, "
