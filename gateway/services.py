@@ -25,6 +25,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.settings import Settings
 from gateway.storage import AnyDatabase
 from gateway.storage.metering import MeteringStore
+from gateway.upstream import AiohttpTransport
 
 log = logging.getLogger("aza.gateway")
 
@@ -43,6 +44,8 @@ def upstream_client(
     HTTP/1.1 only (http2 off: one slow stream must not hold up others on a
     shared connection); generous pool limits, as every client request becomes
     one upstream request; no redirects (the OpenAI API does not redirect).
+    The transport is aiohttp's pool behind httpx's interface
+    (`gateway.upstream`), unless a test injects another.
     """
     timeout = httpx.Timeout(settings.upstream_timeout_seconds, connect=10.0)
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100, keepalive_expiry=30)
@@ -50,7 +53,7 @@ def upstream_client(
         base_url=settings.upstream_base_url,
         timeout=timeout,
         limits=limits,
-        transport=transport,
+        transport=transport or AiohttpTransport(limits=limits),
         http2=False,
         follow_redirects=False,
         trust_env=False,
