@@ -10,6 +10,7 @@ rewritten to `$1, $2, …` once per distinct statement.
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -32,6 +33,24 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.AdminShutdownError,
     TimeoutError,
 )
+
+
+def advisory_key(name: str) -> int:
+    """A stable signed 64-bit lock key for `name` (the same in every gateway process)."""
+    digest = hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool reset on release: our sessions keep no state, so skip asyncpg's reset query.
+
+    The gateway never SETs, LISTENs or takes session-level locks (its advisory
+    locks end with their transaction), so the default `RESET ALL; UNLISTEN
+    *; …` round trip on every release is pure cost. A connection released
+    inside a transaction (a bug or a cancelled request) is rolled back.
+    """
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
 
 
 @functools.lru_cache(maxsize=512)
@@ -89,6 +108,7 @@ class PostgresDatabase:
                 max_size=self.pool_size,
                 command_timeout=30,
                 server_settings=settings,
+                reset=_keep_session,
             )
         except _UNAVAILABLE as exc:
             raise DatabaseUnavailable(f"cannot reach PostgreSQL: {exc}") from exc
@@ -110,10 +130,21 @@ class PostgresDatabase:
 
     @asynccontextmanager
     async def transaction(self, *, lock: str | None = None) -> AsyncIterator[_PgConnection]:
-        async with self._acquire() as conn, conn.transaction():
+        async with self._acquire() as conn:
+            # BEGIN and the lock travel in one round trip (simple protocol,
+            # two statements); the key is a number, so nothing is interpolated
+            # but digits.
+            begin = "BEGIN"
             if lock is not None:
-                await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", lock)
-            yield _PgConnection(conn)
+                begin += f"; SELECT pg_advisory_xact_lock({advisory_key(lock)})"
+            await conn.execute(begin)
+            try:
+                yield _PgConnection(conn)
+            except BaseException:
+                if not conn.is_closed():
+                    await conn.execute("ROLLBACK")
+                raise
+            await conn.execute("COMMIT")
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[_PgConnection]:
