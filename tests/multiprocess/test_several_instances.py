@@ -10,16 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import httpx
 import openai
@@ -41,19 +34,13 @@ from tests.conftest import (
 )
 from tests.credit.helpers import WEBHOOK_SECRET, event, sign, topup_meta
 from tests.integration.conftest import serve
+from tests.processes import free_port, gateway_processes
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 USD = 1_000_000
 PRACTICE = "prac_multi"
 SERVICE_TOKEN = "svc-multi"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture
@@ -65,63 +52,6 @@ async def pg_url() -> AsyncIterator[str]:
         yield pg_url_with_schema(schema)
     finally:
         await drop_schema(schema)
-
-
-@dataclass
-class Instance:
-    url: str
-    process: subprocess.Popen[bytes]
-
-
-@contextlib.contextmanager
-def gateway_processes(count: int, env: dict[str, str]) -> Iterator[list[Instance]]:
-    """Start `count` gateway OS processes on free ports; stop them all afterwards."""
-    instances: list[Instance] = []
-    with tempfile.TemporaryDirectory() as logdir:
-        logs = [Path(logdir) / f"gateway-{n}.log" for n in range(count)]
-        try:
-            for log in logs:
-                port = free_port()
-                # A file, not a pipe: a chatty process must never block on a full pipe.
-                # The child keeps its own descriptor once started.
-                with log.open("wb") as stderr:
-                    process = subprocess.Popen(
-                        [
-                            sys.executable,
-                            "-m",
-                            "gateway.cli",
-                            "serve",
-                            "--host",
-                            "127.0.0.1",
-                            "--port",
-                            str(port),
-                        ],
-                        env={**os.environ, **env},
-                        stdout=subprocess.DEVNULL,
-                        stderr=stderr,
-                    )
-                instances.append(Instance(f"http://127.0.0.1:{port}", process))
-            deadline = time.monotonic() + 30
-            for instance, log in zip(instances, logs, strict=True):
-                while True:
-                    if instance.process.poll() is not None:
-                        raise RuntimeError(log.read_text()[-2000:])
-                    with contextlib.suppress(httpx.HTTPError):
-                        if httpx.get(instance.url + "/readyz", timeout=1).status_code == 200:
-                            break
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("gateway process did not become ready")
-                    time.sleep(0.1)
-            yield instances
-        finally:
-            for instance in instances:
-                instance.process.terminate()
-            for instance in instances:
-                try:
-                    instance.process.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    instance.process.kill()
-                    instance.process.wait()
 
 
 async def prepare_practice(
