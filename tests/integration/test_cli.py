@@ -111,3 +111,16 @@ def test_demo_mode_answers_the_sdk_with_the_printed_key(tmp_path: Path) -> None:
         process.wait(timeout=15)
         if process.stdout is not None:
             process.stdout.close()
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [({}, False), ({"AZA_ACCESS_LOG": "0"}, False), ({"AZA_ACCESS_LOG": "1"}, True)],
+)
+def test_serve_writes_the_access_log_only_when_asked(
+    environ: dict[str, str], expected: bool
+) -> None:
+    """`serve` leaves uvicorn's per-request access log off unless AZA_ACCESS_LOG=1."""
+    from gateway.cli import access_log_enabled
+
+    assert access_log_enabled(environ) is expected
