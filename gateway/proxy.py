@@ -25,6 +25,7 @@ from starlette.types import Message, Receive, Scope, Send
 from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
 from gateway.settings import Settings
+from gateway.upstream import UpstreamClient
 
 log = logging.getLogger("aza.gateway.proxy")
 
@@ -213,7 +214,7 @@ class Proxy:
     def __init__(
         self,
         *,
-        client: Callable[[], httpx.AsyncClient],
+        client: Callable[[], UpstreamClient],
         settings: Settings,
         metrics: Callable[[], GatewayMetrics],
     ) -> None:
@@ -240,18 +241,18 @@ class Proxy:
         path: str = scope["path"]
         query: bytes = scope.get("query_string", b"")
         # The client's base URL ends in /v1, and so does the upstream's.
-        url = path[len("/v1") :] + ("?" + query.decode("latin-1") if query else "")
+        target = path[len("/v1") :] + ("?" + query.decode("latin-1") if query else "")
         client = self._client()
         request = client.build_request(
             scope["method"],
-            url,
+            target,
             headers=upstream_request_headers(scope["headers"], self._upstream_key),
             content=body,
         )
         metrics = self._metrics()
         started = time.perf_counter()
         try:
-            response = await client.send(request, stream=True)
+            response = await client.send(request)
         except httpx.TimeoutException:
             metrics.upstream_errors.labels("timeout").inc()
             await upstream_timeout().send(send, request_id)

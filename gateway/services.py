@@ -1,7 +1,7 @@
 """The app's shared resources, made once in the lifespan and handed to whoever needs them.
 
 `Services` holds the settings, the database and its stores, the one shared
-upstream `httpx.AsyncClient`, the metrics, the optional credit service, and
+upstream client, the metrics, the optional credit service, and
 the background tasks (hold sweep, pending top-up reconciliation, auto top-ups
 scheduled after a settle).
 """
@@ -25,7 +25,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.settings import Settings
 from gateway.storage import AnyDatabase
 from gateway.storage.metering import MeteringStore
-from gateway.upstream import AiohttpTransport
+from gateway.upstream import AiohttpTransport, UpstreamClient
 
 log = logging.getLogger("aza.gateway")
 
@@ -38,25 +38,21 @@ TOPUP_DEBOUNCE_SECONDS = 10.0
 
 def upstream_client(
     settings: Settings, transport: httpx.AsyncBaseTransport | None = None
-) -> httpx.AsyncClient:
+) -> UpstreamClient:
     """The one shared client for upstream calls.
 
-    HTTP/1.1 only (http2 off: one slow stream must not hold up others on a
-    shared connection); generous pool limits, as every client request becomes
-    one upstream request; no redirects (the OpenAI API does not redirect).
-    The transport is aiohttp's pool behind httpx's interface
-    (`gateway.upstream`), unless a test injects another.
+    HTTP/1.1 only (one slow stream must not hold up others on a shared
+    connection); generous pool limits, as every client request becomes one
+    upstream request; no redirects (the OpenAI API does not redirect). The
+    transport is aiohttp's pool behind httpx's interface (`gateway.upstream`),
+    unless a test injects another.
     """
     timeout = httpx.Timeout(settings.upstream_timeout_seconds, connect=10.0)
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100, keepalive_expiry=30)
-    return httpx.AsyncClient(
+    return UpstreamClient(
         base_url=settings.upstream_base_url,
         timeout=timeout,
-        limits=limits,
         transport=transport or AiohttpTransport(limits=limits),
-        http2=False,
-        follow_redirects=False,
-        trust_env=False,
     )
 
 
@@ -88,7 +84,7 @@ class Services:
     db: AnyDatabase
     metering: MeteringStore
     auth: Authenticator
-    http: httpx.AsyncClient
+    http: UpstreamClient
     metrics: GatewayMetrics
     credit: CreditService
     clock: Callable[[], float] = time.monotonic
