@@ -1,10 +1,11 @@
 """The ASGI app: `create_app(settings)` wires routes, middleware and the lifespan.
 
 Request path, outermost first: request context (id, metrics) → metering
-(auth, budget gate, usage tap; OpenAI API paths only) → router, where the
-OpenAI API paths go to the proxy and the gateway's own routes to their
-handlers. Shared resources (database, upstream client, credit service,
-background maintenance) are made in the lifespan and closed after it.
+(auth, budget gate, usage tap), which hands the OpenAI API paths to the proxy
+itself → router, for the gateway's own routes (and 404/405 in the OpenAI
+shape, also for a proxied path asked with the wrong method). Shared
+resources (database, upstream client, credit service, background
+maintenance) are made in the lifespan and closed after it.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def create_app(
         routes=[*proxied, *all_routes()],
         middleware=[
             Middleware(RequestContextMiddleware, services=lambda: holder.get("services")),
-            Middleware(MeteringMiddleware, services=services),
+            Middleware(MeteringMiddleware, services=services, proxy=proxy),
         ],
         exception_handlers={404: _http_error, 405: _http_error},
         lifespan=lifespan,

@@ -171,10 +171,16 @@ class _Watch:
 
 
 class MeteringMiddleware:
-    """The budget gate and the usage tap around the proxy, as one pure ASGI middleware."""
+    """The budget gate and the usage tap around the proxy, as one pure ASGI middleware.
 
-    def __init__(self, app: ASGIApp, *, services: Callable[[], Services]) -> None:
+    Requests it meters go straight to `proxy`: the router and Starlette's
+    exception middleware would only find the proxy again, at a cost per
+    request (the proxy answers its own errors). Everything else goes on to `app`.
+    """
+
+    def __init__(self, app: ASGIApp, *, services: Callable[[], Services], proxy: ASGIApp) -> None:
         self.app = app
+        self.proxy = proxy
         self.services = services
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -202,7 +208,7 @@ class MeteringMiddleware:
             return
         if admitted is None:
             # Model listing: authenticated, not metered.
-            await self.app(scope, receive, send)
+            await self.proxy(scope, receive, send)
             return
         await self._forward_metered(services, admitted, scope, receive, send)
 
@@ -285,7 +291,7 @@ class MeteringMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive_forward, send_watched)
+            await self.proxy(scope, receive_forward, send_watched)
         finally:
             # Settle in its own task: a cancelled request (server shutdown,
             # client gone) must still replace its hold with its usage event.
