@@ -6,6 +6,8 @@ Each app gets its own `CollectorRegistry`, so several apps in one process
 
 from __future__ import annotations
 
+from typing import Generic, TypeVar
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -15,6 +17,27 @@ from prometheus_client import (
     generate_latest,
 )
 
+M = TypeVar("M", Counter, Histogram)
+
+
+class Labelled(Generic[M]):
+    """A labelled metric whose children are looked up once per label values.
+
+    `labels()` of prometheus_client validates the values and takes a lock on
+    every call; the gateway asks for the same few children on every request.
+    Label values must come from a bounded set (paths, statuses, decisions).
+    """
+
+    def __init__(self, metric: M) -> None:
+        self.metric: M = metric
+        self._children: dict[tuple[str, ...], M] = {}
+
+    def labels(self, *values: str) -> M:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self.metric.labels(*values)
+        return child
+
 
 class GatewayMetrics:
     """The gateway's counters, gauges and histograms."""
@@ -23,46 +46,56 @@ class GatewayMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter(
-            "aza_gateway_requests",
-            "HTTP requests answered, by path template and status.",
-            ["path", "status"],
-            registry=self.registry,
+        self.requests = Labelled(
+            Counter(
+                "aza_gateway_requests",
+                "HTTP requests answered, by path template and status.",
+                ["path", "status"],
+                registry=self.registry,
+            )
         )
         self.usage_cost = Counter(
             "aza_gateway_usage_cost_micro_usd",
             "Cost of settled usage events, in micro-USD.",
             registry=self.registry,
         )
-        self.usage_events = Counter(
-            "aza_gateway_usage_events",
-            "Usage events written, by operation and whether usage was estimated.",
-            ["operation", "estimated"],
-            registry=self.registry,
+        self.usage_events = Labelled(
+            Counter(
+                "aza_gateway_usage_events",
+                "Usage events written, by operation and whether usage was estimated.",
+                ["operation", "estimated"],
+                registry=self.registry,
+            )
         )
         self.holds_in_flight = Gauge(
             "aza_gateway_holds_in_flight",
             "Budget holds this instance has placed and not yet settled or released.",
             registry=self.registry,
         )
-        self.gate_decisions = Counter(
-            "aza_gateway_gate_decisions",
-            "Budget gate decisions (admitted, admitted_after_topup, blocked, license_problem).",
-            ["decision"],
-            registry=self.registry,
+        self.gate_decisions = Labelled(
+            Counter(
+                "aza_gateway_gate_decisions",
+                "Budget gate decisions (admitted, admitted_after_topup, blocked, license_problem).",
+                ["decision"],
+                registry=self.registry,
+            )
         )
-        self.upstream_latency = Histogram(
-            "aza_gateway_upstream_latency_seconds",
-            "Time from forwarding a request to the upstream's response headers.",
-            ["path"],
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
-            registry=self.registry,
+        self.upstream_latency = Labelled(
+            Histogram(
+                "aza_gateway_upstream_latency_seconds",
+                "Time from forwarding a request to the upstream's response headers.",
+                ["path"],
+                buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+                registry=self.registry,
+            )
         )
-        self.upstream_errors = Counter(
-            "aza_gateway_upstream_errors",
-            "Upstream calls that failed (status >= 400, timeout, connection error).",
-            ["kind"],
-            registry=self.registry,
+        self.upstream_errors = Labelled(
+            Counter(
+                "aza_gateway_upstream_errors",
+                "Upstream calls that failed (status >= 400, timeout, connection error).",
+                ["kind"],
+                registry=self.registry,
+            )
         )
 
     def render(self) -> bytes:
