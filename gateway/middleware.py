@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -71,7 +71,8 @@ MAX_KEPT_RESPONSE_BYTES = 64 * 1024 * 1024
 
 
 def new_request_id() -> str:
-    return "req_" + uuid.uuid4().hex
+    """`req_` and 32 random hex digits (as a uuid4's hex, without building a UUID)."""
+    return "req_" + os.urandom(16).hex()
 
 
 def path_label(scope: Scope) -> str:
