@@ -13,7 +13,6 @@ It knows nothing of budgets: the middleware watches what it sends.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -286,37 +285,44 @@ async def _stream_body(response: httpx.Response, receive: Receive, send: Send) -
     Returns without finishing the response when the client disconnected or
     the upstream broke off: the server then drops the connection, so the
     client sees a cut stream rather than a false end.
-    """
 
-    async def pump() -> None:
-        async for chunk in response.aiter_bytes():
-            if chunk:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    The body is pumped in this task; one watcher task waits for the
+    disconnect and then cancels the pump through an `asyncio.timeout` scope
+    (which turns its own cancellation into `TimeoutError` and leaves any
+    other, such as a server shutdown, alone). This uvicorn (ASGI spec 2.3)
+    drops `send` calls silently after a disconnect, so `send` alone would not
+    tell; a second task and `asyncio.wait` per request cost more than needed.
+    """
+    loop = asyncio.get_running_loop()
+    pumping = True
 
     async def client_gone() -> None:
         message: Message = await receive()
         while message["type"] != "http.disconnect":
             message = await receive()
 
-    pumping = asyncio.ensure_future(pump())
-    watching = asyncio.ensure_future(client_gone())
-    done: set[asyncio.Future[None]] = set()
     try:
-        done, _ = await asyncio.wait({pumping, watching}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (pumping, watching):
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-    if pumping not in done:
-        return  # the client left; the caller's response.aclose() ends the upstream request
-    exc = pumping.exception()
-    if isinstance(exc, httpx.HTTPError):
+        async with asyncio.timeout(None) as scope:
+
+            def on_client_gone(task: asyncio.Task[None]) -> None:
+                if pumping and not task.cancelled() and task.exception() is None:
+                    scope.reschedule(loop.time())  # cancel the pump now
+
+            watcher = loop.create_task(client_gone())
+            watcher.add_done_callback(on_client_gone)
+            try:
+                async for chunk in response.aiter_bytes():
+                    if chunk:
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            finally:
+                pumping = False
+                watcher.cancel()
+    except TimeoutError:
+        if not scope.expired():
+            raise
+        # The client left; the caller's response.aclose() ends the upstream request.
+    except httpx.HTTPError as exc:
         log.warning("upstream stream broke off: %r", exc)
-        return
-    if isinstance(exc, OSError):
-        return  # servers on ASGI spec 2.4 report a gone client from send()
-    if exc is not None:
-        raise exc
+    except OSError:
+        pass  # servers on ASGI spec 2.4 report a gone client from send()
