@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 from budget.license import calendar_month
@@ -179,16 +178,6 @@ async def _verify(settings: Settings) -> int:
     return await _with_store(settings, action)
 
 
-def access_log_enabled(environ: Mapping[str, str]) -> bool:
-    """Whether `serve` writes uvicorn's access log: only when `AZA_ACCESS_LOG` asks for it.
-
-    Off by default: a log line and a write per request cost more CPU than the
-    gateway's own work on a short request, and `/metrics` already counts
-    requests by path and status.
-    """
-    return environ.get("AZA_ACCESS_LOG", "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def _serve(settings: Settings, host: str, port: int) -> int:
     import uvicorn
 
@@ -203,7 +192,7 @@ def _serve(settings: Settings, host: str, port: int) -> int:
         host=host,
         port=port,
         log_level=settings.log_level,
-        access_log=access_log_enabled(os.environ),
+        access_log=settings.access_log,
         lifespan="on",
         ws="none",
         # "auto" picks uvloop and httptools where they are installed.

@@ -126,6 +126,10 @@ class Settings:
     # within this many seconds on every instance.
     auth_cache_seconds: float = 30.0
     log_level: str = "info"
+    # uvicorn's per-request access log (AZA_ACCESS_LOG=1). Off by default: a
+    # log line and a write per request cost more CPU than the gateway's own
+    # work on a short request, and /metrics already counts requests.
+    access_log: bool = False
     prices: PriceBook = field(default_factory=lambda: PriceBook.load(CONFIG_DIR / "prices.toml"))
     plans: PlanBook = field(default_factory=lambda: PlanBook.load(CONFIG_DIR / "plans.toml"))
     credit: CreditConfig = field(default_factory=CreditConfig)
@@ -192,6 +196,7 @@ class Settings:
                 env, "AZA_PERIOD_GRACE_SECONDS", int(budget.get("period_grace_seconds", 172_800))
             ),
             log_level=env.get("AZA_LOG_LEVEL", "info"),
+            access_log=_flag(env, "AZA_ACCESS_LOG", False),
             prices=PriceBook.load(folder / "prices.toml"),
             plans=PlanBook.load(folder / "plans.toml"),
             credit=CreditConfig.from_mapping(defaults.get("credit", {})),

@@ -16,6 +16,8 @@ from pathlib import Path
 import openai
 import pytest
 
+from gateway.settings import Settings
+
 
 def _command() -> list[str]:
     script = Path(sys.executable).with_name("aza-gateway")
@@ -121,6 +123,4 @@ def test_serve_writes_the_access_log_only_when_asked(
     environ: dict[str, str], expected: bool
 ) -> None:
     """`serve` leaves uvicorn's per-request access log off unless AZA_ACCESS_LOG=1."""
-    from gateway.cli import access_log_enabled
-
-    assert access_log_enabled(environ) is expected
+    assert Settings.from_env(environ).access_log is expected
