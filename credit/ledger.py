@@ -186,13 +186,13 @@ async def get_entry(conn: Connection, ledger_id: int) -> LedgerEntry | None:
     return None if row is None else _entry(row)
 
 
-async def find_purchase(
-    conn: Connection,
-    *,
-    checkout_session_id: str | None = None,
-    payment_intent_id: str | None = None,
-) -> LedgerEntry | None:
-    """The (not failed) purchase booked for this checkout session or payment intent."""
+def stripe_object_filter(
+    checkout_session_id: str | None, payment_intent_id: str | None
+) -> tuple[str, list[str]] | None:
+    """SQL matching entries of this checkout session or payment intent, with its arguments.
+
+    None when neither id is known (nothing can match).
+    """
     clauses, args = [], []
     if checkout_session_id:
         clauses.append("stripe_checkout_session_id = ?")
@@ -202,8 +202,22 @@ async def find_purchase(
         args.append(payment_intent_id)
     if not clauses:
         return None
+    return "(" + " OR ".join(clauses) + ")", args
+
+
+async def find_purchase(
+    conn: Connection,
+    *,
+    checkout_session_id: str | None = None,
+    payment_intent_id: str | None = None,
+) -> LedgerEntry | None:
+    """The (not failed) purchase booked for this checkout session or payment intent."""
+    found = stripe_object_filter(checkout_session_id, payment_intent_id)
+    if found is None:
+        return None
+    where, args = found
     row = await conn.fetchone(
-        f"SELECT {_COLUMNS} FROM ai_credit_ledger WHERE ({' OR '.join(clauses)}) "
+        f"SELECT {_COLUMNS} FROM ai_credit_ledger WHERE {where} "
         "AND status <> 'failed' AND event_type IN (?, ?) ORDER BY id LIMIT 1",
         *args,
         *PURCHASE_TYPES,

@@ -37,6 +37,7 @@ from credit.ledger import (
     get_entry,
     insert_entry,
     settle_pending,
+    stripe_object_filter,
 )
 from credit.money import InvalidAmount, chf_to_rappen, parse_chf, parse_usd, refund_share_micros
 from credit.money import usd_to_micros as _usd_to_micros
@@ -153,16 +154,11 @@ async def _record_failed_purchase(
     now: int,
 ) -> HandlerResult:
     """A failed manual top-up attempt (amount 0), once per Stripe object."""
-    clauses, args = [], []
-    if checkout_session_id:
-        clauses.append("stripe_checkout_session_id = ?")
-        args.append(checkout_session_id)
-    if payment_intent_id:
-        clauses.append("stripe_payment_intent_id = ?")
-        args.append(payment_intent_id)
-    if clauses:
+    found = stripe_object_filter(checkout_session_id, payment_intent_id)
+    if found is not None:
+        where, args = found
         known = await conn.fetchval(
-            f"SELECT id FROM ai_credit_ledger WHERE ({' OR '.join(clauses)}) "
+            f"SELECT id FROM ai_credit_ledger WHERE {where} "
             "AND event_type = ? AND status = 'failed' LIMIT 1",
             *args,
             EventType.TOPUP_PURCHASE.value,
