@@ -282,20 +282,12 @@ async def process_topup_checkout_completed(
         return HandlerResult(handled=True, duplicate=True, ledger_id=existing.id)
     status = str(session.get("payment_status") or "")
     mismatch = _paid_mismatch(meta, session.get("amount_total"), session.get("currency"), currency)
-    if status not in ("paid", "no_payment_required") or mismatch:
-        return await _record_failed_purchase(
-            conn,
-            meta,
-            reason=mismatch or f"payment_status_{status or 'unknown'}",
-            checkout_session_id=cs_id,
-            payment_intent_id=pi_id,
-            event_id=event_id,
-            now=now,
-        )
-    return await _credit_purchase(
+    unpaid = None if status in ("paid", "no_payment_required") else status or "unknown"
+    failure = mismatch or (f"payment_status_{unpaid}" if unpaid else None)
+    return await _book_manual_topup(
         conn,
         meta,
-        event_type=EventType.TOPUP_PURCHASE,
+        failure=failure,
         checkout_session_id=cs_id,
         payment_intent_id=pi_id,
         event_id=event_id,
@@ -322,13 +314,35 @@ async def process_topup_payment_intent_succeeded(
     mismatch = _paid_mismatch(
         meta, payment_intent.get("amount_received"), payment_intent.get("currency"), currency
     )
-    if mismatch:
+    return await _book_manual_topup(
+        conn,
+        meta,
+        failure=mismatch,
+        checkout_session_id=None,
+        payment_intent_id=pi_id,
+        event_id=event_id,
+        now=now,
+    )
+
+
+async def _book_manual_topup(
+    conn: Connection,
+    meta: TopupMeta,
+    *,
+    failure: str | None,
+    checkout_session_id: str | None,
+    payment_intent_id: str | None,
+    event_id: str | None,
+    now: int,
+) -> HandlerResult:
+    """Book a manual top-up payment: credited, or recorded as failed with `failure` as reason."""
+    if failure:
         return await _record_failed_purchase(
             conn,
             meta,
-            reason=mismatch,
-            checkout_session_id=None,
-            payment_intent_id=pi_id,
+            reason=failure,
+            checkout_session_id=checkout_session_id,
+            payment_intent_id=payment_intent_id,
             event_id=event_id,
             now=now,
         )
@@ -336,8 +350,8 @@ async def process_topup_payment_intent_succeeded(
         conn,
         meta,
         event_type=EventType.TOPUP_PURCHASE,
-        checkout_session_id=None,
-        payment_intent_id=pi_id,
+        checkout_session_id=checkout_session_id,
+        payment_intent_id=payment_intent_id,
         event_id=event_id,
         now=now,
     )
