@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
-from budget.license import License, LicenseProblem, Period, current_period
+from budget.license import USABLE_STATUSES, License, LicenseProblem, Period, current_period
 from budget.pricing import PlanBook
 from budget.snapshot import BudgetSnapshot, admit, split_charge
 from budget.usage import Usage
@@ -27,7 +27,6 @@ from credit.ports import Connection, Database, DatabaseUnavailable, Row
 
 log = logging.getLogger("aza.metering")
 
-ACTIVE_STATUSES = ("active", "trialing", "past_due")
 T = TypeVar("T")
 KEY_PREFIX = "aza_"
 
@@ -43,11 +42,13 @@ SELECT
      WHERE practice_id = ? AND expires_at > ?) AS held
 """
 
-_LICENSE_SQL = """
+# A usable license first (budget.license decides which statuses are), then the latest.
+_USABLE_SQL_LIST = ", ".join(f"'{status.value}'" for status in sorted(USABLE_STATUSES))
+_LICENSE_SQL = f"""
 SELECT subscription_id, practice_id, status, lookup_key, customer_id, customer_email,
        current_period_start, current_period_end
 FROM licenses WHERE practice_id = ?
-ORDER BY CASE WHEN status IN ('active', 'trialing', 'past_due') THEN 0 ELSE 1 END,
+ORDER BY CASE WHEN status IN ({_USABLE_SQL_LIST}) THEN 0 ELSE 1 END,
          current_period_end DESC
 LIMIT 1
 """
