@@ -170,6 +170,16 @@ def upstream_unreachable() -> GatewayError:
     )
 
 
+def upstream_refused_credentials() -> GatewayError:
+    return GatewayError(
+        502,
+        "The upstream API refused the gateway's own credentials; the operator must fix "
+        "OPENAI_API_KEY.",
+        type="server_error",
+        code="upstream_auth_failed",
+    )
+
+
 def too_large(limit: int) -> GatewayError:
     return GatewayError(
         413,
@@ -266,6 +276,14 @@ class Proxy:
         ).observe(time.perf_counter() - started)
         if response.status_code >= 400:
             metrics.upstream_errors.labels(str(response.status_code)).inc()
+        if response.status_code == 401:
+            # About the gateway's upstream key, not the client's: OpenAI's body
+            # echoes part of that key, and a 401 would tell the client its own
+            # gateway key is wrong. Neither reaches the client.
+            await response.aclose()
+            log.warning("upstream refused the upstream API key (401)")
+            await upstream_refused_credentials().send(send, request_id)
+            return
         try:
             await send(
                 {

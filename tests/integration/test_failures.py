@@ -67,6 +67,26 @@ async def test_upstream_error_passes_through_and_charges_nothing(
     await assert_nothing_written(gateway)
 
 
+async def test_upstream_refusing_our_key_is_a_502_without_its_body(gateway: Gateway) -> None:
+    """An upstream 401 concerns the gateway's own key: 502, and OpenAI's echo of it stays out."""
+    upstream_body = {
+        "error": {
+            "message": "Incorrect API key provided: sk-fake-********-key.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "invalid_api_key",
+        }
+    }
+    gateway.fake.errors.append((401, upstream_body))
+    with pytest.raises(openai.InternalServerError) as caught:
+        await gateway.client().chat.completions.create(**CHAT)
+    assert caught.value.status_code == 502
+    error = assert_openai_shape(caught.value.response.json())
+    assert error["code"] == "upstream_auth_failed"
+    assert "sk-" not in caught.value.response.text
+    await assert_nothing_written(gateway)
+
+
 async def test_upstream_timeout_is_a_504_and_charges_nothing(start_gateway: StartGateway) -> None:
     """An upstream that does not answer in time: 504 in the OpenAI shape, hold released."""
     async with start_gateway(upstream_timeout_seconds=0.3) as gateway:
