@@ -15,7 +15,6 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -61,15 +60,13 @@ def create_app(
     settings: Settings,
     *,
     database: AnyDatabase | None = None,
-    upstream_transport: httpx.AsyncBaseTransport | None = None,
     maintenance_interval: float = 60.0,
 ) -> Starlette:
     """The gateway app for `settings`.
 
     `database`: an already open (and migrated) database to use and leave
     open; by default the app opens `settings.database_url` at start and
-    closes it at shutdown. `upstream_transport`: an httpx transport for the
-    upstream client (tests, demo); by default real HTTP.
+    closes it at shutdown.
     """
     holder: dict[str, Services] = {}
 
@@ -92,7 +89,7 @@ def create_app(
             period_grace_seconds=settings.period_grace_seconds,
         )
         credit, stripe = build_credit(settings, db)
-        http = upstream_client(settings, upstream_transport)
+        http = upstream_client(settings)
         current = Services(
             settings=settings,
             db=db,

@@ -17,14 +17,19 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 
-import httpx
 from starlette.datastructures import Headers
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
 from gateway.settings import Settings
-from gateway.upstream import UpstreamClient
+from gateway.upstream import (
+    Header,
+    UpstreamClient,
+    UpstreamError,
+    UpstreamResponse,
+    UpstreamTimeout,
+)
 
 log = logging.getLogger("aza.gateway.proxy")
 
@@ -90,6 +95,13 @@ _PRIVATE_REQUEST_HEADERS = frozenset(
 _PRIVATE_RESPONSE_HEADERS = frozenset(
     {"set-cookie", "openai-organization", "openai-project", "server", "date", "alt-svc"}
 )
+# The same sets as the raw (lower-case bytes) names the proxy compares.
+_DROPPED_REQUEST_HEADERS = frozenset(
+    name.encode("latin-1") for name in HOP_BY_HOP | _PRIVATE_REQUEST_HEADERS
+)
+_DROPPED_RESPONSE_HEADERS = frozenset(
+    name.encode("latin-1") for name in HOP_BY_HOP | _PRIVATE_RESPONSE_HEADERS
+)
 
 
 def is_proxied(method: str, path: str) -> bool:
@@ -103,55 +115,53 @@ def is_proxied(method: str, path: str) -> bool:
     return False
 
 
-def _connection_listed(values: Iterable[str]) -> set[str]:
+def _connection_listed(values: Iterable[bytes]) -> frozenset[bytes]:
     """Header names a `Connection` header marks as hop-by-hop for this connection only."""
-    return {
-        token.strip().lower() for value in values for token in value.split(",") if token.strip()
-    }
+    return frozenset(
+        token.strip().lower() for value in values for token in value.split(b",") if token.strip()
+    )
 
 
 def upstream_request_headers(
     headers: Iterable[tuple[bytes, bytes]], upstream_key: str
-) -> list[tuple[str, str]]:
+) -> list[Header]:
     """The client's headers as the upstream gets them: private and hop-by-hop ones removed."""
-    pairs = [(n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in headers]
-    listed = _connection_listed(v for n, v in pairs if n == "connection")
-    forwarded: list[tuple[str, str]] = []
-    for name, value in pairs:
-        if (
-            name in HOP_BY_HOP
-            or name in _PRIVATE_REQUEST_HEADERS
-            or name in listed
-            or name.startswith("proxy-")
-        ):
-            continue
-        forwarded.append((name, value))
-    forwarded.append(("accept-encoding", "identity"))
+    pairs = [(name.lower(), value) for name, value in headers]
+    listed = _connection_listed(value for name, value in pairs if name == b"connection")
+    forwarded = [
+        (name, value)
+        for name, value in pairs
+        if name not in _DROPPED_REQUEST_HEADERS
+        and name not in listed
+        and not name.startswith(b"proxy-")
+    ]
+    forwarded.append((b"accept-encoding", b"identity"))
     if upstream_key:
-        forwarded.append(("authorization", f"Bearer {upstream_key}"))
+        forwarded.append((b"authorization", b"Bearer " + upstream_key.encode("latin-1")))
     return forwarded
 
 
-def client_response_headers(response: httpx.Response) -> list[tuple[bytes, bytes]]:
-    """The upstream's response headers as the client gets them."""
+def client_response_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The upstream's response headers (names in lower case) as the client gets them."""
+    headers = list(headers)
+    encoded = any(
+        name == b"content-encoding" and value.strip().lower() != b"identity"
+        for name, value in headers
+    )
+    listed = _connection_listed(value for name, value in headers if name == b"connection")
     out: list[tuple[bytes, bytes]] = []
-    encoded = response.headers.get("content-encoding", "identity").lower() != "identity"
-    listed = _connection_listed(response.headers.get_list("connection"))
-    for name, value in response.headers.multi_items():
-        lower = name.lower()
-        if lower in listed:
+    for name, value in headers:
+        if name in listed:
             continue
-        if lower == "x-request-id":
+        if name == b"x-request-id":
             # The gateway's request id is the client's x-request-id; the
             # upstream's stays findable for support cases.
-            out.append((b"x-upstream-request-id", value.encode("latin-1")))
-            continue
-        if lower == "content-length" and not encoded:
-            out.append((b"content-length", value.encode("latin-1")))
-            continue
-        if lower in HOP_BY_HOP or lower in _PRIVATE_RESPONSE_HEADERS or lower.startswith("proxy-"):
-            continue
-        out.append((lower.encode("latin-1"), value.encode("latin-1")))
+            out.append((b"x-upstream-request-id", value))
+        elif name == b"content-length":
+            if not encoded:
+                out.append((name, value))
+        elif name not in _DROPPED_RESPONSE_HEADERS and not name.startswith(b"proxy-"):
+            out.append((name, value))
     return out
 
 
@@ -252,21 +262,20 @@ class Proxy:
         # The client's base URL ends in /v1, and so does the upstream's.
         target = path[len("/v1") :] + ("?" + query.decode("latin-1") if query else "")
         client = self._client()
-        request = client.build_request(
-            scope["method"],
-            target,
-            headers=upstream_request_headers(scope["headers"], self._upstream_key),
-            content=body,
-        )
         metrics = self._metrics()
         started = time.perf_counter()
         try:
-            response = await client.send(request)
-        except httpx.TimeoutException:
+            response = await client.send(
+                scope["method"],
+                target,
+                headers=upstream_request_headers(scope["headers"], self._upstream_key),
+                content=body,
+            )
+        except UpstreamTimeout:
             metrics.upstream_errors.labels("timeout").inc()
             await upstream_timeout().send(send, request_id)
             return
-        except httpx.TransportError as exc:
+        except UpstreamError as exc:
             log.warning("upstream unreachable: %s", exc)
             metrics.upstream_errors.labels("connection").inc()
             await upstream_unreachable().send(send, request_id)
@@ -289,7 +298,7 @@ class Proxy:
                 {
                     "type": "http.response.start",
                     "status": response.status_code,
-                    "headers": client_response_headers(response),
+                    "headers": client_response_headers(response.headers),
                 }
             )
             await _stream_body(response, receive, send)
@@ -297,7 +306,7 @@ class Proxy:
             await response.aclose()
 
 
-async def _stream_body(response: httpx.Response, receive: Receive, send: Send) -> None:
+async def _stream_body(response: UpstreamResponse, receive: Receive, send: Send) -> None:
     """Send the upstream body on as it arrives, until it ends or the client goes away.
 
     Returns without finishing the response when the client disconnected or
@@ -340,7 +349,7 @@ async def _stream_body(response: httpx.Response, receive: Receive, send: Send) -
         if not scope.expired():
             raise
         # The client left; the caller's response.aclose() ends the upstream request.
-    except httpx.HTTPError as exc:
+    except UpstreamError as exc:
         log.warning("upstream stream broke off: %r", exc)
     except OSError:
         pass  # servers on ASGI spec 2.4 report a gone client from send()

@@ -25,7 +25,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.settings import Settings
 from gateway.storage import AnyDatabase
 from gateway.storage.metering import MeteringStore
-from gateway.upstream import AiohttpTransport, UpstreamClient
+from gateway.upstream import Timeouts, UpstreamClient
 
 log = logging.getLogger("aza.gateway")
 
@@ -36,23 +36,19 @@ RECONCILE_EVERY_SWEEPS = 5
 TOPUP_DEBOUNCE_SECONDS = 10.0
 
 
-def upstream_client(
-    settings: Settings, transport: httpx.AsyncBaseTransport | None = None
-) -> UpstreamClient:
-    """The one shared client for upstream calls.
+def upstream_client(settings: Settings) -> UpstreamClient:
+    """The one shared client for upstream calls (`gateway.upstream`).
 
     HTTP/1.1 only (one slow stream must not hold up others on a shared
     connection); generous pool limits, as every client request becomes one
-    upstream request; no redirects (the OpenAI API does not redirect). The
-    transport is aiohttp's pool behind httpx's interface (`gateway.upstream`),
-    unless a test injects another.
+    upstream request; no redirects (the OpenAI API does not redirect).
     """
-    timeout = httpx.Timeout(settings.upstream_timeout_seconds, connect=10.0)
-    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100, keepalive_expiry=30)
     return UpstreamClient(
         base_url=settings.upstream_base_url,
-        timeout=timeout,
-        transport=transport or AiohttpTransport(limits=limits),
+        timeouts=Timeouts(connect=10.0, read=settings.upstream_timeout_seconds, pool=10.0),
+        max_connections=1000,
+        # Trust the same certificate authorities as the Stripe client (certifi).
+        ssl_context=httpx.create_ssl_context(),
     )
 
 

@@ -1,163 +1,386 @@
-"""The upstream HTTP transport: httpx's interface over aiohttp's connection pool.
+"""The upstream HTTP client: a small HTTP/1.1 connection pool on asyncio and httptools.
 
-The proxy speaks httpx (one client, one error vocabulary, `MockTransport`
-in tests). Under load, though, httpx's default pool checked every idle
-pooled socket for readability on each request (`has_expired` →
-`is_socket_readable`): about a fifth of the gateway's CPU at concurrency 16
-in our profile. aiohttp's pool hands out a connection in constant time and
-parses HTTP in C, so this module adapts it to `httpx.AsyncBaseTransport`.
+Every metered request becomes exactly one upstream request to one base URL,
+with the gateway's own key, no cookies, no redirects and an unencoded body.
+That is all this client does, so it does it directly: a request is written
+in one `transport.write`, the response is parsed in C by httptools (the
+parser uvicorn uses for the server side) as bytes arrive, and the body is
+handed on in whatever pieces arrive, never regrouped beyond what arrived
+together. In the gateway's profile the general-purpose clients cost more than
+all our own code: httpx's pool probed every idle socket on each request
+(about a fifth of the CPU at concurrency 16), and aiohttp behind httpx's
+interface still about a quarter of the CPU per request, most of it in
+per-request objects (timeouts, request and response wrappers, header
+multidicts) that this proxy never needs.
 
-Errors are translated at this boundary into httpx's own exceptions, so the
-proxy's handling (timeout → 504, unreachable → 502, broken stream → cut)
-does not know which transport ran.
+Timeouts: `connect` bounds making a connection (TCP and TLS), `pool` bounds
+waiting for a free connection slot, and `read` bounds every wait for the
+upstream's next bytes, headers included (what OpenAI's SDK calls the read
+timeout: a stream may run for minutes as long as it keeps sending).
+
+Connections are kept for reuse only after a response was read to its end and
+the upstream allows keep-alive; a connection the upstream closed while idle
+is dropped as soon as the loop sees it, and one idle longer than
+`keepalive_seconds` is not reused. A response abandoned mid-body closes its
+connection, which ends the upstream request (an abandoned stream stops
+costing money).
+
+Errors are `UpstreamError`s: `UpstreamTimeout`, `UpstreamConnectError` (no
+connection, or the request could not be sent) and `UpstreamProtocolError`
+(the upstream broke off or sent something that is not HTTP).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import contextmanager
+import ssl
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import cast
+from urllib.parse import urlsplit
 
-import aiohttp
-import httpx
+import httptools
 
+Header = tuple[bytes, bytes]
 
-@contextmanager
-def _translated(request: httpx.Request, *, connecting: bool) -> Iterator[None]:
-    """aiohttp's exceptions as the httpx exceptions the proxy handles."""
-    try:
-        yield
-    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-        timeout = httpx.ConnectTimeout if connecting else httpx.ReadTimeout
-        raise timeout(str(exc) or "upstream timed out", request=request) from exc
-    except aiohttp.ClientConnectorError as exc:
-        raise httpx.ConnectError(str(exc), request=request) from exc
-    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
-        raise httpx.RemoteProtocolError(str(exc), request=request) from exc
-    except (aiohttp.ClientError, OSError) as exc:
-        error = httpx.ConnectError if connecting else httpx.ReadError
-        raise error(str(exc) or exc.__class__.__name__, request=request) from exc
+# Bytes buffered from the upstream before reading pauses until the client
+# takes them (a slow client must not make the gateway hold a whole body).
+_HIGH_WATER = 256 * 1024
 
 
-class _Body(httpx.AsyncByteStream):
-    """The upstream body, handed on in whatever pieces arrive (never regrouped)."""
-
-    def __init__(self, response: aiohttp.ClientResponse, request: httpx.Request) -> None:
-        self._response = response
-        self._request = request
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        with _translated(self._request, connecting=False):
-            async for chunk in self._response.content.iter_any():
-                yield chunk
-
-    async def aclose(self) -> None:
-        if self._response.content.at_eof():
-            self._response.release()  # read to the end: the connection is reused
-        else:
-            self._response.close()  # abandoned mid-body: close it, ending the upstream call
+class UpstreamError(Exception):
+    """The upstream call failed."""
 
 
-class AiohttpTransport(httpx.AsyncBaseTransport):
-    """An httpx transport backed by one aiohttp session (HTTP/1.1, pooled)."""
+class UpstreamTimeout(UpstreamError):
+    """The upstream did not connect, free a connection or send bytes in time."""
 
-    def __init__(self, *, limits: httpx.Limits) -> None:
-        self._limits = limits
-        self._session: aiohttp.ClientSession | None = None
 
-    def _get_session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            connector = aiohttp.TCPConnector(
-                limit=self._limits.max_connections or 0,
-                keepalive_timeout=self._limits.keepalive_expiry or 30.0,
-                ssl=httpx.create_ssl_context(),
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                auto_decompress=False,  # bytes pass through as the upstream sent them
-                skip_auto_headers=("User-Agent", "Accept-Encoding"),
-                cookie_jar=aiohttp.DummyCookieJar(),  # never keep upstream cookies
-            )
-        return self._session
+class UpstreamConnectError(UpstreamError):
+    """No connection to the upstream could be made, or the request could not be sent."""
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        timeout = request.extensions.get("timeout", {})
-        connect = timeout.get("connect")
-        pool = timeout.get("pool")
-        session = self._get_session()
-        with _translated(request, connecting=True):
-            response = await session.request(
-                request.method,
-                str(request.url),
-                headers=[
-                    (k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw
-                ],
-                data=request.content or None,
-                allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(
-                    total=None,
-                    connect=(connect or 0) + (pool or 0) or None,
-                    sock_connect=connect,
-                    sock_read=timeout.get("read"),
-                ),
-            )
-        return httpx.Response(
-            status_code=response.status,
-            headers=list(response.raw_headers),
-            stream=_Body(response, request),
-            request=request,
-            extensions={"http_version": b"HTTP/1.1"},
+
+class UpstreamProtocolError(UpstreamError):
+    """The upstream broke off, or answered with something that is not HTTP/1.1."""
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float | None = 10.0
+    read: float | None = 600.0
+    pool: float | None = 10.0
+
+
+def _timeout_waiter(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(UpstreamTimeout("the upstream sent nothing in time"))
+
+
+class _Connection(asyncio.Protocol):
+    """One HTTP/1.1 connection: a protocol that parses one response at a time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self._parser: httptools.HttpResponseParser | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+        self.reset()
+
+    def reset(self) -> None:
+        """Ready for the next response on this connection."""
+        self._parser = httptools.HttpResponseParser(self)
+        self.status = 0
+        self.headers: list[Header] = []
+        self.headers_done = False
+        self.complete = False
+        self.keep_alive = False
+        self.length_known = False
+        self.error: UpstreamError | None = None
+        self.chunks: list[bytes] = []
+        self.buffered = 0
+
+    # -- asyncio.Protocol ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        assert self._parser is not None
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self.error = UpstreamProtocolError(f"the upstream's answer is not HTTP: {exc}")
+            self.close()
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        return None  # let the transport close; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.headers_done and not self.complete and not self.length_known:
+            # A body delimited by the connection's end (no length, not chunked).
+            self.complete = True
+        elif not self.complete and self.error is None:
+            reason = f": {exc}" if exc else ""
+            self.error = UpstreamProtocolError(f"the upstream closed the connection{reason}")
+        self._wake()
+
+    # -- httptools callbacks ----------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name == b"content-length" or (
+            name == b"transfer-encoding" and b"chunked" in value.lower()
+        ):
+            self.length_known = True
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        assert self._parser is not None
+        self.status = self._parser.get_status_code()
+        if 100 <= self.status < 200:
+            # An interim answer (e.g. 103 Early Hints): the real one follows.
+            self.headers = []
+            self.length_known = False
+            return
+        self.headers_done = True
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+        self.buffered += len(body)
+        if self.buffered > _HIGH_WATER and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def on_message_complete(self) -> None:
+        if self.headers_done:
+            assert self._parser is not None
+            # Asked now: the parser forgets it once the message is done.
+            self.keep_alive = self._parser.should_keep_alive()
+            self.complete = True
+
+    # -- used by the client -----------------------------------------------
+
+    def take_chunks(self) -> bytes:
+        data = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+        self.chunks = []
+        self.buffered = 0
+        if self._paused and self.transport is not None and not self.closed:
+            self._paused = False
+            self.transport.resume_reading()
+        return data
+
+    async def wait(self, seconds: float | None) -> None:
+        """Until more bytes, the end, or an error arrive; UpstreamTimeout after `seconds`.
+
+        A timer on the waiter rather than `asyncio.timeout`: this runs for
+        every wait of every request, and needs no cancellation bookkeeping.
+        """
+        waiter = self._loop.create_future()
+        self._waiter = waiter
+        handle = (
+            None if seconds is None else self._loop.call_later(seconds, _timeout_waiter, waiter)
         )
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if handle is not None:
+                handle.cancel()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class UpstreamResponse:
+    """An upstream answer whose headers have arrived; read its body, then `aclose()` it."""
+
+    __slots__ = ("_client", "_conn", "_read_timeout", "_released", "headers", "status_code")
+
+    def __init__(
+        self, conn: _Connection, client: UpstreamClient, read_timeout: float | None
+    ) -> None:
+        self.status_code = conn.status
+        # Names in lower case, values as sent.
+        self.headers: list[Header] = conn.headers
+        self._conn = conn
+        self._client = client
+        self._read_timeout = read_timeout
+        self._released = False
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of header `name` (lower case), or None."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+        """The body in the pieces it arrives in; UpstreamError if the upstream breaks off."""
+        conn = self._conn
+        while True:
+            if conn.chunks:
+                yield conn.take_chunks()
+            elif conn.complete:
+                return
+            elif conn.error is not None:
+                raise conn.error
+            else:
+                await conn.wait(self._read_timeout)
+
+    async def aread(self) -> bytes:
+        return b"".join([chunk async for chunk in self.aiter_bytes()])
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            # Let aiohttp's connector finish closing its sockets.
-            await asyncio.sleep(0)
-            self._session = None
+        """Give the connection back when the body was read to its end, else close it."""
+        if self._released:
+            return
+        self._released = True
+        conn = self._conn
+        reusable = conn.complete and not conn.chunks and not conn.closed and conn.keep_alive
+        self._client._release(conn, reusable=reusable)
 
 
 class UpstreamClient:
-    """The upstream API as the proxy calls it: one transport, its base URL and timeouts.
-
-    The proxy forwards to one base URL, keeps no cookies, sends its own
-    `Authorization` header and never follows a redirect, so it does not go
-    through `httpx.AsyncClient`: the client's per-request layers (URL merging,
-    cookie extraction, auth and redirect wrappers) were about 8% of the
-    gateway's CPU. Requests are still `httpx.Request`s and go to an
-    `httpx.AsyncBaseTransport`, so transports stay interchangeable
-    (`AiohttpTransport` in production, `httpx.MockTransport` in a test).
-    """
+    """Requests to one upstream base URL over pooled HTTP/1.1 connections."""
 
     def __init__(
-        self, *, base_url: str, timeout: httpx.Timeout, transport: httpx.AsyncBaseTransport
+        self,
+        *,
+        base_url: str,
+        timeouts: Timeouts,
+        max_connections: int = 1000,
+        keepalive_seconds: float = 15.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        self._base_url = base_url.rstrip("/")
-        self._timeout = timeout.as_dict()
-        self._transport = transport
-        # Parsing a URL costs more than the rest of building the request; the
-        # proxy asks for the same few paths over and over.
-        self._url = functools.lru_cache(maxsize=256)(self._parse_url)
+        parts = urlsplit(base_url.rstrip("/"))
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"upstream base URL must be http(s)://host[:port][/path]: {base_url}")
+        self._tls = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = parts.port or (443 if self._tls else 80)
+        default_port = 443 if self._tls else 80
+        host_header = parts.netloc.rsplit("@", 1)[-1]
+        if parts.port == default_port:
+            host_header = host_header.rsplit(":", 1)[0]
+        self._host_header = host_header.encode("idna")
+        self._base_path = parts.path.encode("latin-1")
+        self._ssl = (ssl_context or ssl.create_default_context()) if self._tls else None
+        self.timeouts = timeouts
+        self._keepalive_seconds = keepalive_seconds
+        self._slots = asyncio.Semaphore(max_connections)
+        self._idle: list[_Connection] = []
+        self._closed = False
 
-    def _parse_url(self, target: str) -> httpx.URL:
-        return httpx.URL(self._base_url + target)
+    def _request_head(
+        self, method: str, target: str, headers: Sequence[Header], body: bytes
+    ) -> bytes:
+        lines = [
+            method.encode("ascii"),
+            b" ",
+            self._base_path,
+            target.encode("latin-1"),
+            b" HTTP/1.1\r\nhost: ",
+            self._host_header,
+            b"\r\n",
+        ]
+        for name, value in headers:
+            lines += (name, b": ", value, b"\r\n")
+        if body or method not in ("GET", "HEAD"):
+            lines += (b"content-length: ", str(len(body)).encode("ascii"), b"\r\n")
+        lines.append(b"\r\n")
+        return b"".join(lines)
 
-    def build_request(
-        self, method: str, target: str, *, headers: Sequence[tuple[str, str]], content: bytes
-    ) -> httpx.Request:
-        """A request for `target` (path and query below the base URL, starting with "/")."""
-        return httpx.Request(
-            method,
-            self._url(target),
-            headers=headers,
-            content=content,
-            extensions={"timeout": self._timeout},
-        )
+    async def send(
+        self, method: str, target: str, *, headers: Sequence[Header], content: bytes = b""
+    ) -> UpstreamResponse:
+        """Send a request for `target` (below the base URL, starting with "/").
 
-    async def send(self, request: httpx.Request) -> httpx.Response:
-        """The upstream's response, its body not yet read (close it with `aclose()`)."""
-        return await self._transport.handle_async_request(request)
+        Returns when the response's headers have arrived; its body is read
+        through the response, which must then be closed with `aclose()`.
+        """
+        if self._closed:
+            raise UpstreamConnectError("the upstream client is closed")
+        timeouts = self.timeouts
+        if self._slots.locked():
+            try:
+                async with asyncio.timeout(timeouts.pool):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise UpstreamTimeout("no upstream connection became free in time") from None
+        else:
+            await self._slots.acquire()  # free: returns at once
+        conn: _Connection | None = None
+        try:
+            conn = await self._connection()
+            message = self._request_head(method, target, headers, content)
+            assert conn.transport is not None
+            conn.transport.write(message + content if len(content) < 65536 else message)
+            if len(content) >= 65536:
+                conn.transport.write(content)
+            while not conn.headers_done:
+                if conn.error is not None:
+                    raise conn.error
+                await conn.wait(timeouts.read)
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            self._slots.release()
+            raise
+        return UpstreamResponse(conn, self, timeouts.read)
+
+    async def _connection(self) -> _Connection:
+        """An idle pooled connection still open and fresh, or a new one."""
+        now = time.monotonic()
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed and now - conn.idle_since < self._keepalive_seconds:
+                conn.reset()
+                return conn
+            conn.close()
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.timeouts.connect):
+                _, protocol = await loop.create_connection(
+                    lambda: _Connection(loop),
+                    self._host,
+                    self._port,
+                    ssl=self._ssl,
+                    server_hostname=self._host if self._tls else None,
+                )
+        except TimeoutError:
+            raise UpstreamTimeout(f"connecting to {self._host}:{self._port} timed out") from None
+        except OSError as exc:
+            raise UpstreamConnectError(
+                f"cannot connect to {self._host}:{self._port}: {exc}"
+            ) from exc
+        return protocol
+
+    def _release(self, conn: _Connection, *, reusable: bool) -> None:
+        self._slots.release()
+        if reusable and not self._closed:
+            conn.idle_since = time.monotonic()
+            self._idle.append(conn)
+        else:
+            conn.close()
 
     async def aclose(self) -> None:
-        await self._transport.aclose()
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+        # Let the transports finish closing their sockets.
+        await asyncio.sleep(0)
