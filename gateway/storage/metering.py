@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 import secrets
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -147,6 +147,11 @@ class MeteringStore:
         self.hold_ttl_seconds = hold_ttl_seconds
         self.period_grace_seconds = period_grace_seconds
         self._clock = clock
+        # Hold ids: 96 random bits for this store, then a counter. Unique
+        # across processes and instances like a uuid4, without a call to the
+        # system's random source for every request.
+        self._hold_prefix = secrets.token_hex(12)
+        self._hold_seq = itertools.count(1)
 
     def now(self) -> int:
         return int(self._clock())
@@ -320,7 +325,7 @@ class MeteringStore:
             decision = admit(state.snapshot, estimate_micros)
             if not decision.admitted:
                 return Reservation(hold=None, state=state)
-            hold_id = uuid.uuid4().hex
+            hold_id = f"{self._hold_prefix}{next(self._hold_seq):08x}"
             await conn.execute(
                 "INSERT INTO ai_budget_holds (hold_id, practice_id, request_id, amount_micro_usd, "
                 "created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
@@ -348,7 +353,9 @@ class MeteringStore:
         async def attempt() -> int:
             async with self.db.transaction(lock=hold.practice_id) as conn:
                 return await conn.execute(
-                    "DELETE FROM ai_budget_holds WHERE hold_id = ?", hold.hold_id
+                    "DELETE FROM ai_budget_holds WHERE practice_id = ? AND hold_id = ?",
+                    hold.practice_id,
+                    hold.hold_id,
                 )
 
         return await self._until_written(f"releasing {hold.request_id}", attempt) > 0
@@ -374,7 +381,11 @@ class MeteringStore:
 
         async def attempt() -> tuple[tuple[int | None, int, int], BudgetSnapshot]:
             async with self.db.transaction(lock=hold.practice_id) as conn:
-                await conn.execute("DELETE FROM ai_budget_holds WHERE hold_id = ?", hold.hold_id)
+                await conn.execute(
+                    "DELETE FROM ai_budget_holds WHERE practice_id = ? AND hold_id = ?",
+                    hold.practice_id,
+                    hold.hold_id,
+                )
                 before = await self._snapshot(
                     conn, hold.practice_id, hold.period.start, hold.budget_micros, now
                 )

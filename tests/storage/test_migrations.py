@@ -1,0 +1,66 @@
+"""Schema migrations: each applies once, and later ones carry existing rows over."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+from budget.pricing import PlanBook
+from config import CONFIG_DIR
+from gateway.storage import AnyDatabase, _migration_files, migrate
+from gateway.storage.metering import MeteringStore
+from gateway.storage.sqlite import SqliteDatabase
+
+
+async def test_every_migration_is_recorded_and_a_rerun_applies_nothing(db: AnyDatabase) -> None:
+    versions = [version for version, _ in _migration_files(db.dialect)]
+    assert versions[:2] == [1, 2]
+    async with db.read() as conn:
+        rows = await conn.fetchall("SELECT version FROM aza_schema_migrations ORDER BY version")
+    assert [row["version"] for row in rows] == versions
+    assert await migrate(db) == []
+
+
+async def test_holds_in_flight_survive_the_clustered_holds_table(tmp_path: Path) -> None:
+    """SQLite 002 rebuilds ai_budget_holds WITHOUT ROWID; a hold placed before it stays."""
+    path = tmp_path / "old.sqlite"
+    db = SqliteDatabase(str(path))
+    await db.connect()
+    try:
+        await db.executescript(
+            "CREATE TABLE IF NOT EXISTS aza_schema_migrations "
+            "(version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)"
+        )
+        (first_version, first_script), *_ = _migration_files("sqlite")
+        assert await db.apply_script_once(first_version, first_script, int(time.time()))
+        now = int(time.time())
+        metering = MeteringStore(db, plans=PlanBook.load(CONFIG_DIR / "plans.toml"))
+        await metering.upsert_license(
+            subscription_id="sub_old",
+            practice_id="prac_old",
+            lookup_key="aza_basic_monthly",
+            period_start=now - 60,
+            period_end=now + 86_400,
+        )
+        reservation = await metering.reserve("prac_old", request_id="req_old", estimate_micros=5)
+        assert reservation.hold is not None
+
+        assert await migrate(db) == [2]
+
+        assert await metering.active_holds("prac_old") == 1
+        # The hold placed under the old table is released under the new one, once.
+        assert await metering.release(reservation.hold) is True
+        assert await metering.release(reservation.hold) is False
+        assert await metering.active_holds() == 0
+    finally:
+        await db.close()
+    with sqlite3.connect(path) as conn:
+        (sql,) = conn.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'ai_budget_holds'"
+        ).fetchone()
+        indexes = conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'ai_budget_holds'"
+        ).fetchall()
+    assert "WITHOUT ROWID" in sql
+    assert indexes == []  # the primary key is the table; no second b-tree to write
