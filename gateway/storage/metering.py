@@ -30,10 +30,12 @@ log = logging.getLogger("aza.metering")
 T = TypeVar("T")
 KEY_PREFIX = "aza_"
 
-_SNAPSHOT_SQL = """
-SELECT
-  (SELECT COALESCE(SUM(used_micro_usd), 0) FROM ai_usage_period_totals
-     WHERE practice_id = ? AND period_start = ?) AS used,
+_USED_SQL = (
+    "SELECT COALESCE(SUM(used_micro_usd), 0) FROM ai_usage_period_totals "
+    "WHERE practice_id = ? AND period_start = ?"
+)
+_MONEY_COLUMNS = f"""
+  ({_USED_SQL}) AS used,
   (SELECT COALESCE(SUM(amount_internal_micro_usd), 0) FROM ai_credit_ledger
      WHERE practice_id = ? AND status = 'succeeded') AS credited,
   (SELECT COALESCE(SUM(used_credit_micro_usd), 0) FROM ai_usage_period_totals
@@ -41,16 +43,28 @@ SELECT
   (SELECT COALESCE(SUM(amount_micro_usd), 0) FROM ai_budget_holds
      WHERE practice_id = ? AND expires_at > ?) AS held
 """
+# Used, extra credit and held amounts in one query (the settle's read of money).
+_SNAPSHOT_SQL = f"SELECT {_MONEY_COLUMNS}"
 
 # A usable license first (budget.license decides which statuses are), then the latest.
 _USABLE_SQL_LIST = ", ".join(f"'{status.value}'" for status in sorted(USABLE_STATUSES))
-_LICENSE_SQL = f"""
-SELECT subscription_id, practice_id, status, lookup_key, customer_id, customer_email,
-       current_period_start, current_period_end
+_LICENSE_COLUMNS = (
+    "subscription_id, practice_id, status, lookup_key, customer_id, customer_email, "
+    "current_period_start, current_period_end"
+)
+_BEST_LICENSE_SQL = f"""
+SELECT {_LICENSE_COLUMNS}
 FROM licenses WHERE practice_id = ?
 ORDER BY CASE WHEN status IN ({_USABLE_SQL_LIST}) THEN 0 ELSE 1 END,
          current_period_end DESC
 LIMIT 1
+"""
+# The gate's one read: the license row and the money, the period's usage read
+# for the period the caller expects (checked against the license afterwards).
+_STATE_SQL = f"""
+SELECT lic.*, {_MONEY_COLUMNS}
+FROM (SELECT 1 AS one) AS base
+LEFT JOIN ({_BEST_LICENSE_SQL}) AS lic ON 1 = 1
 """
 
 
@@ -152,6 +166,8 @@ class MeteringStore:
         # system's random source for every request.
         self._hold_prefix = secrets.token_hex(12)
         self._hold_seq = itertools.count(1)
+        # The budget period each practice had at its last gate (a hint, see _state).
+        self._period_hint: dict[str, int] = {}
 
     def now(self) -> int:
         return int(self._clock())
@@ -275,13 +291,31 @@ class MeteringStore:
             await tx.execute(sql, *args)
 
     async def license_for(self, conn: Connection, practice_id: str) -> License | None:
-        row = await conn.fetchone(_LICENSE_SQL, practice_id)
+        row = await conn.fetchone(_BEST_LICENSE_SQL, practice_id)
         return None if row is None else _license(row)
 
     # -- budget -----------------------------------------------------------
 
     async def _state(self, conn: Connection, practice_id: str, now: int) -> BudgetState:
-        lic = await self.license_for(conn, practice_id)
+        """License, period and snapshot in one query (two when the period changed).
+
+        The period's usage is read for the period this practice had last
+        time; when the license now says another one (the first request, a
+        new month, a renewal), it is read again for the right one.
+        """
+        expected = self._period_hint.get(practice_id, -1)
+        row = await conn.fetchone(
+            _STATE_SQL,
+            practice_id,
+            expected,
+            practice_id,
+            practice_id,
+            practice_id,
+            now,
+            practice_id,
+        )
+        assert row is not None  # one row from `base`, the license joined or NULL
+        lic = None if row["practice_id"] is None else _license(row)
         period_or_problem = current_period(lic, now, grace_seconds=self.period_grace_seconds)
         if isinstance(period_or_problem, LicenseProblem):
             period, problem = None, period_or_problem
@@ -289,14 +323,23 @@ class MeteringStore:
         else:
             period, problem = period_or_problem, None
             period_start = period.start
+        used = int(row["used"])
+        if period_start != expected:
+            self._period_hint[practice_id] = period_start
+            used = int(await conn.fetchval(_USED_SQL, practice_id, period_start))
         budget = (self.plans.monthly_budget_micros(lic.lookup_key) if lic else None) or 0
-        snapshot = await self._snapshot(conn, practice_id, period_start, budget, now)
+        snapshot = BudgetSnapshot(
+            budget_micros=budget,
+            used_micros=used,
+            extra_credit_micros=int(row["credited"]) - int(row["credit_used"]),
+            held_micros=int(row["held"]),
+        )
         return BudgetState(license=lic, period=period, problem=problem, snapshot=snapshot)
 
     async def _snapshot(
         self, conn: Connection, practice_id: str, period_start: int, budget_micros: int, now: int
     ) -> BudgetSnapshot:
-        """Used, extra credit and held amounts in one query (the gate's only read of money)."""
+        """Used, extra credit and held amounts in one query."""
         row = await conn.fetchone(
             _SNAPSHOT_SQL, practice_id, period_start, practice_id, practice_id, practice_id, now
         )
