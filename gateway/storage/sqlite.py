@@ -15,16 +15,53 @@ lock, BEGIN fails at once (busy timeout 0) and is retried after an
 `asyncio.sleep`, so the loop keeps serving. Readers use a second connection
 and, thanks to WAL, never wait for a writer.
 
+Group commit: this process's write transactions queue for the one writer
+connection. When a transaction's block ends while others already wait for
+it, the COMMIT is put off: the SQLite transaction stays open, the waiters'
+blocks run inside it one after another, each in a SAVEPOINT of its own, and
+one COMMIT ends them all (at most `GROUP_LIMIT` blocks; none joins a group
+held open for longer than `GROUP_SECONDS`). A block that raises is rolled
+back to its savepoint and only its caller sees the exception. This is safe
+because the blocks still run one at a time on the same connection, in the
+order the lock hands it out, so each sees exactly what it would have seen as
+a transaction of its own (the earlier blocks' writes; other connections see
+none of them before the COMMIT), and because no caller's `async with`
+returns before the COMMIT that holds its work: when that COMMIT fails, every
+caller of the group gets the exception. A transaction with nobody waiting
+commits at once, as before. The price: a block's caller also waits for the
+later blocks of its group, so a transaction block must never wait for
+something another caller does only after its own transaction returned.
+Statements do not yield to the loop, so groups form only when a block awaits
+something else, while BEGIN waits for another process's lock, or while the
+checkpointer holds the lock (below).
+
+Checkpoints: the writer does not checkpoint the WAL inside its COMMITs
+(`wal_autocheckpoint=0`), where the copy and its fsync would stall the loop.
+A background task runs `PRAGMA wal_checkpoint(PASSIVE)` in a worker thread,
+on a third connection: once a second when something was committed since the
+last one, as soon as `CHECKPOINT_COMMITS` commits have piled up, and once
+more on close. SQLite rewinds the WAL file only when a write transaction
+starts with all of it copied, which never happens while commits go on during
+every checkpoint; so when some did, the task copies the rest again (a few
+pages, and the fsyncs) holding the write lock: this process's transactions
+wait for it, the loop does not, and they then commit as one group. The task
+needs the loop to run now and then; work that never yields to it lets the
+WAL grow until it does. Not for in-memory databases.
+
 Durability: `synchronous=NORMAL` by default — in WAL mode a commit survives
 a crash of the gateway process; an operating-system crash or power loss can
-lose the last commits before the next checkpoint. `AZA_SQLITE_SYNCHRONOUS=FULL`
-fsyncs every commit (about 0.2 ms each here) for power-loss durability.
+lose the commits since the last checkpoint (at most about a second's worth).
+`AZA_SQLITE_SYNCHRONOUS=FULL` fsyncs every commit (about 0.2 ms each here)
+for power-loss durability.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -32,8 +69,18 @@ from typing import Any
 
 from credit.ports import DatabaseUnavailable, Row, UniqueViolation
 
+log = logging.getLogger("aza.storage.sqlite")
+
 # How long a writer waits for another process's write lock before giving up.
 LOCK_WAIT_SECONDS = 30.0
+# Group commit: at most this many transaction blocks share one COMMIT, and
+# none joins a group first held open longer ago than this.
+GROUP_LIMIT = 32
+GROUP_SECONDS = 0.010
+# The background checkpointer runs this often when something was committed,
+# and sooner once this many COMMITs (some 4 WAL pages each) have piled up.
+CHECKPOINT_SECONDS = 1.0
+CHECKPOINT_COMMITS = 250
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
@@ -96,12 +143,32 @@ def sqlite_path(url: str) -> str:
     return url
 
 
+class _Group:
+    """Transaction blocks sharing one SQLite transaction and its COMMIT."""
+
+    __slots__ = ("committed", "error", "members", "started")
+
+    def __init__(self) -> None:
+        self.members = 1
+        # Made when the group is first held open for waiters (a lone
+        # transaction needs none); done when the COMMIT succeeded or failed.
+        self.committed: asyncio.Future[None] | None = None
+        self.started = 0.0  # loop time when first held open
+        self.error: BaseException | None = None  # why the group failed
+
+
 class SqliteDatabase:
-    """One writer connection (transactions queued) and one reader connection, WAL mode."""
+    """One writer connection (transactions queued, group commit), one reader, WAL mode."""
 
     dialect = "sqlite"
 
-    def __init__(self, path: str, *, synchronous: str = "NORMAL") -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        synchronous: str = "NORMAL",
+        checkpoint_seconds: float = CHECKPOINT_SECONDS,
+    ) -> None:
         if synchronous.upper() not in ("NORMAL", "FULL", "EXTRA"):
             raise ValueError("synchronous must be NORMAL, FULL or EXTRA")
         self.path = path
@@ -109,8 +176,18 @@ class SqliteDatabase:
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         # A connection runs one transaction at a time; the lock queues this
-        # process's transactions, BEGIN IMMEDIATE queues other processes'.
+        # process's transaction blocks, BEGIN IMMEDIATE queues other processes'.
         self._write_lock = asyncio.Lock()
+        self._queued = 0  # transaction blocks waiting for the lock
+        self._group: _Group | None = None  # the open SQLite transaction, if any
+        # COMMITs this engine ran (a group counts once); tests and the checkpointer read it.
+        self.commits = 0
+        self._checkpoint_seconds = checkpoint_seconds
+        self._checkpointer: sqlite3.Connection | None = None
+        self._checkpointer_mutex = threading.Lock()  # one checkpoint at a time
+        self._checkpoint_task: asyncio.Task[None] | None = None
+        self._checkpoint_due = asyncio.Event()  # set when CHECKPOINT_COMMITS piled up
+        self._checkpointed_at = 0  # `commits` when the last checkpoint started
 
     def _open(self, *, busy_timeout_ms: int) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -122,21 +199,94 @@ class SqliteDatabase:
         return conn
 
     async def connect(self) -> None:
-        if self.path not in ("", ":memory:"):
+        on_disk = self.path not in ("", ":memory:")
+        if on_disk:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
             # The writer never waits inside SQLite (it retries BEGIN with an
             # asyncio.sleep instead); a reader may briefly, during WAL recovery.
             self._writer = self._open(busy_timeout_ms=0)
             self._reader = self._open(busy_timeout_ms=100)
+            wal = self._writer.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            if on_disk and wal:
+                # Checkpoints run in the background task, off the loop's thread.
+                self._writer.execute("PRAGMA wal_autocheckpoint=0")
+                self._checkpointer = self._open(busy_timeout_ms=100)
         except sqlite3.Error as exc:
             raise DatabaseUnavailable(f"cannot open SQLite database: {exc}") from exc
+        if self._checkpointer is not None:
+            self._checkpoint_task = asyncio.get_running_loop().create_task(
+                self._checkpoint_loop(), name=f"sqlite checkpoints of {self.path}"
+            )
 
     async def close(self) -> None:
+        task, self._checkpoint_task = self._checkpoint_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
+        if self._group is not None and not self._write_lock.locked():
+            self._end_group()
         for conn in (self._writer, self._reader):
             if conn is not None:
                 conn.close()
         self._writer = self._reader = None
+        if self._checkpointer is not None:
+            # Last connection to close: SQLite checkpoints once more and
+            # removes the WAL file, in the worker thread too.
+            await asyncio.to_thread(self._close_checkpointer)
+
+    # -- checkpoints --------------------------------------------------------
+
+    async def _checkpoint_loop(self) -> None:
+        complete = False  # the first round checkpoints whatever the WAL holds already
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._checkpoint_seconds):
+                    await self._checkpoint_due.wait()
+            self._checkpoint_due.clear()
+            if self.commits == self._checkpointed_at and complete:
+                continue
+            self._checkpointed_at = self.commits
+            complete = await asyncio.to_thread(self._checkpoint)
+            if self.commits == self._checkpointed_at:
+                continue
+            # COMMITs during the checkpoint added WAL frames behind it, and
+            # SQLite rewinds the WAL file only when a write transaction starts
+            # with all of it copied: under steady writes it would grow without
+            # end. Copy the rest with this process's writes held back (they
+            # wait, the loop does not; they commit as a group after).
+            async with self._write_lock:
+                if self._group is not None:
+                    self._end_group()
+                self._checkpointed_at = self.commits
+                complete = await asyncio.to_thread(self._checkpoint)
+
+    def _checkpoint(self) -> bool:
+        """One PASSIVE checkpoint (worker thread); True when the WAL was copied entirely."""
+        with self._checkpointer_mutex:
+            conn = self._checkpointer
+            if conn is None:
+                return True
+            try:
+                busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            except Exception:
+                log.warning("SQLite checkpoint of %s failed", self.path, exc_info=True)
+                return False
+            return not busy and copied == frames
+
+    def _close_checkpointer(self) -> None:
+        self._checkpoint()
+        with self._checkpointer_mutex:
+            conn, self._checkpointer = self._checkpointer, None
+            if conn is not None:
+                try:
+                    conn.close()
+                except Exception:
+                    log.warning(
+                        "closing SQLite checkpointer of %s failed", self.path, exc_info=True
+                    )
+
+    # -- write transactions ---------------------------------------------------
 
     async def _begin(self, conn: sqlite3.Connection) -> None:
         """BEGIN IMMEDIATE, waiting (without blocking the loop) for another process's lock."""
@@ -154,21 +304,165 @@ class SqliteDatabase:
 
     @asynccontextmanager
     async def transaction(self, *, lock: str | None = None) -> AsyncIterator[_SqliteConnection]:
+        """A write transaction; the block's exit waits for the COMMIT that holds its work.
+
+        A caller cancelled while it waits for that COMMIT gets CancelledError,
+        but its work stays in its group and may still be committed.
+        """
         # `lock` needs nothing more: BEGIN IMMEDIATE already excludes every
         # other writer of the file, which is stronger than a per-key lock.
         del lock
-        if self._writer is None:
+        conn = self._writer
+        if conn is None:
             raise DatabaseUnavailable("database is not connected")
-        async with self._write_lock:
-            conn = self._writer
-            await self._begin(conn)
+        self._queued += 1
+        try:
+            await self._write_lock.acquire()
+        finally:
+            self._queued -= 1
+        try:
+            group, first = await self._join(conn)
             try:
-                yield _SqliteConnection(conn)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            else:
-                conn.execute("COMMIT")
+                try:
+                    yield _SqliteConnection(conn)
+                except BaseException:
+                    self._undo_member(conn, group, first)
+                    raise
+                self._keep_member(conn, group, first)
+            finally:
+                if self._group is group and not self._hold_open(group):
+                    self._end_group()
+        finally:
+            self._write_lock.release()
+            if self._group is not None:
+                # The waiters it is held open for may all be cancelled before
+                # they get the lock: commit then, whoever is left.
+                asyncio.get_running_loop().call_soon(self._commit_if_idle)
+        if group.committed is not None:
+            # Shared by the group: one caller's cancellation must not cancel it.
+            await asyncio.shield(group.committed)
+        elif group.error is not None:
+            raise group.error
+
+    async def _join(self, conn: sqlite3.Connection) -> tuple[_Group, bool]:
+        """The open group with a savepoint for the new block, else a new group; (group, first)."""
+        group = self._group
+        if group is not None and not conn.in_transaction:
+            # Cannot happen unless SQLite rolled back by itself; never start
+            # a transaction with a SAVEPOINT, that would hide the loss.
+            self._fail_group(group, DatabaseUnavailable("SQLite rolled the transaction back"))
+            group = None
+        if group is None:
+            await self._begin(conn)
+            group = self._group = _Group()
+            return group, True
+        try:
+            conn.execute("SAVEPOINT aza_member")
+        except sqlite3.Error:
+            self._end_group()  # the earlier blocks' work is fine; commit it
+            raise
+        group.members += 1
+        return group, False
+
+    def _undo_member(self, conn: sqlite3.Connection, group: _Group, first: bool) -> None:
+        """Roll back the block that raised: the whole transaction if it was the first."""
+        if first:
+            # Nobody else's work is in the transaction yet.
+            self._group = None
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    log.warning("SQLite ROLLBACK failed", exc_info=True)
+            return
+        try:
+            conn.execute("ROLLBACK TO aza_member")
+            conn.execute("RELEASE aza_member")
+        except sqlite3.Error as exc:
+            # SQLite rolled the whole transaction back (an I/O error, say).
+            self._fail_group(
+                group, DatabaseUnavailable(f"SQLite rolled the transaction back: {exc}")
+            )
+
+    def _keep_member(self, conn: sqlite3.Connection, group: _Group, first: bool) -> None:
+        """Keep a finished block's work in the group's transaction."""
+        try:
+            if not first:
+                conn.execute("RELEASE aza_member")
+            lost = not conn.in_transaction
+        except sqlite3.Error:
+            lost = True
+        if lost:
+            # The block swallowed an error after which SQLite rolled back.
+            self._fail_group(group, DatabaseUnavailable("SQLite rolled the transaction back"))
+
+    def _hold_open(self, group: _Group) -> bool:
+        """Whether to leave the group open for the blocks waiting for the lock."""
+        if not self._queued or group.members >= GROUP_LIMIT:
+            return False
+        loop = asyncio.get_running_loop()
+        if group.committed is None:
+            group.committed = loop.create_future()
+            group.started = loop.time()
+            return True
+        return loop.time() - group.started < GROUP_SECONDS
+
+    def _commit_if_idle(self) -> None:
+        """COMMIT the open group unless a transaction block holds or is about to take the lock."""
+        if self._group is None or self._write_lock.locked():
+            return  # the holder decides when its block ends
+        if self._queued:
+            # A woken waiter has not run yet. It takes the lock, or if it was
+            # cancelled, the lock wakes the next one; look again after that.
+            asyncio.get_running_loop().call_soon(self._commit_if_idle)
+            return
+        self._end_group()
+
+    def _end_group(self) -> None:
+        """COMMIT the open group and tell its members how it went."""
+        group, self._group = self._group, None
+        assert group is not None
+        if self._writer is None:  # closed under its members' feet
+            self._set_failed(group, DatabaseUnavailable("database is not connected"))
+            return
+        try:
+            self._writer.execute("COMMIT")
+        except sqlite3.Error as exc:
+            error: BaseException = exc
+            if isinstance(exc, sqlite3.OperationalError) and _is_busy(exc):
+                error = DatabaseUnavailable(f"SQLite is locked: {exc}")
+                error.__cause__ = exc
+            self._rollback()
+            self._set_failed(group, error)
+            return
+        self.commits += 1
+        if self.commits - self._checkpointed_at >= CHECKPOINT_COMMITS:
+            self._checkpoint_due.set()
+        if group.committed is not None:
+            group.committed.set_result(None)
+
+    def _fail_group(self, group: _Group, error: BaseException) -> None:
+        if self._group is group:
+            self._group = None
+            self._rollback()
+        self._set_failed(group, error)
+
+    def _rollback(self) -> None:
+        if self._writer is not None and self._writer.in_transaction:
+            try:
+                self._writer.execute("ROLLBACK")
+            except sqlite3.Error:
+                log.warning("SQLite ROLLBACK failed", exc_info=True)
+
+    @staticmethod
+    def _set_failed(group: _Group, error: BaseException) -> None:
+        group.error = error
+        if group.committed is not None and not group.committed.done():
+            group.committed.set_exception(error)
+            # Its members raise it; none left (all cancelled) is no error to log.
+            group.committed.exception()
+
+    # -- reads and scripts ----------------------------------------------------
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[_SqliteConnection]:
@@ -183,7 +477,11 @@ class SqliteDatabase:
         if self._writer is None:
             raise DatabaseUnavailable("database is not connected")
         async with self._write_lock:
+            if self._group is not None:
+                # executescript would COMMIT the open group behind its members' backs.
+                self._end_group()
             self._writer.executescript(script)
+            self.commits += 1
 
     async def apply_script_once(self, version: int, script: str, now: int) -> bool:
         """Run migration `script` and record `version` in one transaction, unless recorded."""
