@@ -22,7 +22,13 @@ from pathlib import Path
 import pytest
 
 from credit.ports import UniqueViolation
-from gateway.storage.sqlite import CHECKPOINT_COMMITS, GROUP_LIMIT, SqliteDatabase
+from gateway.storage.sqlite import (
+    CHECKPOINT_COMMITS,
+    DEFER_LONELY_LIMIT,
+    DEFER_PROBE_EVERY,
+    GROUP_LIMIT,
+    SqliteDatabase,
+)
 
 
 class Boom(Exception):
@@ -73,9 +79,7 @@ async def insert(db: SqliteDatabase, i: int) -> int:
 # -- group commit -------------------------------------------------------------
 
 
-async def test_a_lone_transaction_commits_at_once_without_savepoints(
-    db: SqliteDatabase, path: Path
-) -> None:
+async def test_a_lone_transaction_runs_without_savepoints(db: SqliteDatabase, path: Path) -> None:
     """With nobody waiting: BEGIN IMMEDIATE, the statements, COMMIT; visible on return."""
     statements = trace(db._writer)
     async with db.transaction() as conn:
@@ -96,6 +100,55 @@ async def test_concurrent_transactions_share_commits_and_all_commit(
     assert -(-50 // GROUP_LIMIT) <= commits < 50
     assert statements.count("BEGIN IMMEDIATE") == commits
     assert committed_ids(path) == list(range(50))
+
+
+async def insert_now(db: SqliteDatabase, i: int) -> int:
+    """Insert row i in a transaction whose block never yields (as the gateway's do)."""
+    async with db.transaction() as conn:
+        await conn.execute("INSERT INTO t (id) VALUES (?)", i)
+    return i
+
+
+async def test_transactions_started_in_one_pass_of_the_loop_share_a_commit(
+    db: SqliteDatabase, path: Path
+) -> None:
+    """Blocks that never yield (nobody ever waits for the lock) still commit together."""
+    statements = trace(db._writer)
+    ids = await asyncio.gather(*(insert_now(db, i) for i in range(20)))
+    assert ids == list(range(20))
+    # All twenty start in the same pass of the loop: one group, one COMMIT.
+    assert statements.count("COMMIT") == 1
+    assert statements.count("BEGIN IMMEDIATE") == 1
+    assert statements.count("SAVEPOINT aza_member") == 19
+    assert committed_ids(path) == list(range(20))
+
+
+async def returns_within_the_pass(db: SqliteDatabase, i: int) -> bool:
+    """Whether a transaction's block returned without letting the loop run (committed at once)."""
+    ran: list[bool] = []
+    asyncio.get_running_loop().call_soon(ran.append, True)
+    await insert_now(db, i)
+    return not ran
+
+
+async def test_at_low_load_commits_stop_waiting_for_company(db: SqliteDatabase, path: Path) -> None:
+    """One transaction at a time: after a few lonely deferrals, COMMIT comes at once again."""
+    at_once = [await returns_within_the_pass(db, i) for i in range(3 * DEFER_PROBE_EVERY)]
+    # The first ones wait a pass for company that never comes ...
+    assert at_once[:DEFER_LONELY_LIMIT] == [False] * DEFER_LONELY_LIMIT
+    # ... then only the periodic probes do.
+    probes = at_once[DEFER_LONELY_LIMIT:].count(False)
+    assert 1 <= probes <= 3
+    assert committed_ids(path) == list(range(3 * DEFER_PROBE_EVERY))
+
+    # Company again: the first probe in a burst is joined, and deferring resumes.
+    statements = trace(db._writer)
+    burst = 3 * DEFER_PROBE_EVERY
+    await asyncio.gather(*(insert_now(db, 1000 + i) for i in range(burst)))
+    assert statements.count("COMMIT") <= DEFER_PROBE_EVERY + burst // GROUP_LIMIT
+    statements.clear()
+    await asyncio.gather(*(insert_now(db, 2000 + i) for i in range(20)))
+    assert statements.count("COMMIT") == 1
 
 
 async def test_each_block_returns_only_after_its_work_is_committed(
@@ -388,7 +441,8 @@ async def test_checkpointer_copies_the_wal_in_a_worker_thread(path: Path) -> Non
 
 async def test_steady_writes_keep_the_wal_file_bounded(path: Path) -> None:
     """With commits during every checkpoint, the WAL still rewinds instead of growing on."""
-    db = SqliteDatabase(str(path), checkpoint_seconds=3600)  # only the commit count triggers
+    # Only the commit count triggers checkpoints; the WAL rewinds past 1,000 frames.
+    db = SqliteDatabase(str(path), checkpoint_seconds=3600, rewind_frames=1000)
     await db.connect()
     try:
         await db.executescript("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT);")
@@ -401,8 +455,9 @@ async def test_steady_writes_keep_the_wal_file_bounded(path: Path) -> None:
                     "UPDATE t SET v = hex(randomblob(1500)) WHERE id = ?", db.commits % 8
                 )
             await asyncio.sleep(0)
-        # Each commit wrote at least one 4 KB page: 40 MB if the WAL never rewound.
-        assert size(f"{path}-wal") < 10 * CHECKPOINT_COMMITS * 4096
+        # Each commit wrote at least one 4 KB page: 40 MB if the WAL never rewound;
+        # it rewinds once past 1,000 frames, a checkpoint round (250 commits) later.
+        assert size(f"{path}-wal") < 4 * 1000 * 4096
     finally:
         await db.close()
 
