@@ -198,6 +198,11 @@ def _serve(settings: Settings, host: str, port: int) -> int:
         # "auto" picks uvloop and httptools where they are installed.
         loop="auto",
         http="auto",
+        # Nothing here uses the client's address, so X-Forwarded-* need no
+        # middleware rewriting each request's scope; and the gateway does
+        # not announce its server software.
+        proxy_headers=False,
+        server_header=False,
     )
     return 0
 

@@ -13,6 +13,7 @@ It knows nothing of budgets: the middleware watches what it sends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -320,6 +321,12 @@ async def _stream_body(response: UpstreamResponse, receive: Receive, send: Send)
     drops `send` calls silently after a disconnect, so `send` alone would not
     tell; a second task and `asyncio.wait` per request cost more than needed.
     """
+    if response.fully_received:
+        # Nothing left to wait for, so no client to watch: hand it all on.
+        body = await response.aread()
+        with contextlib.suppress(OSError):  # a server on ASGI 2.4: the client is gone
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+        return
     loop = asyncio.get_running_loop()
     pumping = True
 

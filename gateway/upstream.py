@@ -241,6 +241,11 @@ class UpstreamResponse:
             else:
                 await conn.wait(self._read_timeout)
 
+    @property
+    def fully_received(self) -> bool:
+        """Whether the whole body has arrived already (the usual case for a JSON answer)."""
+        return self._conn.complete
+
     async def aread(self) -> bytes:
         return b"".join([chunk async for chunk in self.aiter_bytes()])
 
