@@ -294,7 +294,7 @@ def versions(gw_python: str, pg_admin_url: str | None) -> dict[str, str]:
     code = (
         "import json, sys, sqlite3, importlib.metadata as m\n"
         "out = {'python': sys.version.split()[0], 'sqlite': sqlite3.sqlite_version}\n"
-        "for n in ('uvicorn', 'httpx', 'starlette', 'uvloop', 'httptools', 'aiohttp',\n"
+        "for n in ('uvicorn', 'httpx', 'starlette', 'uvloop', 'httptools',\n"
         "          'asyncpg', 'aza-gateway'):\n"
         "    try: out[n] = m.version(n)\n"
         "    except Exception: out[n] = 'not installed'\n"

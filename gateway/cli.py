@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import sys
 import time
 import uuid
@@ -178,6 +179,29 @@ async def _verify(settings: Settings) -> int:
     return await _with_store(settings, action)
 
 
+# Collect the youngest generation after this many new container objects (the
+# default is 700), the next ones after 20 and 10 such rounds.
+GC_THRESHOLDS = (50_000, 20, 10)
+
+
+def tune_gc() -> None:
+    """Keep Python's cyclic garbage collector out of the request path.
+
+    Each request allocates a few hundred short-lived objects, so with the
+    default thresholds the collector ran every few requests, and every so
+    often traversed every object the process holds (modules, the app, the
+    price book): those pauses were the gateway's tail latency. `gc.freeze()`
+    moves everything that exists at startup out of the collector's sight
+    (it never becomes garbage), and higher thresholds collect less often; a
+    request's objects are freed by reference counting anyway, cycles are
+    still collected. Measured with wrk at c=16 on the 2-core VM: p99 20.7 /
+    25.6 ms and 391 / 440 us CPU per request before; 10.6 / 10.7 ms and 369 /
+    360 us after. Peak RSS over 100,000 requests is checked by the benchmark.
+    """
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def _serve(settings: Settings, host: str, port: int) -> int:
     import uvicorn
 
@@ -187,8 +211,10 @@ def _serve(settings: Settings, host: str, port: int) -> int:
         print(
             "warning: OPENAI_API_KEY is not set; the upstream will refuse requests", file=sys.stderr
         )
+    app = create_app(settings)
+    tune_gc()
     uvicorn.run(
-        create_app(settings),
+        app,
         host=host,
         port=port,
         log_level=settings.log_level,
