@@ -93,6 +93,18 @@ async def keep_alive_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWr
         await writer.drain()
 
 
+def replying(raw: bytes, *, then_wait: float = 0.0) -> Handler:
+    """A handler that reads one request, writes `raw` as its answer and waits before closing."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, s: Server):
+        await s.read_request(reader)
+        writer.write(raw)
+        await writer.drain()
+        await asyncio.sleep(then_wait)
+
+    return handler
+
+
 async def test_request_line_headers_and_body_reach_the_upstream(serve) -> None:
     server = await serve(keep_alive_echo)
     client = client_for(server)
@@ -220,12 +232,7 @@ async def test_a_chunked_stream_arrives_piece_by_piece(serve) -> None:
 
 
 async def test_a_body_ended_by_closing_the_connection(serve) -> None:
-    async def until_close(reader, writer, s):
-        await s.read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nall of it")
-        await writer.drain()
-
-    server = await serve(until_close)
+    server = await serve(replying(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nall of it"))
     client = client_for(server)
     response = await client.send("POST", "/x", headers=[], content=b"{}")
     assert await response.aread() == b"all of it"
@@ -234,12 +241,7 @@ async def test_a_body_ended_by_closing_the_connection(serve) -> None:
 
 
 async def test_an_upstream_breaking_off_mid_body_is_a_protocol_error(serve) -> None:
-    async def short(reader, writer, s):
-        await s.read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly some")
-        await writer.drain()
-
-    server = await serve(short)
+    server = await serve(replying(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly some"))
     client = client_for(server)
     response = await client.send("POST", "/x", headers=[], content=b"{}")
     received = b""
@@ -252,13 +254,7 @@ async def test_an_upstream_breaking_off_mid_body_is_a_protocol_error(serve) -> N
 
 
 async def test_garbage_instead_of_http_is_a_protocol_error(serve) -> None:
-    async def garbage(reader, writer, s):
-        await s.read_request(reader)
-        writer.write(b"SSH-2.0-OpenSSH\r\n\r\n")
-        await writer.drain()
-        await asyncio.sleep(1)
-
-    server = await serve(garbage)
+    server = await serve(replying(b"SSH-2.0-OpenSSH\r\n\r\n", then_wait=1))
     client = client_for(server)
     with pytest.raises(UpstreamProtocolError):
         await client.send("POST", "/x", headers=[], content=b"{}")
@@ -266,11 +262,7 @@ async def test_garbage_instead_of_http_is_a_protocol_error(serve) -> None:
 
 
 async def test_no_answer_within_the_read_timeout(serve) -> None:
-    async def silent(reader, writer, s):
-        await s.read_request(reader)
-        await asyncio.sleep(5)
-
-    server = await serve(silent)
+    server = await serve(replying(b"", then_wait=5))
     client = client_for(server, read=0.1)
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -281,13 +273,11 @@ async def test_no_answer_within_the_read_timeout(serve) -> None:
 
 
 async def test_a_stream_that_stops_sending_times_out_between_chunks(serve) -> None:
-    async def stalls(reader, writer, s):
-        await s.read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
-        await writer.drain()
-        await asyncio.sleep(5)
-
-    server = await serve(stalls)
+    server = await serve(
+        replying(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n", then_wait=5
+        )
+    )
     client = client_for(server, read=0.1)
     response = await client.send("POST", "/x", headers=[], content=b"{}")
     pieces = []
