@@ -39,13 +39,27 @@ class Database(Protocol):
 
     dialect: str
 
-    def transaction(self, *, lock: str | None = None) -> AbstractAsyncContextManager[Connection]:
+    def transaction(
+        self, *, lock: str | None = None, shared: bool = False
+    ) -> AbstractAsyncContextManager[Connection]:
         """A write transaction; commits on success, rolls back on any exception.
 
         `lock` names a key (a practice id) that concurrent transactions, in
         this or another gateway process, must not hold at the same time; the
         engine enforces it in the database (SQLite: the database write lock
         taken by BEGIN IMMEDIATE; PostgreSQL: a transaction advisory lock).
+
+        `shared=True` (with a `lock`) lets the engine run the block in one
+        database transaction with other shared blocks on the same key, one
+        after another, under one COMMIT (PostgreSQL; SQLite groups every
+        transaction already). The block's exit still returns only after the
+        COMMIT that holds its work. The price: when another block of the
+        group raises, or the COMMIT fails, this one's work is rolled back too
+        and its exit raises DatabaseUnavailable (even if the block itself
+        raised nothing); and the block must let database errors propagate,
+        never catch them and go on. Only for blocks that raise nothing but
+        database failures and whose callers retry or report
+        DatabaseUnavailable.
         """
         ...
 

@@ -361,7 +361,9 @@ class MeteringStore:
     ) -> Reservation:
         """Check the budget and, when it admits the request, place its hold; atomically."""
         now = self.now()
-        async with self.db.transaction(lock=practice_id) as conn:
+        # Shared: the block raises only when the database fails; DatabaseUnavailable
+        # (also when its group was rolled back) is a 503.
+        async with self.db.transaction(lock=practice_id, shared=True) as conn:
             state = await self._state(conn, practice_id, now)
             if state.problem is not None or state.license is None or state.period is None:
                 return Reservation(hold=None, state=state)
@@ -394,7 +396,8 @@ class MeteringStore:
         """Drop a hold without charging (upstream failed). False if it was gone already."""
 
         async def attempt() -> int:
-            async with self.db.transaction(lock=hold.practice_id) as conn:
+            # Shared: DatabaseUnavailable (a group rolled back) is retried.
+            async with self.db.transaction(lock=hold.practice_id, shared=True) as conn:
                 return await conn.execute(
                     "DELETE FROM ai_budget_holds WHERE practice_id = ? AND hold_id = ?",
                     hold.practice_id,
@@ -423,7 +426,8 @@ class MeteringStore:
         now = self.now()
 
         async def attempt() -> tuple[tuple[int | None, int, int], BudgetSnapshot]:
-            async with self.db.transaction(lock=hold.practice_id) as conn:
+            # Shared: DatabaseUnavailable (a group rolled back) is retried.
+            async with self.db.transaction(lock=hold.practice_id, shared=True) as conn:
                 await conn.execute(
                     "DELETE FROM ai_budget_holds WHERE practice_id = ? AND hold_id = ?",
                     hold.practice_id,

@@ -321,7 +321,9 @@ class SqliteDatabase:
             delay = min(delay * 2, 0.05)
 
     @asynccontextmanager
-    async def transaction(self, *, lock: str | None = None) -> AsyncIterator[_SqliteConnection]:
+    async def transaction(
+        self, *, lock: str | None = None, shared: bool = False
+    ) -> AsyncIterator[_SqliteConnection]:
         """A write transaction; the block's exit waits for the COMMIT that holds its work.
 
         A caller cancelled while it waits for that COMMIT gets CancelledError,
@@ -329,7 +331,9 @@ class SqliteDatabase:
         """
         # `lock` needs nothing more: BEGIN IMMEDIATE already excludes every
         # other writer of the file, which is stronger than a per-key lock.
-        del lock
+        # `shared` neither: every transaction may join a group here, each in
+        # a savepoint of its own.
+        del lock, shared
         conn = self._writer
         if conn is None:
             raise DatabaseUnavailable("database is not connected")
