@@ -27,7 +27,11 @@ COMMIT is also put off when nobody waits, until the loop's next pass, and
 the blocks that start before then join it; at low load, where nobody does,
 this stops after a few lonely groups but for an occasional probe (see
 `_hold_open`). A block that raises is rolled back to its savepoint and only
-its caller sees the exception. This is safe because the blocks still run
+its caller sees the exception. Blocks opened with `shared=True` (the
+metering store's, which raise nothing but database failures) skip their
+savepoints while every block of the group is shared: one of them raising
+rolls the whole group back, and the others' exits raise
+DatabaseUnavailable, as on PostgreSQL. This is safe because the blocks still run
 one at a time on the same connection, in the order they come, so each sees
 exactly what it would have seen as a transaction of its own (the earlier
 blocks' writes; other connections see none of them before the COMMIT), and
@@ -157,10 +161,13 @@ def sqlite_path(url: str) -> str:
 class _Group:
     """Transaction blocks sharing one SQLite transaction and its COMMIT."""
 
-    __slots__ = ("committed", "deferred", "error", "members", "started")
+    __slots__ = ("all_shared", "committed", "deferred", "error", "members", "started")
 
-    def __init__(self) -> None:
+    def __init__(self, *, shared: bool) -> None:
         self.members = 1
+        # Every block so far was `shared`: a shared block may then skip its
+        # savepoint, as all of them accepted to fail together.
+        self.all_shared = shared
         self.deferred = False  # held open with nobody waiting, on the chance of company
         # Made when the group is first held open for waiters (a lone
         # transaction needs none); done when the COMMIT succeeded or failed.
@@ -331,9 +338,7 @@ class SqliteDatabase:
         """
         # `lock` needs nothing more: BEGIN IMMEDIATE already excludes every
         # other writer of the file, which is stronger than a per-key lock.
-        # `shared` neither: every transaction may join a group here, each in
-        # a savepoint of its own.
-        del lock, shared
+        del lock
         conn = self._writer
         if conn is None:
             raise DatabaseUnavailable("database is not connected")
@@ -343,14 +348,14 @@ class SqliteDatabase:
         finally:
             self._queued -= 1
         try:
-            group, first = await self._join(conn)
+            group, first, savepoint = await self._join(conn, shared=shared)
             try:
                 try:
                     yield _SqliteConnection(conn)
-                except BaseException:
-                    self._undo_member(conn, group, first)
+                except BaseException as exc:
+                    self._undo_member(conn, group, first, savepoint, exc)
                     raise
-                self._keep_member(conn, group, first)
+                self._keep_member(conn, group, savepoint)
             finally:
                 if self._group is group and not self._hold_open(group):
                     self._end_group()
@@ -366,8 +371,9 @@ class SqliteDatabase:
         elif group.error is not None:
             raise group.error
 
-    async def _join(self, conn: sqlite3.Connection) -> tuple[_Group, bool]:
-        """The open group with a savepoint for the new block, else a new group; (group, first)."""
+    async def _join(self, conn: sqlite3.Connection, *, shared: bool) -> tuple[_Group, bool, bool]:
+        """The open group (with a savepoint for the block unless it may fail with the
+        group), else a new group; (group, first, savepoint)."""
         group = self._group
         if group is not None and not conn.in_transaction:
             # Cannot happen unless SQLite rolled back by itself; never start
@@ -376,18 +382,41 @@ class SqliteDatabase:
             group = None
         if group is None:
             await self._begin(conn)
-            group = self._group = _Group()
-            return group, True
+            group = self._group = _Group(shared=shared)
+            return group, True, False
+        group.all_shared = group.all_shared and shared
+        if group.all_shared:
+            # The metering store's blocks (shared=True) raise nothing but
+            # database failures; two statements fewer per block.
+            group.members += 1
+            return group, False, False
         try:
             conn.execute("SAVEPOINT aza_member")
         except sqlite3.Error:
             self._end_group()  # the earlier blocks' work is fine; commit it
             raise
         group.members += 1
-        return group, False
+        return group, False, True
 
-    def _undo_member(self, conn: sqlite3.Connection, group: _Group, first: bool) -> None:
-        """Roll back the block that raised: the whole transaction if it was the first."""
+    def _undo_member(
+        self,
+        conn: sqlite3.Connection,
+        group: _Group,
+        first: bool,
+        savepoint: bool,
+        exc: BaseException,
+    ) -> None:
+        """Roll back the block that raised: the whole transaction if it had no savepoint."""
+        if not first and not savepoint:
+            # A shared block of an all-shared group: the group fails with it;
+            # the others' exits raise DatabaseUnavailable, this one its own error.
+            self._fail_group(
+                group,
+                DatabaseUnavailable(
+                    f"rolled back with another transaction of its group ({exc.__class__.__name__})"
+                ),
+            )
+            return
         if first:
             # Nobody else's work is in the transaction yet.
             self._group = None
@@ -406,10 +435,10 @@ class SqliteDatabase:
                 group, DatabaseUnavailable(f"SQLite rolled the transaction back: {exc}")
             )
 
-    def _keep_member(self, conn: sqlite3.Connection, group: _Group, first: bool) -> None:
+    def _keep_member(self, conn: sqlite3.Connection, group: _Group, savepoint: bool) -> None:
         """Keep a finished block's work in the group's transaction."""
         try:
-            if not first:
+            if savepoint:
                 conn.execute("RELEASE aza_member")
             lost = not conn.in_transaction
         except sqlite3.Error:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from credit.ports import UniqueViolation
+from credit.ports import DatabaseUnavailable, UniqueViolation
 from gateway.storage.sqlite import (
     CHECKPOINT_COMMITS,
     DEFER_LONELY_LIMIT,
@@ -149,6 +149,56 @@ async def test_at_low_load_commits_stop_waiting_for_company(db: SqliteDatabase, 
     statements.clear()
     await asyncio.gather(*(insert_now(db, 2000 + i) for i in range(20)))
     assert statements.count("COMMIT") == 1
+
+
+async def insert_shared(db: SqliteDatabase, i: int, *, fail: bool = False) -> int:
+    """Insert row i in a shared transaction (as the metering store's), raising Boom if asked."""
+    async with db.transaction(lock="p", shared=True) as conn:
+        await conn.execute("INSERT INTO t (id) VALUES (?)", i)
+        if fail:
+            raise Boom
+    return i
+
+
+async def test_shared_blocks_of_a_group_skip_their_savepoints(
+    db: SqliteDatabase, path: Path
+) -> None:
+    statements = trace(db._writer)
+    assert await asyncio.gather(*(insert_shared(db, i) for i in range(10))) == list(range(10))
+    assert statements.count("COMMIT") == 1
+    assert not any(statement.startswith("SAVEPOINT") for statement in statements)
+    assert committed_ids(path) == list(range(10))
+
+
+async def test_a_shared_block_raising_fails_its_all_shared_group(
+    db: SqliteDatabase, path: Path
+) -> None:
+    results = await asyncio.gather(
+        *(insert_shared(db, i, fail=i == 3) for i in range(6)), return_exceptions=True
+    )
+    # The earlier ones shared its transaction: rolled back, told so; it gets its own error.
+    assert all(isinstance(r, DatabaseUnavailable) for r in results[:3])
+    assert isinstance(results[3], Boom)
+    # The later ones ran in a new group and committed.
+    assert results[4:] == [4, 5]
+    assert committed_ids(path) == [4, 5]
+
+
+async def test_an_unshared_block_keeps_its_savepoint_isolation_among_shared_ones(
+    db: SqliteDatabase, path: Path
+) -> None:
+    statements = trace(db._writer)
+    results = await asyncio.gather(
+        insert_shared(db, 0),
+        insert_now(db, 1),  # unshared: promised that others' failures do not touch it
+        insert_shared(db, 2, fail=True),
+        insert_shared(db, 3),
+        return_exceptions=True,
+    )
+    assert results[0] == 0 and results[1] == 1 and results[3] == 3
+    assert isinstance(results[2], Boom)
+    assert committed_ids(path) == [0, 1, 3]
+    assert statements.count("ROLLBACK TO aza_member") == 1
 
 
 async def test_each_block_returns_only_after_its_work_is_committed(
