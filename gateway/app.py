@@ -105,15 +105,18 @@ def create_app(
         )
         holder["services"] = current
         app.state.services = current
-        maintenance = asyncio.create_task(
-            current.maintenance_loop(maintenance_interval), name="maintenance"
-        )
+        background = [
+            asyncio.create_task(current.maintenance_loop(maintenance_interval), name="maintenance")
+        ]
+        if db.dialect == "postgresql":
+            background.append(asyncio.create_task(current.holds_vacuum_loop(), name="holds vacuum"))
         try:
             yield
         finally:
-            maintenance.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await maintenance
+            for task in background:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await current.drain()
             await http.aclose()
             if stripe is not None:

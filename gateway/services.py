@@ -31,6 +31,8 @@ log = logging.getLogger("aza.gateway")
 
 SWEEP_INTERVAL_SECONDS = 60.0
 RECONCILE_EVERY_SWEEPS = 5
+# PostgreSQL: how often the holds table is vacuumed (MeteringStore.vacuum_holds).
+HOLDS_VACUUM_SECONDS = 10.0
 # A settle schedules at most one background top-up per practice this often;
 # the database's one-pending-auto-top-up rule is the real guard.
 TOPUP_DEBOUNCE_SECONDS = 10.0
@@ -142,6 +144,15 @@ class Services:
                     await self.credit.reconcile_pending()
                 except Exception:
                     log.exception("reconciling pending top-ups failed")
+
+    async def holds_vacuum_loop(self, interval: float = HOLDS_VACUUM_SECONDS) -> None:
+        """Vacuum the holds table every `interval` s (see MeteringStore.vacuum_holds)."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.metering.vacuum_holds()
+            except Exception:
+                log.exception("vacuuming the holds table failed")
 
     async def drain(self, grace_seconds: float = 10.0) -> None:
         """Wait for background work (settles, top-ups) to finish, then cancel what is left."""

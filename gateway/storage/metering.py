@@ -591,6 +591,25 @@ class MeteringStore:
                 "DELETE FROM ai_budget_holds WHERE expires_at <= ?", self.now()
             )
 
+    async def vacuum_holds(self) -> bool:
+        """PostgreSQL: reclaim the dead rows that placed-then-deleted holds leave behind.
+
+        Every request inserts a hold and deletes it again, so the table holds
+        a handful of live rows and one dead row per request until a vacuum;
+        the gate's sum over a practice's holds walks the dead rows' index
+        entries too. Measured on a server with autovacuum off (as on the
+        benchmark machine): 14,664 dead entries after a minute at ~500 req/s,
+        0.85 ms per gate query, and throughput falling from 632 to 442 req/s
+        within a minute. The gateway therefore vacuums the table itself
+        (cheap: it is tiny) instead of trusting the server's autovacuum.
+        SQLite reuses the space of deleted rows by itself: returns False.
+        """
+        if self.db.dialect != "postgresql":
+            return False
+        async with self.db.read() as conn:  # VACUUM cannot run inside a transaction
+            await conn.execute("VACUUM ai_budget_holds")
+        return True
+
     async def active_holds(self, practice_id: str | None = None) -> int:
         async with self.db.read() as conn:
             if practice_id is None:
