@@ -246,7 +246,11 @@ class PostgresDatabase:
                 if not conn.is_closed():
                     await conn.execute("ROLLBACK")
                 raise
-            await conn.execute("COMMIT")
+            if await conn.execute("COMMIT") != "COMMIT":
+                # A statement failed and the block swallowed its error: the
+                # transaction was aborted and PostgreSQL ended it with a
+                # ROLLBACK. Nothing was written; the caller must not think so.
+                raise DatabaseUnavailable("PostgreSQL rolled the transaction back")
 
     # -- group commit -----------------------------------------------------------
 

@@ -439,6 +439,18 @@ async def test_unshared_transactions_each_commit_on_their_own(
     assert sorted(rows) == [i for i in range(15) if i != 3]
 
 
+async def test_an_unshared_block_that_swallows_an_error_is_not_reported_committed(
+    db: PostgresDatabase, observer: asyncpg.Connection
+) -> None:
+    with pytest.raises(DatabaseUnavailable, match="rolled the transaction back"):
+        async with db.transaction(lock="k") as conn:
+            await conn.execute("INSERT INTO t (id) VALUES (1)")
+            with contextlib.suppress(UniqueViolation):
+                await conn.execute("INSERT INTO t (id) VALUES (1)")
+    assert await committed(observer) == {}
+    assert_all_connections_back(db)
+
+
 # -- the metering store on PostgreSQL ---------------------------------------------
 
 
