@@ -30,6 +30,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,8 +164,8 @@ def cpu_ticks(pids: list[int]) -> int:
     return total
 
 
-def postgres_ticks(dbname: str) -> int:
-    """CPU of the PostgreSQL backends connected to the bench database."""
+def postgres_pids(wanted: Callable[[str], bool]) -> list[int]:
+    """PostgreSQL server processes whose process title (`postgres: ...`) `wanted` accepts."""
     pids = []
     for d in os.listdir("/proc"):
         if d.isdigit():
@@ -177,28 +178,19 @@ def postgres_ticks(dbname: str) -> int:
                 )
             except OSError:
                 continue
-            if title.startswith("postgres:") and f" {dbname} " in title:
+            if title.startswith("postgres:") and wanted(title):
                 pids.append(int(d))
-    return cpu_ticks(pids)
+    return pids
+
+
+def postgres_ticks(dbname: str) -> int:
+    """CPU of the PostgreSQL backends connected to the bench database."""
+    return cpu_ticks(postgres_pids(lambda title: f" {dbname} " in title))
 
 
 def postgres_background_ticks() -> int:
     """CPU of PostgreSQL's own background processes (WAL writer, checkpointer, ...)."""
-    pids = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                title = (
-                    Path(f"/proc/{d}/cmdline")
-                    .read_bytes()
-                    .replace(b"\0", b" ")
-                    .decode(errors="replace")
-                )
-            except OSError:
-                continue
-            if title.startswith("postgres:") and "(" not in title:
-                pids.append(int(d))
-    return cpu_ticks(pids)
+    return cpu_ticks(postgres_pids(lambda title: "(" not in title))
 
 
 def wait_idle(limit_s: float) -> float:
