@@ -15,7 +15,7 @@ from gateway.storage.sqlite import SqliteDatabase
 
 async def test_every_migration_is_recorded_and_a_rerun_applies_nothing(db: AnyDatabase) -> None:
     versions = [version for version, _ in _migration_files(db.dialect)]
-    assert versions[:2] == [1, 2]
+    assert versions[:3] == [1, 2, 3]
     async with db.read() as conn:
         rows = await conn.fetchall("SELECT version FROM aza_schema_migrations ORDER BY version")
     assert [row["version"] for row in rows] == versions
@@ -46,7 +46,7 @@ async def test_holds_in_flight_survive_the_clustered_holds_table(tmp_path: Path)
         reservation = await metering.reserve("prac_old", request_id="req_old", estimate_micros=5)
         assert reservation.hold is not None
 
-        assert await migrate(db) == [2]
+        assert await migrate(db) == [v for v, _ in _migration_files("sqlite")][1:]
 
         assert await metering.active_holds("prac_old") == 1
         # The hold placed under the old table is released under the new one, once.
@@ -64,3 +64,57 @@ async def test_holds_in_flight_survive_the_clustered_holds_table(tmp_path: Path)
         ).fetchall()
     assert "WITHOUT ROWID" in sql
     assert indexes == []  # the primary key is the table; no second b-tree to write
+
+
+async def test_licenses_carry_the_stripe_event_time_null_unless_a_webhook_set_it(
+    db: AnyDatabase,
+) -> None:
+    """003: licenses.stripe_event_created exists; the metering store's rows leave it NULL."""
+    metering = MeteringStore(db, plans=PlanBook.load(CONFIG_DIR / "plans.toml"))
+    now = int(time.time())
+    await metering.upsert_license(
+        subscription_id="sub_admin",
+        practice_id="prac_admin",
+        lookup_key="aza_basic_monthly",
+        period_start=now - 60,
+        period_end=now + 86_400,
+    )
+    async with db.read() as conn:
+        value = await conn.fetchval(
+            "SELECT stripe_event_created FROM licenses WHERE subscription_id = 'sub_admin'"
+        )
+    assert value is None
+
+
+async def test_licenses_from_before_the_event_time_column_keep_their_values(
+    tmp_path: Path,
+) -> None:
+    """SQLite 003 adds licenses.stripe_event_created: an existing row keeps its values, NULL."""
+    path = tmp_path / "old.sqlite"
+    db = SqliteDatabase(str(path))
+    await db.connect()
+    try:
+        await db.executescript(
+            "CREATE TABLE IF NOT EXISTS aza_schema_migrations "
+            "(version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)"
+        )
+        for version, script in _migration_files("sqlite")[:2]:
+            assert await db.apply_script_once(version, script, int(time.time()))
+        async with db.transaction() as conn:
+            await conn.execute(
+                "INSERT INTO licenses (subscription_id, practice_id, status, lookup_key, "
+                "current_period_start, current_period_end, updated_at) "
+                "VALUES ('sub_old', 'prac_old', 'past_due', 'aza_pro_monthly', 10, 20, 5)"
+            )
+
+        assert 3 in await migrate(db)
+
+        async with db.read() as conn:
+            row = await conn.fetchone(
+                "SELECT practice_id, status, lookup_key, current_period_start, "
+                "current_period_end, updated_at, stripe_event_created FROM licenses"
+            )
+        assert row is not None
+        assert tuple(row) == ("prac_old", "past_due", "aza_pro_monthly", 10, 20, 5, None)
+    finally:
+        await db.close()
