@@ -11,6 +11,9 @@
   (checked under the practice's lock, backed by the schema's unique indexes).
 - Stripe API calls a handler needs (retrieving a SetupIntent) happen before
   the transaction opens, never inside it.
+- Subscription events keep the newest state: a license row remembers the
+  `created` time of the event it last applied, and an older event, which
+  Stripe may deliver late or retry, changes nothing.
 """
 
 from __future__ import annotations
@@ -650,10 +653,33 @@ def _subscription_fields(sub: Mapping[str, Any]) -> tuple[str | None, int | None
     return (str(lookup_key) if lookup_key else None), start, end
 
 
+# Subscription statuses Stripe never moves a subscription out of.
+_FINAL_SUBSCRIPTION_STATUSES = ("canceled", "incomplete_expired")
+_FINAL_SQL = ", ".join(f"'{status}'" for status in _FINAL_SUBSCRIPTION_STATUSES)
+STALE_EVENT = "stale_event"
+
+
 async def process_subscription_event(
-    conn: Connection, sub: Mapping[str, Any], *, deleted: bool, now: int
+    conn: Connection,
+    sub: Mapping[str, Any],
+    *,
+    deleted: bool,
+    now: int,
+    event_created: int | None = None,
 ) -> HandlerResult:
-    """Keep `licenses` in sync with a Stripe subscription (status, plan, period)."""
+    """Keep `licenses` in sync with a Stripe subscription (status, plan, period).
+
+    Stripe does not deliver events in order and retries old deliveries, so
+    the row keeps the `created` time of the event it last applied
+    (`stripe_event_created`) and an older event changes nothing: it is
+    handled, with reason `stale_event`. An event as old as the stored one
+    applies (a retry of the same event writes the same state), except that
+    it cannot move a canceled or expired subscription back to a live status:
+    Stripe never does, so at equal times the final status is the newer one.
+    A NULL on either side (a row the admin route, CLI or demo wrote, an
+    event without `created`) never blocks; the database decides, in the
+    upsert itself.
+    """
     sub_id = normalize_stripe_id(sub.get("id"), "sub_")
     if sub_id is None:
         return HandlerResult(handled=False, reason="invalid_subscription")
@@ -665,12 +691,13 @@ async def process_subscription_event(
         log.warning("subscription event for an unknown practice ignored")
         return HandlerResult(handled=False, reason="unknown_practice")
     status = str(sub.get("status") or "")
-    if deleted and status not in ("canceled", "incomplete_expired"):
+    if deleted and status not in _FINAL_SUBSCRIPTION_STATUSES:
         status = "canceled"
     lookup_key, start, end = _subscription_fields(sub)
-    await conn.execute(
+    changed = await conn.execute(
         "INSERT INTO licenses (subscription_id, practice_id, customer_id, status, lookup_key, "
-        "current_period_start, current_period_end, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+        "current_period_start, current_period_end, stripe_event_created, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
         "ON CONFLICT (subscription_id) DO UPDATE SET practice_id = excluded.practice_id, "
         "customer_id = COALESCE(excluded.customer_id, licenses.customer_id), "
         "status = excluded.status, "
@@ -678,7 +705,15 @@ async def process_subscription_event(
         "current_period_start = COALESCE(excluded.current_period_start, "
         "licenses.current_period_start), "
         "current_period_end = COALESCE(excluded.current_period_end, licenses.current_period_end), "
-        "updated_at = excluded.updated_at",
+        "stripe_event_created = COALESCE(excluded.stripe_event_created, "
+        "licenses.stripe_event_created), "
+        "updated_at = excluded.updated_at "
+        "WHERE licenses.stripe_event_created IS NULL "
+        "OR excluded.stripe_event_created IS NULL "
+        "OR excluded.stripe_event_created > licenses.stripe_event_created "
+        "OR (excluded.stripe_event_created = licenses.stripe_event_created "
+        f"AND (COALESCE(licenses.status, '') NOT IN ({_FINAL_SQL}) "
+        f"OR excluded.status IN ({_FINAL_SQL})))",
         sub_id,
         str(practice_id),
         normalize_stripe_id(sub.get("customer"), "cus_"),
@@ -686,8 +721,12 @@ async def process_subscription_event(
         lookup_key,
         start,
         end,
+        event_created,
         now,
     )
+    if not changed:
+        log.info("out-of-order subscription event ignored (the license holds a newer state)")
+        return HandlerResult(handled=True, reason=STALE_EVENT)
     return HandlerResult(handled=True)
 
 
@@ -793,6 +832,8 @@ class WebhookHandler:
         event_id: str = event["id"]
         event_type: str = event["type"]
         obj: Mapping[str, Any] = event["data"]["object"]
+        # When Stripe created the event: orders subscription events delivered out of order.
+        event_created = _int_or_none(event.get("created"))
         retrieved = await self._prefetch(event_type, obj)
         lock = await self._lock_key(event_type, obj, event_id)
         answer: dict[str, Any] = {"received": True, "event_type": event_type, "event_id": event_id}
@@ -812,7 +853,9 @@ class WebhookHandler:
                         event_type,
                         now,
                     )
-                    result = await self._dispatch(conn, event_type, obj, event_id, retrieved, now)
+                    result = await self._dispatch(
+                        conn, event_type, obj, event_id, event_created, retrieved, now
+                    )
             except UniqueViolation:
                 # A concurrent delivery under another lock key committed first;
                 # the second attempt sees its work and reports a duplicate.
@@ -834,6 +877,7 @@ class WebhookHandler:
         event_type: str,
         obj: Mapping[str, Any],
         event_id: str,
+        event_created: int | None,
         retrieved: SetupIntentResult | None,
         now: int,
     ) -> HandlerResult:
@@ -897,6 +941,10 @@ class WebhookHandler:
             return await process_charge_refunded(conn, obj, now=now, event_id=event_id)
         if event_type in _SUBSCRIPTION_EVENTS:
             return await process_subscription_event(
-                conn, obj, deleted=event_type.endswith(".deleted"), now=now
+                conn,
+                obj,
+                deleted=event_type.endswith(".deleted"),
+                now=now,
+                event_created=event_created,
             )
         return IGNORED

@@ -92,13 +92,16 @@ def sign(payload: bytes, secret: str = WEBHOOK_SECRET, *, timestamp: int | None 
     return f"t={t},v1={mac}"
 
 
-def event(event_type: str, obj: dict[str, Any], *, event_id: str | None = None) -> bytes:
-    """A Stripe event body (bytes, as it arrives)."""
+def event(
+    event_type: str, obj: dict[str, Any], *, event_id: str | None = None, created: int | None = None
+) -> bytes:
+    """A Stripe event body (bytes, as it arrives), `created` now unless given."""
     return json.dumps(
         {
             "id": event_id or f"evt_{uuid.uuid4().hex[:16]}",
             "object": "event",
             "type": event_type,
+            "created": int(time.time()) if created is None else created,
             "data": {"object": obj},
         }
     ).encode()

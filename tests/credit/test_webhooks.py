@@ -18,13 +18,14 @@ from credit.errors import CreditError, WebhookSignatureError
 from credit.ledger import EventType, Status
 from credit.ports import Connection, Database, Row
 from credit.topup_settings import load_settings
-from credit.webhooks import process_setup_checkout_completed
+from credit.webhooks import process_setup_checkout_completed, process_subscription_event
 
 from .helpers import (
     PRACTICE,
     STRIPE_BASE,
     STRIPE_HTTPX_DEPRECATION,
     SUBSCRIPTION,
+    add_license,
     book,
     count,
     event,
@@ -570,10 +571,16 @@ async def test_incomplete_setup_keeps_existing_card(db: Database) -> None:
 
 
 def subscription(
-    status: str, *, lookup_key: str = "aza_basic_monthly", metadata: dict[str, str] | None = None
+    status: str,
+    *,
+    lookup_key: str = "aza_basic_monthly",
+    metadata: dict[str, str] | None = None,
+    sub_id: str = "sub_new",
+    period_start: int = 1_760_000_000,
+    period_end: int = 1_762_592_000,
 ) -> dict[str, Any]:
     return {
-        "id": "sub_new",
+        "id": sub_id,
         "object": "subscription",
         "customer": "cus_new",
         "status": status,
@@ -584,8 +591,8 @@ def subscription(
                 {
                     "id": "si_1",
                     "price": {"id": "price_1", "lookup_key": lookup_key},
-                    "current_period_start": 1_760_000_000,
-                    "current_period_end": 1_762_592_000,
+                    "current_period_start": period_start,
+                    "current_period_end": period_end,
                 }
             ],
         },
@@ -635,6 +642,167 @@ async def test_subscription_for_unknown_practice_ignored(db: Database) -> None:
     r = await deliver(service(db), event("customer.subscription.updated", subscription("active")))
     assert r["handled"] is False
     assert await count(db, "SELECT COUNT(*) FROM licenses") == 0
+
+
+# Stripe delivers events out of order and retries old ones: the newest event's state stays.
+
+T = 1_760_000_000  # an event's `created` (Unix seconds)
+MONTH = 2_592_000
+PRAC_SUB = {"practice_id": "prac_sub"}
+
+
+async def license_state(db: Database, sub_id: str = "sub_new") -> tuple[Any, ...]:
+    async with db.read() as conn:
+        row = await conn.fetchone(
+            "SELECT status, lookup_key, current_period_start, current_period_end, "
+            "stripe_event_created FROM licenses WHERE subscription_id = ?",
+            sub_id,
+        )
+    assert row is not None
+    return tuple(row[i] for i in range(5))
+
+
+async def test_older_update_after_a_newer_one_keeps_the_newer_state(db: Database) -> None:
+    """updated@T+60 (renewed, pro) then a late updated@T (past_due, basic): the first stays."""
+    svc = service(db)
+    newer = subscription(
+        "active",
+        lookup_key="aza_pro_monthly",
+        metadata=PRAC_SUB,
+        period_start=T + MONTH,
+        period_end=T + 2 * MONTH,
+    )
+    older = subscription("past_due", metadata=PRAC_SUB, period_start=T, period_end=T + MONTH)
+    first = await deliver(svc, event("customer.subscription.updated", newer, created=T + 60))
+    late = await deliver(svc, event("customer.subscription.updated", older, created=T))
+
+    assert first["result"]["reason"] is None
+    # Acknowledged (Stripe must not retry it), recorded, and nothing changed.
+    assert (late["handled"], late["duplicate"], late["result"]["reason"]) == (
+        True,
+        False,
+        "stale_event",
+    )
+    assert await count(db, EVENTS) == 2
+    assert await license_state(db) == (
+        "active",
+        "aza_pro_monthly",
+        T + MONTH,
+        T + 2 * MONTH,
+        T + 60,
+    )
+
+
+async def test_stale_update_after_deleted_stays_canceled(db: Database) -> None:
+    """created@T, deleted@T+20, then a retried updated@T+10 (active): still canceled."""
+    svc = service(db)
+    sub = subscription("active", metadata=PRAC_SUB)
+    await deliver(svc, event("customer.subscription.created", sub, created=T))
+    await deliver(
+        svc, event("customer.subscription.deleted", {**sub, "status": "canceled"}, created=T + 20)
+    )
+    late = await deliver(svc, event("customer.subscription.updated", sub, created=T + 10))
+    assert late["result"]["reason"] == "stale_event"
+    assert (await license_state(db))[0] == "canceled"
+    assert (await license_state(db))[4] == T + 20
+
+
+async def test_same_second_update_does_not_revive_a_deleted_subscription(db: Database) -> None:
+    """updated and deleted in one second, deleted delivered first: canceled is final."""
+    svc = service(db)
+    sub = subscription("active", metadata=PRAC_SUB)
+    await deliver(svc, event("customer.subscription.deleted", sub, created=T))
+    late = await deliver(svc, event("customer.subscription.updated", sub, created=T))
+    assert late["result"]["reason"] == "stale_event"
+    assert (await license_state(db))[0] == "canceled"
+
+
+async def test_events_of_the_same_second_apply(db: Database) -> None:
+    """Ties apply: two different updates with one `created` leave the one handled last."""
+    svc = service(db)
+    await deliver(
+        svc,
+        event(
+            "customer.subscription.updated", subscription("active", metadata=PRAC_SUB), created=T
+        ),
+    )
+    r = await deliver(
+        svc,
+        event(
+            "customer.subscription.updated", subscription("past_due", metadata=PRAC_SUB), created=T
+        ),
+    )
+    assert r["result"]["reason"] is None
+    assert (await license_state(db))[0] == "past_due"
+
+
+async def test_same_event_twice_is_idempotent(db: Database) -> None:
+    """A redelivered event is a duplicate; handled twice, it writes the same state."""
+    svc = service(db)
+    body = event(
+        "customer.subscription.updated",
+        subscription("past_due", lookup_key="aza_pro_monthly", metadata=PRAC_SUB),
+        created=T,
+    )
+    assert (await deliver(svc, body))["duplicate"] is False
+    assert (await deliver(svc, body))["duplicate"] is True
+    after_delivery = await license_state(db)
+    assert after_delivery == ("past_due", "aza_pro_monthly", 1_760_000_000, 1_762_592_000, T)
+
+    # The handler itself, again with the same event (as if its id had not been recorded).
+    sub = json.loads(body)["data"]["object"]
+    async with db.transaction(lock="prac_sub") as conn:
+        again = await process_subscription_event(
+            conn, sub, deleted=False, now=int(time.time()), event_created=T
+        )
+    assert (again.handled, again.reason) == (True, None)
+    assert await license_state(db) == after_delivery
+
+
+async def test_a_row_without_event_time_accepts_any_event(db: Database) -> None:
+    """Rows written outside the webhook (admin, CLI, demo, seed) have NULL: never blocking."""
+    await add_license(db)  # sub_top, active, its column NULL
+    assert (await license_state(db, SUBSCRIPTION))[4] is None
+    svc = service(db)
+    # Even an event from long ago applies to it, and from then on orders later ones.
+    r = await deliver(
+        svc,
+        event(
+            "customer.subscription.updated",
+            subscription("past_due", sub_id=SUBSCRIPTION, lookup_key="aza_pro_monthly"),
+            created=1_600_000_000,
+        ),
+    )
+    assert (r["handled"], r["result"]["reason"]) == (True, None)
+    assert await license_state(db, SUBSCRIPTION) == (
+        "past_due",
+        "aza_pro_monthly",
+        1_760_000_000,
+        1_762_592_000,
+        1_600_000_000,
+    )
+    stale = await deliver(
+        svc,
+        event(
+            "customer.subscription.updated",
+            subscription("active", sub_id=SUBSCRIPTION),
+            created=1_599_999_999,
+        ),
+    )
+    assert stale["result"]["reason"] == "stale_event"
+    assert (await license_state(db, SUBSCRIPTION))[0] == "past_due"
+
+
+async def test_an_event_without_created_applies_and_keeps_the_stored_time(db: Database) -> None:
+    """Stripe always sends `created`; a hand-made event without it applies, ordering nothing."""
+    svc = service(db)
+    sub = subscription("active", metadata=PRAC_SUB)
+    await deliver(svc, event("customer.subscription.updated", sub, created=T))
+    body = json.loads(event("customer.subscription.updated", {**sub, "status": "past_due"}))
+    del body["created"]
+    r = await deliver(svc, json.dumps(body).encode())
+    assert r["result"]["reason"] is None
+    assert await license_state(db) == ("past_due", "aza_basic_monthly", T, T + MONTH, T)
 
 
 def test_setup_ids_fixture_is_consistent() -> None:

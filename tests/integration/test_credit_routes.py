@@ -7,6 +7,7 @@ client (the gateway's own loopback traffic passes through untouched).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -254,6 +255,44 @@ async def test_webhook_replay_credits_once(http: httpx.AsyncClient, gw: Gateway)
     assert [(r["event_type"], r["status"], r["micros"]) for r in rows] == [
         ("topup_purchase", "succeeded", 10 * USD)
     ]
+
+
+async def test_a_late_subscription_update_does_not_revive_a_canceled_license(
+    http: httpx.AsyncClient, gw: Gateway
+) -> None:
+    """deleted, then an older updated (active) delivered late: both 200, the key stays blocked."""
+    now = int(time.time())
+    subscription = {
+        "id": "sub_top",  # the practice's license, written by the metering store (no event time)
+        "object": "subscription",
+        "customer": "cus_x",
+        "status": "active",
+        "metadata": {},
+        "items": {"object": "list", "data": []},
+    }
+
+    async def deliver(event_type: str, created: int) -> dict[str, Any]:
+        payload = event(event_type, subscription, created=created)
+        answer = await http.post(
+            "/v1/stripe/webhook", content=payload, headers={"Stripe-Signature": sign(payload)}
+        )
+        assert answer.status_code == 200, answer.text
+        return dict(answer.json())
+
+    deleted = await deliver("customer.subscription.deleted", now - 10)
+    assert (deleted["handled"], deleted["result"]["reason"]) == (True, None)
+    late = await deliver("customer.subscription.updated", now - 20)
+    assert (late["handled"], late["duplicate"], late["result"]["reason"]) == (
+        True,
+        False,
+        "stale_event",
+    )
+    with pytest.raises(openai.PermissionDeniedError) as caught:
+        await gw.client().chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+        )
+    assert caught.value.response.json()["error_code"] == "LICENSE_INACTIVE"
+    assert gw.fake.requests == 0
 
 
 async def test_topup_checkout_creates_a_stripe_session(
