@@ -396,6 +396,7 @@ async def process_auto_topup_payment_intent_succeeded(
     if meta is None or pi_id is None:
         return HandlerResult(handled=False, reason="invalid_metadata")
     existing = await find_purchase(conn, payment_intent_id=pi_id)
+    # Unlike a manual top-up's, a pending entry is no duplicate: this event settles it.
     if existing is not None and existing.status == Status.SUCCEEDED:
         return HandlerResult(handled=True, duplicate=True, ledger_id=existing.id)
     pending = await _pending_for(conn, payment_intent, meta.practice_id)
