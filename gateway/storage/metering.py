@@ -15,6 +15,7 @@ import itertools
 import logging
 import secrets
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -24,6 +25,7 @@ from budget.pricing import PlanBook
 from budget.snapshot import BudgetSnapshot, admit, split_charge
 from budget.usage import Usage
 from credit.ports import Connection, Database, DatabaseUnavailable, Row
+from gateway.storage.postgres import PostgresDatabase, advisory_key
 
 log = logging.getLogger("aza.metering")
 
@@ -66,6 +68,21 @@ SELECT lic.*, {_MONEY_COLUMNS}
 FROM (SELECT 1 AS one) AS base
 LEFT JOIN ({_BEST_LICENSE_SQL}) AS lic ON 1 = 1
 """
+
+# PostgreSQL: the gate and the settle as one statement each (functions of
+# migrations/postgresql/004_one_round_trip.sql; each call is its own transaction).
+_USABLE_STATUSES = sorted(str(status) for status in USABLE_STATUSES)
+_RESERVE_CALL = "SELECT * FROM aza_reserve(" + ", ".join("?" * 17) + ")"
+_SETTLE_CALL = "SELECT * FROM aza_settle(" + ", ".join("?" * 26) + ")"
+_LICENSE_ROW = (
+    "subscription_id",
+    "status",
+    "lookup_key",
+    "customer_id",
+    "customer_email",
+    "current_period_start",
+    "current_period_end",
+)
 
 
 def hash_key(raw_key: str) -> str:
@@ -120,6 +137,15 @@ class Hold:
 
 
 @dataclass(frozen=True, slots=True)
+class _Expected:
+    """A practice's license row (`_LICENSE_ROW`), period and budget at its last full gate."""
+
+    row: tuple[Any, ...]
+    period: Period
+    budget_micros: int
+
+
+@dataclass(frozen=True, slots=True)
 class Reservation:
     """The gate's answer: a hold, or the state that blocked it."""
 
@@ -154,6 +180,7 @@ class MeteringStore:
         period_grace_seconds: int = 172_800,
         clock: Callable[[], float] = time.time,
         retry_seconds: float = 900.0,
+        one_call: bool = True,
     ) -> None:
         self.db = db
         self.retry_seconds = retry_seconds
@@ -168,6 +195,15 @@ class MeteringStore:
         self._hold_seq = itertools.count(1)
         # The budget period each practice had at its last gate (a hint, see _state).
         self._period_hint: dict[str, int] = {}
+        # PostgreSQL: reserve and settle as one statement each (see _reserve_in_one_call),
+        # for the license row and period each practice had at its last full gate.
+        self._one_call: PostgresDatabase | None = (
+            db if one_call and isinstance(db, PostgresDatabase) else None
+        )
+        self._expected: dict[str, _Expected] = {}
+        # How often the one-statement gate answered, and how often it deferred
+        # to the transaction (a new period, a changed license); for tests and ops.
+        self.one_call_gates: Counter[str] = Counter()
 
     def now(self) -> int:
         return int(self._clock())
@@ -296,6 +332,17 @@ class MeteringStore:
 
     # -- budget -----------------------------------------------------------
 
+    def _judge(
+        self, row: Row, now: int
+    ) -> tuple[License | None, Period | None, LicenseProblem | None, int]:
+        """The license of a state row, its period now (or the problem) and its monthly budget."""
+        lic = None if row["practice_id"] is None else _license(row)
+        period_or_problem = current_period(lic, now, grace_seconds=self.period_grace_seconds)
+        budget = (self.plans.monthly_budget_micros(lic.lookup_key) if lic else None) or 0
+        if isinstance(period_or_problem, LicenseProblem):
+            return lic, None, period_or_problem, budget
+        return lic, period_or_problem, None, budget
+
     async def _state(self, conn: Connection, practice_id: str, now: int) -> BudgetState:
         """License, period and snapshot in one query (two when the period changed).
 
@@ -315,19 +362,16 @@ class MeteringStore:
             practice_id,
         )
         assert row is not None  # one row from `base`, the license joined or NULL
-        lic = None if row["practice_id"] is None else _license(row)
-        period_or_problem = current_period(lic, now, grace_seconds=self.period_grace_seconds)
-        if isinstance(period_or_problem, LicenseProblem):
-            period, problem = None, period_or_problem
-            period_start = -1
-        else:
-            period, problem = period_or_problem, None
-            period_start = period.start
+        lic, period, problem, budget = self._judge(row, now)
+        period_start = -1 if period is None else period.start
         used = int(row["used"])
         if period_start != expected:
             self._period_hint[practice_id] = period_start
             used = int(await conn.fetchval(_USED_SQL, practice_id, period_start))
-        budget = (self.plans.monthly_budget_micros(lic.lookup_key) if lic else None) or 0
+        if self._one_call is not None and period is not None:
+            self._expected[practice_id] = _Expected(
+                tuple(row[column] for column in _LICENSE_ROW), period, budget
+            )
         snapshot = BudgetSnapshot(
             budget_micros=budget,
             used_micros=used,
@@ -356,11 +400,21 @@ class MeteringStore:
         async with self.db.read() as conn:
             return await self._state(conn, practice_id, self.now())
 
+    def _new_hold_id(self) -> str:
+        return f"{self._hold_prefix}{next(self._hold_seq):08x}"
+
     async def reserve(
         self, practice_id: str, *, request_id: str, estimate_micros: int
     ) -> Reservation:
         """Check the budget and, when it admits the request, place its hold; atomically."""
         now = self.now()
+        expected = self._expected.get(practice_id)
+        if expected is not None:
+            reservation = await self._reserve_in_one_call(
+                practice_id, expected, request_id, estimate_micros, now
+            )
+            if reservation is not None:
+                return reservation
         # Shared: the block raises only when the database fails; DatabaseUnavailable
         # (also when its group was rolled back) is a 503.
         async with self.db.transaction(lock=practice_id, shared=True) as conn:
@@ -370,7 +424,7 @@ class MeteringStore:
             decision = admit(state.snapshot, estimate_micros)
             if not decision.admitted:
                 return Reservation(hold=None, state=state)
-            hold_id = f"{self._hold_prefix}{next(self._hold_seq):08x}"
+            hold_id = self._new_hold_id()
             await conn.execute(
                 "INSERT INTO ai_budget_holds (hold_id, practice_id, request_id, amount_micro_usd, "
                 "created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
@@ -392,8 +446,100 @@ class MeteringStore:
         )
         return Reservation(hold=hold, state=state)
 
+    async def _reserve_in_one_call(
+        self,
+        practice_id: str,
+        expected: _Expected,
+        request_id: str,
+        estimate_micros: int,
+        now: int,
+    ) -> Reservation | None:
+        """PostgreSQL: the gate as one statement, for the license and period seen last time.
+
+        `aza_reserve` takes the practice's lock, reads the state and places
+        the hold when the license row is still the expected one and the
+        budget admits it. Its answer is then judged by the same rules as the
+        transaction's (`current_period`, `admit`): when they agree, that is
+        the reservation. When they do not (the period ended, the license
+        expired or changed), a hold it placed is taken back and None tells
+        the caller to run the transaction.
+        """
+        assert self._one_call is not None
+        hold_id = self._new_hold_id()
+        (subscription_id, status, lookup_key, customer_id, email, start, end) = expected.row
+        row = await self._one_call.fetchone_locked(
+            practice_id,
+            _RESERVE_CALL,
+            advisory_key(practice_id),
+            practice_id,
+            _USABLE_STATUSES,
+            expected.period.start,
+            now,
+            subscription_id,
+            status,
+            lookup_key,
+            customer_id,
+            email,
+            start,
+            end,
+            expected.budget_micros,
+            estimate_micros,
+            hold_id,
+            request_id,
+            now + self.hold_ttl_seconds,
+        )
+        assert row is not None  # the function returns one row
+        held = row["hold_micro_usd"]
+        lic, period, problem, budget = self._judge(row, now)
+        agreed = False
+        if lic is not None and period == expected.period and budget == expected.budget_micros:
+            snapshot = BudgetSnapshot(
+                budget_micros=budget,
+                used_micros=int(row["used"]),
+                extra_credit_micros=int(row["credited"]) - int(row["credit_used"]),
+                held_micros=int(row["held"]),
+            )
+            decision = admit(snapshot, estimate_micros)
+            agreed = held == (decision.hold_micros if decision.admitted else None)
+        self.one_call_gates["answered" if agreed else "deferred"] += 1
+        if not agreed:
+            self._expected.pop(practice_id, None)
+            if held is not None:
+                await self._delete_hold(practice_id, hold_id)
+            return None
+        assert lic is not None and period is not None
+        state = BudgetState(license=lic, period=period, problem=problem, snapshot=snapshot)
+        if held is None:
+            return Reservation(hold=None, state=state)
+        hold = Hold(
+            hold_id=hold_id,
+            practice_id=practice_id,
+            request_id=request_id,
+            amount_micros=int(held),
+            license=lic,
+            period=period,
+            budget_micros=budget,
+        )
+        return Reservation(hold=hold, state=state)
+
+    async def _delete_hold(self, practice_id: str, hold_id: str) -> int:
+        """Delete one hold; a statement of its own (freeing budget needs no lock)."""
+
+        async def attempt() -> int:
+            async with self.db.read() as conn:
+                return await conn.execute(
+                    "DELETE FROM ai_budget_holds WHERE practice_id = ? AND hold_id = ?",
+                    practice_id,
+                    hold_id,
+                )
+
+        return await self._until_written(f"releasing hold {hold_id}", attempt)
+
     async def release(self, hold: Hold) -> bool:
         """Drop a hold without charging (upstream failed). False if it was gone already."""
+
+        if self._one_call is not None:
+            return await self._delete_hold(hold.practice_id, hold.hold_id) > 0
 
         async def attempt() -> int:
             # Shared: DatabaseUnavailable (a group rolled back) is retried.
@@ -426,6 +572,10 @@ class MeteringStore:
         now = self.now()
 
         async def attempt() -> tuple[tuple[int | None, int, int], BudgetSnapshot]:
+            if self._one_call is not None:
+                return await self._settle_in_one_call(
+                    hold, usage, cost_micros, device_id, status, started_at, now
+                )
             # Shared: DatabaseUnavailable (a group rolled back) is retried.
             async with self.db.transaction(lock=hold.practice_id, shared=True) as conn:
                 await conn.execute(
@@ -473,6 +623,71 @@ class MeteringStore:
             charged_credit_micros=settlement[2],
             state=state,
         )
+
+    async def _settle_in_one_call(
+        self,
+        hold: Hold,
+        usage: Usage,
+        cost_micros: int,
+        device_id: str | None,
+        status: str,
+        started_at: int | None,
+        now: int,
+    ) -> tuple[tuple[int | None, int, int], BudgetSnapshot]:
+        """PostgreSQL: the settle's statements as one (`aza_settle`), its own transaction."""
+        assert self._one_call is not None
+        lic, period = hold.license, hold.period
+        row = await self._one_call.fetchone_locked(
+            hold.practice_id,
+            _SETTLE_CALL,
+            advisory_key(hold.practice_id),
+            hold.hold_id,
+            hold.budget_micros,
+            now,
+            lic.practice_id,
+            lic.subscription_id,
+            lic.customer_email,
+            device_id,
+            hold.request_id,
+            str(usage.operation),
+            usage.model,
+            usage.input_tokens,
+            usage.cached_input_tokens,
+            usage.output_tokens,
+            usage.reasoning_tokens,
+            usage.total_tokens,
+            float(usage.audio_seconds),
+            usage.characters,
+            usage.images,
+            cost_micros,
+            hold.amount_micros,
+            int(usage.estimated),
+            period.start,
+            period.end,
+            status,
+            started_at,
+        )
+        assert row is not None  # the function returns one row
+        before = BudgetSnapshot(
+            budget_micros=hold.budget_micros,
+            used_micros=int(row["used"]),
+            extra_credit_micros=int(row["credited"]) - int(row["credit_used"]),
+            held_micros=int(row["held"]),
+        )
+        event_id = row["event_id"]
+        if event_id is None:
+            return (None, 0, 0), before
+        written = (int(event_id), int(row["to_budget"]), int(row["to_credit"]))
+        expected_split = split_charge(cost_micros, hold.budget_micros - before.used_micros)
+        if written[1:] != expected_split:
+            # The SQL and budget.snapshot.split_charge disagree: a bug to fix, loudly.
+            log.error(
+                "aza_settle split %s as %s, split_charge says %s",
+                hold.request_id,
+                written[1:],
+                expected_split,
+            )
+        return written, before
 
     async def record_usage(
         self,

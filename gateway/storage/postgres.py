@@ -179,6 +179,7 @@ class PostgresDatabase:
         self.schema = schema
         self._pool: asyncpg.Pool | None = None
         self._groups: dict[str, _Group] = {}  # the group new shared transactions on a key join
+        self._solo: dict[str, int] = {}  # `fetchone_locked` statements running alone, per key
         self._ending: set[asyncio.Task[None]] = set()  # COMMITs of groups under way
 
     async def connect(self) -> None:
@@ -421,6 +422,31 @@ class PostgresDatabase:
             # asyncpg has closed the connection; its work is committed or lost
             # with it, as the caller was told.
             log.warning("returning a PostgreSQL connection to the pool failed", exc_info=True)
+
+    async def fetchone_locked(self, key: str, sql: str, *args: Any) -> Row | None:
+        """One statement that takes `key`'s advisory lock itself (a function), committed.
+
+        Alone, it runs outside any transaction: PostgreSQL makes it its own
+        transaction, one round trip in all. While another such statement or
+        a group on the same key is under way in this process, it joins the
+        key's group instead (see `transaction(shared=True)`): those wait for
+        each other on the lock anyway, and one COMMIT (one WAL flush) for
+        many beats one each. Taking an advisory lock the transaction already
+        holds is allowed and free.
+        """
+        if self._solo.get(key) or key in self._groups:
+            async with self._shared_transaction(key) as conn:
+                return await conn.fetchone(sql, *args)
+        self._solo[key] = self._solo.get(key, 0) + 1
+        try:
+            async with self.read() as conn:
+                return await conn.fetchone(sql, *args)
+        finally:
+            left = self._solo[key] - 1
+            if left:
+                self._solo[key] = left
+            else:
+                del self._solo[key]
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[_PgConnection]:

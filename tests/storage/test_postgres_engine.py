@@ -20,6 +20,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import asyncpg
@@ -229,6 +230,32 @@ async def test_a_lone_shared_transaction_costs_what_an_unshared_one_does(schema:
         assert len(seen) == 3 and seen[0].startswith("BEGIN; SELECT pg_advisory_xact_lock(")
     finally:
         await close(db)
+
+
+async def test_a_lone_locked_statement_is_one_round_trip(schema: str) -> None:
+    """`fetchone_locked` alone: the statement and nothing else (no BEGIN, no COMMIT)."""
+    db = await open_engine(schema, pool_size=1)
+    try:
+        seen = await statements(db)
+        row = await db.fetchone_locked("k", INSERT, 1)
+        await passes()
+        assert row is not None
+        assert seen == ["INSERT INTO t (id) VALUES ($1) RETURNING xmin::text"]
+        assert db._solo == {}
+    finally:
+        await close(db)
+
+
+async def test_locked_statements_that_meet_share_a_group(
+    db: PostgresDatabase, observer: asyncpg.Connection
+) -> None:
+    """Ten at once on one key: the first runs alone, the others join one COMMIT."""
+    rows = await together(*(db.fetchone_locked("k", INSERT, i) for i in range(10)))
+    xids = [row[0] for row in rows if row is not None]
+    assert len(xids) == 10
+    assert 2 <= len(set(xids)) < 10
+    assert sorted(await committed(observer)) == list(range(10))
+    assert db._solo == {} and db._groups == {}
 
 
 async def test_nobody_joins_a_group_begun_too_long_ago(
@@ -458,13 +485,16 @@ def chat() -> Usage:
     return Usage(operation=Operation.CHAT, model="gpt-4o-mini", input_tokens=10, output_tokens=5)
 
 
-@pytest.fixture
-async def store(schema: str) -> AsyncIterator[MeteringStore]:
+@asynccontextmanager
+async def two_practices(schema: str, *, one_call: bool) -> AsyncIterator[MeteringStore]:
+    """A store on two practices with 20 USD a month each."""
     database = await open_database(pg_url_with_schema(schema), pool_size=20)
     assert isinstance(database, PostgresDatabase)
-    store = MeteringStore(database, plans=PlanBook.load(CONFIG_DIR / "plans.toml"))
+    store = MeteringStore(
+        database, plans=PlanBook.load(CONFIG_DIR / "plans.toml"), one_call=one_call
+    )
     now = int(time.time())
-    for practice in ("p1", "p2"):  # 20 USD a month each
+    for practice in ("p1", "p2"):
         await store.upsert_license(
             subscription_id=f"sub_{practice}",
             practice_id=practice,
@@ -479,10 +509,37 @@ async def store(schema: str) -> AsyncIterator[MeteringStore]:
         await close(database)
 
 
-async def test_store_bursts_admit_exactly_the_budget_in_grouped_transactions(
+@pytest.fixture(params=[False, True], ids=["transactions", "one-call"])
+async def store(schema: str, request: pytest.FixtureRequest) -> AsyncIterator[MeteringStore]:
+    """Reserve and settle in grouped transactions, or as one statement each."""
+    async with two_practices(schema, one_call=request.param) as store:
+        yield store
+
+
+@pytest.fixture
+async def grouped_store(schema: str) -> AsyncIterator[MeteringStore]:
+    """Reserve, settle and release always in (grouped) transactions."""
+    async with two_practices(schema, one_call=False) as store:
+        yield store
+
+
+async def test_store_bursts_admit_exactly_the_budget(
     store: MeteringStore, observer: asyncpg.Connection
 ) -> None:
-    """60 reservations of 1 USD on each of two practices: 20 each, then settled in groups."""
+    """60 reservations of 1 USD on each of two practices: 20 each, then settled.
+
+    Either way the settles share COMMITs (fewer transactions than events):
+    single calls that meet others on the same practice join a group. After
+    each practice's first gate, every gate was answered by the single call.
+    """
+    if store._one_call is not None:
+        for practice in ("p1", "p2"):  # the first gate of a practice is a transaction
+            assert (
+                await store.reserve(practice, request_id=f"w{practice}", estimate_micros=0)
+            ).hold
+        held = await observer.fetch("SELECT hold_id FROM ai_budget_holds")
+        assert len(held) == 2
+        await observer.execute("DELETE FROM ai_budget_holds")
     results = await together(
         *(
             store.reserve(f"p{1 + i % 2}", request_id=f"r{i}", estimate_micros=USD)
@@ -505,11 +562,16 @@ async def test_store_bursts_admit_exactly_the_budget_in_grouped_transactions(
     by_practice = {p: {e["x"] for e in events if e["practice_id"] == p} for p in ("p1", "p2")}
     assert by_practice["p1"].isdisjoint(by_practice["p2"])  # groups never mix practices
     assert len(events) == 40 and len(by_practice["p1"]) + len(by_practice["p2"]) < 40
+    if store._one_call is not None:
+        assert store.one_call_gates == {"answered": 120}
+    else:
+        assert not store.one_call_gates
 
 
 async def test_a_settle_rolled_back_with_its_group_is_retried_and_written_once(
-    store: MeteringStore, observer: asyncpg.Connection
+    grouped_store: MeteringStore, observer: asyncpg.Connection
 ) -> None:
+    store = grouped_store
     reservation = await store.reserve("p1", request_id="r1", estimate_micros=USD)
     assert reservation.hold is not None
     db = store.db
@@ -535,8 +597,9 @@ async def test_a_settle_rolled_back_with_its_group_is_retried_and_written_once(
 
 
 async def test_a_reserve_rolled_back_with_its_group_is_unavailable_and_holds_nothing(
-    store: MeteringStore,
+    grouped_store: MeteringStore,
 ) -> None:
+    store = grouped_store
     db = store.db
 
     async def failing() -> None:

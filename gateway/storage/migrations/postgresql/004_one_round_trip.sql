@@ -1,0 +1,198 @@
+-- The gate and the settle in one round trip each (PostgreSQL only).
+--
+-- A proxied request's metering took ten round trips on its own: BEGIN with
+-- the practice's advisory lock, the state read, the hold insert and COMMIT;
+-- then BEGIN with the lock, the hold delete, the money read, the usage event,
+-- the period totals and COMMIT. Each costs the gateway ~60 µs of CPU and the
+-- request a loopback wait. These functions do the same statements, in the
+-- same order, under the same advisory lock, as one statement: called outside
+-- a transaction, each is its own transaction, committed when it returns.
+--
+-- Inside a (volatile) PL/pgSQL function every statement takes a new snapshot
+-- under READ COMMITTED, so the reads after the lock see everything committed
+-- before it was granted, exactly as the separate statements did.
+--
+-- The gateway's Python code stays the judge (gateway/storage/metering.py):
+-- aza_reserve places a hold only for the license and period the caller saw
+-- last time (passed in) and with the arithmetic of budget.snapshot.admit;
+-- the caller checks the returned state with the Python rules and, when they
+-- disagree (a renewal, a new month, an expired license), takes the hold
+-- back and runs the ordinary transaction instead.
+
+CREATE OR REPLACE FUNCTION aza_reserve(
+    p_lock BIGINT,
+    p_practice_id TEXT,
+    p_usable TEXT[],
+    p_period_start BIGINT,
+    p_now BIGINT,
+    -- the license the caller expects (all its columns) and its monthly budget
+    p_subscription_id TEXT,
+    p_status TEXT,
+    p_lookup_key TEXT,
+    p_customer_id TEXT,
+    p_customer_email TEXT,
+    p_license_start BIGINT,
+    p_license_end BIGINT,
+    p_budget BIGINT,
+    -- the hold to place when admitted
+    p_estimate BIGINT,
+    p_hold_id TEXT,
+    p_request_id TEXT,
+    p_expires_at BIGINT
+) RETURNS TABLE (
+    subscription_id TEXT,
+    practice_id TEXT,
+    status TEXT,
+    lookup_key TEXT,
+    customer_id TEXT,
+    customer_email TEXT,
+    current_period_start BIGINT,
+    current_period_end BIGINT,
+    used BIGINT,
+    credited BIGINT,
+    credit_used BIGINT,
+    held BIGINT,
+    hold_micro_usd BIGINT
+)
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    lic RECORD;
+    available BIGINT;
+BEGIN
+    PERFORM pg_advisory_xact_lock(p_lock);
+    SELECT l.subscription_id, l.practice_id, l.status, l.lookup_key, l.customer_id,
+           l.customer_email, l.current_period_start, l.current_period_end
+      INTO lic
+      FROM licenses AS l
+     WHERE l.practice_id = p_practice_id
+     ORDER BY CASE WHEN l.status = ANY (p_usable) THEN 0 ELSE 1 END,
+              l.current_period_end DESC
+     LIMIT 1;
+    subscription_id := lic.subscription_id;
+    practice_id := lic.practice_id;
+    status := lic.status;
+    lookup_key := lic.lookup_key;
+    customer_id := lic.customer_id;
+    customer_email := lic.customer_email;
+    current_period_start := lic.current_period_start;
+    current_period_end := lic.current_period_end;
+    SELECT COALESCE(SUM(t.used_micro_usd), 0) INTO used
+      FROM ai_usage_period_totals AS t
+     WHERE t.practice_id = p_practice_id AND t.period_start = p_period_start;
+    SELECT COALESCE(SUM(c.amount_internal_micro_usd), 0) INTO credited
+      FROM ai_credit_ledger AS c
+     WHERE c.practice_id = p_practice_id AND c.status = 'succeeded';
+    SELECT COALESCE(SUM(t.used_credit_micro_usd), 0) INTO credit_used
+      FROM ai_usage_period_totals AS t
+     WHERE t.practice_id = p_practice_id;
+    SELECT COALESCE(SUM(h.amount_micro_usd), 0) INTO held
+      FROM ai_budget_holds AS h
+     WHERE h.practice_id = p_practice_id AND h.expires_at > p_now;
+    hold_micro_usd := NULL;
+    IF lic.subscription_id IS NOT DISTINCT FROM p_subscription_id
+       AND lic.status IS NOT DISTINCT FROM p_status
+       AND lic.lookup_key IS NOT DISTINCT FROM p_lookup_key
+       AND lic.customer_id IS NOT DISTINCT FROM p_customer_id
+       AND lic.customer_email IS NOT DISTINCT FROM p_customer_email
+       AND lic.current_period_start IS NOT DISTINCT FROM p_license_start
+       AND lic.current_period_end IS NOT DISTINCT FROM p_license_end
+    THEN
+        -- budget.snapshot.admit: remaining (never below 0) + extra credit - holds.
+        available := GREATEST(0, p_budget - used) + (credited - credit_used) - held;
+        IF available > 0 THEN
+            hold_micro_usd := GREATEST(1, LEAST(p_estimate, available));
+            INSERT INTO ai_budget_holds (hold_id, practice_id, request_id, amount_micro_usd,
+                                         created_at, expires_at)
+            VALUES (p_hold_id, p_practice_id, p_request_id, hold_micro_usd, p_now, p_expires_at);
+        END IF;
+    END IF;
+    RETURN NEXT;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION aza_settle(
+    p_lock BIGINT,
+    p_hold_id TEXT,
+    p_budget BIGINT,
+    p_now BIGINT,
+    -- the usage event (ai_usage_events' columns, in its order)
+    p_practice_id TEXT,
+    p_subscription_id TEXT,
+    p_customer_email TEXT,
+    p_device_id TEXT,
+    p_request_id TEXT,
+    p_operation_type TEXT,
+    p_model TEXT,
+    p_input_tokens BIGINT,
+    p_cached_input_tokens BIGINT,
+    p_output_tokens BIGINT,
+    p_reasoning_tokens BIGINT,
+    p_total_tokens BIGINT,
+    p_audio_seconds DOUBLE PRECISION,
+    p_characters BIGINT,
+    p_images BIGINT,
+    p_cost BIGINT,
+    p_hold_micro_usd BIGINT,
+    p_usage_estimated BIGINT,
+    p_period_start BIGINT,
+    p_period_end BIGINT,
+    p_status TEXT,
+    p_started_at BIGINT
+) RETURNS TABLE (
+    event_id BIGINT,
+    to_budget BIGINT,
+    to_credit BIGINT,
+    used BIGINT,
+    credited BIGINT,
+    credit_used BIGINT,
+    held BIGINT
+)
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(p_lock);
+    DELETE FROM ai_budget_holds AS h
+     WHERE h.practice_id = p_practice_id AND h.hold_id = p_hold_id;
+    SELECT COALESCE(SUM(t.used_micro_usd), 0) INTO used
+      FROM ai_usage_period_totals AS t
+     WHERE t.practice_id = p_practice_id AND t.period_start = p_period_start;
+    SELECT COALESCE(SUM(c.amount_internal_micro_usd), 0) INTO credited
+      FROM ai_credit_ledger AS c
+     WHERE c.practice_id = p_practice_id AND c.status = 'succeeded';
+    SELECT COALESCE(SUM(t.used_credit_micro_usd), 0) INTO credit_used
+      FROM ai_usage_period_totals AS t
+     WHERE t.practice_id = p_practice_id;
+    SELECT COALESCE(SUM(h.amount_micro_usd), 0) INTO held
+      FROM ai_budget_holds AS h
+     WHERE h.practice_id = p_practice_id AND h.expires_at > p_now;
+    -- budget.snapshot.split_charge: the monthly budget first, the rest from credit.
+    to_budget := LEAST(p_cost, GREATEST(0, p_budget - used));
+    to_credit := p_cost - to_budget;
+    INSERT INTO ai_usage_events (practice_id, subscription_id, customer_email, device_id,
+        request_id, operation_type, model, input_tokens, cached_input_tokens, output_tokens,
+        reasoning_tokens, total_tokens, audio_seconds, characters, images,
+        estimated_cost_micro_usd, charged_budget_micro_usd, charged_credit_micro_usd,
+        hold_micro_usd, usage_estimated, period_start, period_end, status, started_at,
+        created_at)
+    VALUES (p_practice_id, p_subscription_id, p_customer_email, p_device_id,
+        p_request_id, p_operation_type, p_model, p_input_tokens, p_cached_input_tokens,
+        p_output_tokens, p_reasoning_tokens, p_total_tokens, p_audio_seconds, p_characters,
+        p_images, p_cost, to_budget, to_credit, p_hold_micro_usd, p_usage_estimated,
+        p_period_start, p_period_end, p_status, p_started_at, p_now)
+    ON CONFLICT (request_id) DO NOTHING
+    RETURNING id INTO event_id;
+    IF event_id IS NULL THEN
+        -- Settled before: nothing charged now.
+        to_budget := 0;
+        to_credit := 0;
+    ELSE
+        INSERT INTO ai_usage_period_totals AS t (practice_id, period_start, used_micro_usd,
+                                                 used_credit_micro_usd, events)
+        VALUES (p_practice_id, p_period_start, p_cost, to_credit, 1)
+        ON CONFLICT (practice_id, period_start) DO UPDATE SET
+            used_micro_usd = t.used_micro_usd + excluded.used_micro_usd,
+            used_credit_micro_usd = t.used_credit_micro_usd + excluded.used_credit_micro_usd,
+            events = t.events + 1;
+    END IF;
+    RETURN NEXT;
+END;
+$$;

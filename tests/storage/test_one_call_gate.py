@@ -1,0 +1,265 @@
+"""PostgreSQL: the gate and the settle as one statement each (`aza_reserve`, `aza_settle`).
+
+The single calls must decide exactly what the transactions decide: the same
+admissions, hold amounts, budget/credit splits and states, with no hold left
+behind when the Python rules overrule the call (a new period, an expired or
+changed license).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import pytest
+
+from budget.license import LicenseProblem
+from budget.pricing import PlanBook
+from budget.usage import Operation, Usage
+from config import CONFIG_DIR
+from gateway.storage import open_database
+from gateway.storage.metering import MeteringStore
+from gateway.storage.postgres import PostgresDatabase
+from tests.conftest import create_schema, drop_schema, pg_url_with_schema, skip_without_postgres
+
+pytestmark = pytest.mark.postgres
+
+USD = 1_000_000
+DAY = 86_400
+START = 1_790_000_000  # a fixed "now" for the clocks below
+
+
+def chat() -> Usage:
+    return Usage(operation=Operation.CHAT, model="gpt-4o-mini", input_tokens=10, output_tokens=5)
+
+
+@dataclass
+class Clock:
+    now: float = float(START)
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@asynccontextmanager
+async def engine() -> AsyncIterator[PostgresDatabase]:
+    skip_without_postgres()
+    schema = "t_" + uuid.uuid4().hex[:16]
+    await create_schema(schema)
+    db = await open_database(pg_url_with_schema(schema), pool_size=10)
+    assert isinstance(db, PostgresDatabase)
+    try:
+        yield db
+    finally:
+        await db.close()
+        await drop_schema(schema)
+
+
+def store_on(
+    db: PostgresDatabase, clock: Callable[[], float], *, one_call: bool = True
+) -> MeteringStore:
+    return MeteringStore(
+        db, plans=PlanBook.load(CONFIG_DIR / "plans.toml"), clock=clock, one_call=one_call
+    )
+
+
+async def license_for(
+    store: MeteringStore,
+    *,
+    subscription_id: str = "sub_p",
+    lookup_key: str = "aza_basic_monthly",  # 20 USD a month
+    start: int = START - DAY,
+    end: int = START + 29 * DAY,
+    status: str = "active",
+) -> None:
+    await store.upsert_license(
+        subscription_id=subscription_id,
+        practice_id="p",
+        lookup_key=lookup_key,
+        status=status,
+        period_start=start,
+        period_end=end,
+    )
+
+
+async def add_credit(db: PostgresDatabase, micros: int) -> None:
+    async with db.transaction() as conn:
+        await conn.execute(
+            "INSERT INTO ai_credit_ledger (practice_id, event_type, status, "
+            "amount_internal_micro_usd, created_at, updated_at) "
+            "VALUES ('p', 'topup_purchase', 'succeeded', ?, 0, 0)",
+            micros,
+        )
+
+
+async def holds(db: PostgresDatabase) -> int:
+    async with db.read() as conn:
+        return int(await conn.fetchval("SELECT COUNT(*) FROM ai_budget_holds"))
+
+
+async def script(db: PostgresDatabase, *, one_call: bool, seed: int) -> list[object]:
+    """A random month of requests, credit and failures; everything the store answered."""
+    rng = random.Random(seed)
+    clock = Clock()
+    store = store_on(db, clock, one_call=one_call)
+    await license_for(store)
+    seen: list[object] = []
+    open_holds = []
+    for step in range(120):
+        clock.now += rng.randint(0, 3_000)
+        roll = rng.random()
+        if roll < 0.05:
+            micros = rng.choice([1, USD, 3 * USD])
+            await add_credit(db, micros)
+            seen.append(("credit", micros))
+            continue
+        if roll < 0.15 and open_holds:
+            hold = open_holds.pop(rng.randrange(len(open_holds)))
+            seen.append(("release", await store.release(hold)))
+            continue
+        if roll < 0.55 and open_holds:
+            hold = open_holds.pop(rng.randrange(len(open_holds)))
+            cost = rng.choice([0, 1, hold.amount_micros, rng.randint(1, 2 * USD)])
+            done = await store.settle(hold, chat(), cost_micros=cost, device_id=None)
+            seen.append(
+                (
+                    "settle",
+                    done.event_id is not None,
+                    done.charged_budget_micros,
+                    done.charged_credit_micros,
+                    done.state.snapshot if done.state else None,
+                )
+            )
+            continue
+        estimate = rng.choice([0, 1, USD // 10, USD, 5 * USD, 30 * USD])
+        res = await store.reserve("p", request_id=f"r{step}", estimate_micros=estimate)
+        seen.append(
+            (
+                "reserve",
+                res.hold.amount_micros if res.hold else None,
+                res.state.snapshot,
+                res.state.period,
+                res.state.problem,
+            )
+        )
+        if res.hold is not None:
+            open_holds.append(res.hold)
+    for hold in open_holds:
+        await store.settle(hold, chat(), cost_micros=hold.amount_micros, device_id=None)
+    state = await store.state("p")
+    seen.append(("end", state.snapshot, await holds(db)))
+    if one_call:
+        # Most gates were single calls; without them this test would prove nothing.
+        assert store.one_call_gates["answered"] > 20
+    else:
+        assert not store.one_call_gates
+    assert list(await store.totals_mismatches()) == []
+    return seen
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_single_calls_decide_exactly_what_transactions_decide(seed: int) -> None:
+    async with engine() as by_transactions, engine() as by_calls:
+        expected = await script(by_transactions, one_call=False, seed=seed)
+        got = await script(by_calls, one_call=True, seed=seed)
+    assert got == expected
+    # The scripts reach every kind of outcome.
+    kinds = {(entry[0], entry[1] is None) for entry in expected if entry[0] == "reserve"}
+    assert kinds == {("reserve", True), ("reserve", False)}
+    splits = [entry for entry in expected if entry[0] == "settle" and entry[2] and entry[3]]
+    assert splits, "no settle crossed from the monthly budget into credit"
+
+
+async def test_a_new_month_is_not_charged_to_the_old_one() -> None:
+    """A manual license's period ends: the call defers, the gate reads the new month."""
+    async with engine() as db:
+        clock = Clock()
+        store = store_on(db, clock)
+        await license_for(store, subscription_id="manual_p", end=START + DAY)
+        first = await store.reserve("p", request_id="a", estimate_micros=20 * USD)
+        assert first.hold is not None
+        await store.settle(first.hold, chat(), cost_micros=20 * USD, device_id=None)
+        blocked = await store.reserve("p", request_id="b", estimate_micros=USD)
+        assert blocked.hold is None and store.one_call_gates == {"answered": 1}
+        clock.now = START + 2 * DAY  # the license's own period is over
+        again = await store.reserve("p", request_id="c", estimate_micros=USD)
+        assert again.hold is not None
+        assert again.state.period is not None and again.state.period != first.hold.period
+        assert again.state.snapshot.used_micros == 0
+        assert store.one_call_gates == {"answered": 1, "deferred": 1}
+        assert await holds(db) == 1
+
+
+async def test_an_expired_license_gets_no_hold_from_the_call() -> None:
+    """The call still matches the license row, but the Python rules say it has expired."""
+    async with engine() as db:
+        clock = Clock()
+        store = store_on(db, clock)
+        await license_for(store, end=START + DAY)
+        ok = await store.reserve("p", request_id="a", estimate_micros=USD)
+        assert ok.hold is not None
+        await store.release(ok.hold)
+        clock.now = START + DAY + store.period_grace_seconds + 1
+        late = await store.reserve("p", request_id="b", estimate_micros=USD)
+        assert late.hold is None
+        assert late.state.problem is LicenseProblem.EXPIRED
+        assert store.one_call_gates == {"deferred": 1}
+        assert await holds(db) == 0
+
+
+async def test_a_changed_plan_applies_at_the_next_gate() -> None:
+    """An upgrade changes the license row: the call defers and the new budget counts."""
+    async with engine() as db:
+        clock = Clock()
+        store = store_on(db, clock)
+        await license_for(store)
+        first = await store.reserve("p", request_id="a", estimate_micros=20 * USD)
+        assert first.hold is not None and first.hold.budget_micros == 20 * USD
+        await store.settle(first.hold, chat(), cost_micros=20 * USD, device_id=None)
+        assert (await store.reserve("p", request_id="b", estimate_micros=USD)).hold is None
+        await license_for(store, lookup_key="aza_team_monthly")
+        upgraded = await store.reserve("p", request_id="c", estimate_micros=USD)
+        assert upgraded.hold is not None
+        assert upgraded.hold.budget_micros > 20 * USD
+        assert store.one_call_gates == {"answered": 1, "deferred": 1}
+
+
+async def test_a_second_settle_of_a_request_charges_nothing() -> None:
+    async with engine() as db:
+        store = store_on(db, Clock())
+        await license_for(store)
+        await store.reserve("p", request_id="warm", estimate_micros=0)
+        res = await store.reserve("p", request_id="a", estimate_micros=USD)
+        assert res.hold is not None and store.one_call_gates == {"answered": 1}
+        once = await store.settle(res.hold, chat(), cost_micros=USD, device_id=None)
+        twice = await store.settle(res.hold, chat(), cost_micros=USD, device_id=None)
+        assert once.event_id is not None and twice.event_id is None
+        assert (twice.charged_budget_micros, twice.charged_credit_micros) == (0, 0)
+        assert (await store.state("p")).snapshot.used_micros == USD
+        assert list(await store.totals_mismatches()) == []
+
+
+async def test_two_instances_racing_admit_exactly_the_budget() -> None:
+    """Two stores (two gateway processes) on one practice: 20 USD admit 20 holds of 1 USD."""
+    async with engine() as db:
+        clock = Clock()
+        one, other = store_on(db, clock), store_on(db, clock)
+        await license_for(one)
+        for store in (one, other):  # each learns the license with a first gate
+            warm = await store.reserve("p", request_id=f"w{id(store)}", estimate_micros=0)
+            assert warm.hold is not None
+            await store.release(warm.hold)
+        results = await asyncio.gather(
+            *(
+                (one if i % 2 else other).reserve("p", request_id=f"r{i}", estimate_micros=USD)
+                for i in range(60)
+            )
+        )
+        admitted = [r.hold for r in results if r.hold is not None]
+        assert len(admitted) == 20 and all(h.amount_micros == USD for h in admitted)
+        assert one.one_call_gates["answered"] + other.one_call_gates["answered"] == 60
+        assert await holds(db) == 20
