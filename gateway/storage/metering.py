@@ -72,7 +72,8 @@ LEFT JOIN ({_BEST_LICENSE_SQL}) AS lic ON 1 = 1
 # PostgreSQL: the gate and the settle as one statement each (functions of
 # migrations/postgresql/004_one_round_trip.sql; each call is its own transaction).
 _USABLE_STATUSES = sorted(str(status) for status in USABLE_STATUSES)
-_RESERVE_CALL = "SELECT * FROM aza_reserve(" + ", ".join("?" * 17) + ")"
+_RESERVE_CALL = "SELECT * FROM aza_reserve(" + ", ".join("?" * 17) + ", true)"
+_RESERVE_CALL_ALONE = "SELECT * FROM aza_reserve(" + ", ".join("?" * 17) + ", false)"
 _SETTLE_CALL = "SELECT * FROM aza_settle(" + ", ".join("?" * 26) + ")"
 _LICENSE_ROW = (
     "subscription_id",
@@ -470,6 +471,7 @@ class MeteringStore:
         row = await self._one_call.fetchone_locked(
             practice_id,
             _RESERVE_CALL,
+            _RESERVE_CALL_ALONE,
             advisory_key(practice_id),
             practice_id,
             _USABLE_STATUSES,
@@ -639,6 +641,7 @@ class MeteringStore:
         lic, period = hold.license, hold.period
         row = await self._one_call.fetchone_locked(
             hold.practice_id,
+            _SETTLE_CALL,
             _SETTLE_CALL,
             advisory_key(hold.practice_id),
             hold.hold_id,

@@ -72,6 +72,9 @@ _PLACEHOLDER = re.compile(r"\?")
 # PostgreSQL transaction, and none joins a group begun longer ago than this.
 GROUP_LIMIT = 16
 GROUP_SECONDS = 0.020
+# `fetchone_locked`: this many statements on one key run on their own at a
+# time (two: a request's settle and the next request's gate, at low load).
+SOLO_LIMIT = 2
 
 # Errors that mean "the database is not there right now", as opposed to a bug
 # in a statement: they become DatabaseUnavailable (HTTP 503, retry later).
@@ -423,24 +426,27 @@ class PostgresDatabase:
             # with it, as the caller was told.
             log.warning("returning a PostgreSQL connection to the pool failed", exc_info=True)
 
-    async def fetchone_locked(self, key: str, sql: str, *args: Any) -> Row | None:
+    async def fetchone_locked(self, key: str, sql: str, alone_sql: str, *args: Any) -> Row | None:
         """One statement that takes `key`'s advisory lock itself (a function), committed.
 
-        Alone, it runs outside any transaction: PostgreSQL makes it its own
-        transaction, one round trip in all. While another such statement or
-        a group on the same key is under way in this process, it joins the
-        key's group instead (see `transaction(shared=True)`): those wait for
-        each other on the lock anyway, and one COMMIT (one WAL flush) for
-        many beats one each. Taking an advisory lock the transaction already
-        holds is allowed and free.
+        Alone, `alone_sql` runs outside any transaction: PostgreSQL makes it
+        its own transaction, one round trip in all. When `SOLO_LIMIT` such
+        statements on the key are already under way in this process, or a
+        group on it is, `sql` (the same parameters) joins the key's group
+        instead (see `transaction(shared=True)`): they wait for each other on
+        the lock anyway, and one COMMIT (one WAL flush) for many beats one
+        each. Taking an advisory lock the transaction already holds is free.
+        The two texts let a statement decide things only its own transaction
+        may (`aza_reserve` skips waiting for the WAL flush of a lone hold).
         """
-        if self._solo.get(key) or key in self._groups:
+        running = self._solo.get(key, 0)
+        if running >= SOLO_LIMIT or key in self._groups:
             async with self._shared_transaction(key) as conn:
                 return await conn.fetchone(sql, *args)
-        self._solo[key] = self._solo.get(key, 0) + 1
+        self._solo[key] = running + 1
         try:
             async with self.read() as conn:
-                return await conn.fetchone(sql, *args)
+                return await conn.fetchone(alone_sql, *args)
         finally:
             left = self._solo[key] - 1
             if left:

@@ -263,3 +263,21 @@ async def test_two_instances_racing_admit_exactly_the_budget() -> None:
         assert len(admitted) == 20 and all(h.amount_micros == USD for h in admitted)
         assert one.one_call_gates["answered"] + other.one_call_gates["answered"] == 60
         assert await holds(db) == 20
+
+
+async def test_a_lone_gate_leaves_its_connection_durable() -> None:
+    """The lone reserve skips the WAL flush for its own transaction only."""
+    async with engine() as db:
+        small = await open_database(db.dsn, pool_size=1)
+        assert isinstance(small, PostgresDatabase)
+        try:
+            store = store_on(small, Clock())
+            await license_for(store)
+            for request_id in ("a", "b", "c"):
+                res = await store.reserve("p", request_id=request_id, estimate_micros=USD)
+                assert res.hold is not None
+            assert store.one_call_gates == {"answered": 2}
+            async with small.read() as conn:
+                assert await conn.fetchval("SHOW synchronous_commit") == "on"
+        finally:
+            await small.close()

@@ -32,7 +32,7 @@ from config import CONFIG_DIR
 from credit.ports import DatabaseUnavailable, UniqueViolation
 from gateway.storage import open_database
 from gateway.storage.metering import MeteringStore
-from gateway.storage.postgres import GROUP_LIMIT, GROUP_SECONDS, PostgresDatabase
+from gateway.storage.postgres import GROUP_LIMIT, GROUP_SECONDS, SOLO_LIMIT, PostgresDatabase
 from tests.conftest import create_schema, drop_schema, pg_url_with_schema, skip_without_postgres
 
 pytestmark = pytest.mark.postgres
@@ -237,7 +237,7 @@ async def test_a_lone_locked_statement_is_one_round_trip(schema: str) -> None:
     db = await open_engine(schema, pool_size=1)
     try:
         seen = await statements(db)
-        row = await db.fetchone_locked("k", INSERT, 1)
+        row = await db.fetchone_locked("k", INSERT, INSERT, 1)
         await passes()
         assert row is not None
         assert seen == ["INSERT INTO t (id) VALUES ($1) RETURNING xmin::text"]
@@ -249,11 +249,11 @@ async def test_a_lone_locked_statement_is_one_round_trip(schema: str) -> None:
 async def test_locked_statements_that_meet_share_a_group(
     db: PostgresDatabase, observer: asyncpg.Connection
 ) -> None:
-    """Ten at once on one key: the first runs alone, the others join one COMMIT."""
-    rows = await together(*(db.fetchone_locked("k", INSERT, i) for i in range(10)))
+    """Ten at once on one key: the first SOLO_LIMIT run alone, the others share COMMITs."""
+    rows = await together(*(db.fetchone_locked("k", INSERT, INSERT, i) for i in range(10)))
     xids = [row[0] for row in rows if row is not None]
     assert len(xids) == 10
-    assert 2 <= len(set(xids)) < 10
+    assert SOLO_LIMIT + 1 <= len(set(xids)) < 10
     assert sorted(await committed(observer)) == list(range(10))
     assert db._solo == {} and db._groups == {}
 

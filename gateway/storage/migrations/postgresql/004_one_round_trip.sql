@@ -38,7 +38,10 @@ CREATE OR REPLACE FUNCTION aza_reserve(
     p_estimate BIGINT,
     p_hold_id TEXT,
     p_request_id TEXT,
-    p_expires_at BIGINT
+    p_expires_at BIGINT,
+    -- false: commit without waiting for the WAL flush (only when this call is
+    -- its own transaction: a group's COMMIT holds usage events too)
+    p_durable BOOLEAN
 ) RETURNS TABLE (
     subscription_id TEXT,
     practice_id TEXT,
@@ -104,6 +107,13 @@ BEGIN
             INSERT INTO ai_budget_holds (hold_id, practice_id, request_id, amount_micro_usd,
                                          created_at, expires_at)
             VALUES (p_hold_id, p_practice_id, p_request_id, hold_micro_usd, p_now, p_expires_at);
+            IF NOT p_durable THEN
+                -- A hold is not money: a server crash that loses it loses no
+                -- usage (the settle writes its event all the same) and nothing
+                -- else is written here. Not waiting for the flush takes ~0.12 ms
+                -- off the request and off the time the practice's lock is held.
+                PERFORM set_config('synchronous_commit', 'off', true);
+            END IF;
         END IF;
     END IF;
     RETURN NEXT;
