@@ -231,13 +231,18 @@ def _json_object(body: bytes) -> dict[str, Any]:
     return data
 
 
+# Made once: json.dumps with options builds a new encoder on every call.
+_COMPACT_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_ASCII_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def _compact_json(data: Mapping[str, Any]) -> bytes:
     try:
-        return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+        return _COMPACT_ENCODER.encode(data).encode()
     except UnicodeEncodeError:
         # A lone surrogate ("\ud800") read from the client's escapes cannot be
         # UTF-8 encoded; escape it back the way the client sent it.
-        return json.dumps(data, separators=(",", ":")).encode()
+        return _ASCII_ENCODER.encode(data).encode()
 
 
 def _optional_bool(data: Mapping[str, Any], key: str) -> bool | None:
@@ -383,7 +388,7 @@ def usage_from_response(info: RequestInfo, body: bytes) -> Usage | None:
     op = info.operation
     if op is Operation.SPEECH:
         return Usage(op, info.model, characters=info.characters)
-    data = _response_json(body)
+    data = _exact_json(body)
     model = info.model
     if data is not None and isinstance(data.get("model"), str) and data["model"]:
         model = data["model"]
@@ -411,10 +416,17 @@ def usage_from_response(info: RequestInfo, body: bytes) -> Usage | None:
     return Usage(op, model, **_usage_tokens(op, usage))
 
 
-def _response_json(body: bytes) -> dict[str, Any] | None:
+# Decimal for fractions: durations stay exact. One decoder for all: json.loads
+# with parse_float builds a new decoder and scanner on every call, which cost
+# more than decoding a chat completion (~9 % of a request's CPU in-process).
+_EXACT_DECODER = json.JSONDecoder(parse_float=Decimal)
+
+
+def _exact_json(text: bytes) -> dict[str, Any] | None:
+    """A JSON object with exact fractions, or None (not JSON, or not an object)."""
     try:
-        # Decimal for fractions: durations stay exact.
-        data = json.loads(body, parse_float=Decimal)
+        # As json.loads does with bytes: UTF-8/16/32 detected, lone surrogates kept.
+        data = _EXACT_DECODER.decode(text.decode(json.detect_encoding(text), "surrogatepass"))
     except (ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
@@ -503,11 +515,7 @@ def _event_data(event: bytes) -> bytes:
 
 
 def _event_json(event: bytes) -> dict[str, Any] | None:
-    try:
-        data = json.loads(_event_data(event), parse_float=Decimal)
-    except (ValueError, RecursionError):
-        return None
-    return data if isinstance(data, dict) else None
+    return _exact_json(_event_data(event))
 
 
 class StreamTap:

@@ -2,6 +2,7 @@
 
 import json
 from collections.abc import Callable, Iterator
+from decimal import Decimal
 
 import pytest
 
@@ -111,22 +112,22 @@ def test_chat_tap_is_identity_when_client_wants_usage(line_end: Callable[[bytes]
 
 
 def test_chat_tap_parses_only_the_usage_event(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Content chunks are never JSON-parsed: one json.loads call for the whole stream."""
+    """Content chunks are never JSON-parsed: one JSON decode for the whole stream."""
     import budget.usage
 
-    calls = []
-    real_loads = json.loads
+    calls: list[str] = []
 
-    def counting_loads(*args: object, **kwargs: object) -> object:
-        calls.append(args[0])
-        return real_loads(*args, **kwargs)  # type: ignore[arg-type]
+    class CountingDecoder(json.JSONDecoder):
+        def decode(self, s: str, *args: object, **kwargs: object) -> object:
+            calls.append(s)
+            return super().decode(s)
 
-    monkeypatch.setattr(budget.usage.json, "loads", counting_loads)
+    monkeypatch.setattr(budget.usage, "_EXACT_DECODER", CountingDecoder(parse_float=Decimal))
     tap = stream_tap_for(chat_info(wants_usage=False))
     for event in CHAT_EVENTS:
         tap.feed(event)
     tap.close()
-    assert len(calls) == 1
+    assert len(calls) == 1 and '"usage"' in calls[0]
     assert tap.usage() == CHAT_USAGE
 
 
