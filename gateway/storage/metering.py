@@ -114,6 +114,22 @@ def _license(row: Row) -> License:
     )
 
 
+def _usage_columns(usage: Usage) -> tuple[Any, ...]:
+    """A usage event's usage columns, operation_type to images, in the table's order."""
+    return (
+        str(usage.operation),
+        usage.model,
+        usage.input_tokens,
+        usage.cached_input_tokens,
+        usage.output_tokens,
+        usage.reasoning_tokens,
+        usage.total_tokens,
+        float(usage.audio_seconds),
+        usage.characters,
+        usage.images,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class BudgetState:
     """A practice's license, budget period and snapshot at one moment."""
@@ -203,7 +219,7 @@ class MeteringStore:
         )
         self._expected: dict[str, _Expected] = {}
         # How often the one-statement gate answered, and how often it deferred
-        # to the transaction (a new period, a changed license); for tests and ops.
+        # to the transaction (a new period, a changed license); the tests read it.
         self.one_call_gates: Counter[str] = Counter()
 
     def now(self) -> int:
@@ -652,16 +668,7 @@ class MeteringStore:
             lic.customer_email,
             device_id,
             hold.request_id,
-            str(usage.operation),
-            usage.model,
-            usage.input_tokens,
-            usage.cached_input_tokens,
-            usage.output_tokens,
-            usage.reasoning_tokens,
-            usage.total_tokens,
-            float(usage.audio_seconds),
-            usage.characters,
-            usage.images,
+            *_usage_columns(usage),
             cost_micros,
             hold.amount_micros,
             int(usage.estimated),
@@ -764,16 +771,7 @@ class MeteringStore:
             lic.customer_email,
             device_id,
             request_id,
-            str(usage.operation),
-            usage.model,
-            usage.input_tokens,
-            usage.cached_input_tokens,
-            usage.output_tokens,
-            usage.reasoning_tokens,
-            usage.total_tokens,
-            float(usage.audio_seconds),
-            usage.characters,
-            usage.images,
+            *_usage_columns(usage),
             cost_micros,
             to_budget,
             to_credit,

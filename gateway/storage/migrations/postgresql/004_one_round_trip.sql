@@ -19,6 +19,22 @@
 -- disagree (a renewal, a new month, an expired license), takes the hold
 -- back and runs the ordinary transaction instead.
 
+-- A practice's money at one moment: this period's usage, extra credit bought
+-- and used, holds in flight (the gate's and the settle's read; micro-USD).
+CREATE OR REPLACE FUNCTION aza_money(p_practice_id TEXT, p_period_start BIGINT, p_now BIGINT)
+RETURNS TABLE (used BIGINT, credited BIGINT, credit_used BIGINT, held BIGINT)
+LANGUAGE sql STABLE AS $$
+    SELECT
+        (SELECT COALESCE(SUM(t.used_micro_usd), 0) FROM ai_usage_period_totals AS t
+          WHERE t.practice_id = p_practice_id AND t.period_start = p_period_start)::BIGINT,
+        (SELECT COALESCE(SUM(c.amount_internal_micro_usd), 0) FROM ai_credit_ledger AS c
+          WHERE c.practice_id = p_practice_id AND c.status = 'succeeded')::BIGINT,
+        (SELECT COALESCE(SUM(t.used_credit_micro_usd), 0) FROM ai_usage_period_totals AS t
+          WHERE t.practice_id = p_practice_id)::BIGINT,
+        (SELECT COALESCE(SUM(h.amount_micro_usd), 0) FROM ai_budget_holds AS h
+          WHERE h.practice_id = p_practice_id AND h.expires_at > p_now)::BIGINT
+$$;
+
 CREATE OR REPLACE FUNCTION aza_reserve(
     p_lock BIGINT,
     p_practice_id TEXT,
@@ -79,18 +95,8 @@ BEGIN
     customer_email := lic.customer_email;
     current_period_start := lic.current_period_start;
     current_period_end := lic.current_period_end;
-    SELECT COALESCE(SUM(t.used_micro_usd), 0) INTO used
-      FROM ai_usage_period_totals AS t
-     WHERE t.practice_id = p_practice_id AND t.period_start = p_period_start;
-    SELECT COALESCE(SUM(c.amount_internal_micro_usd), 0) INTO credited
-      FROM ai_credit_ledger AS c
-     WHERE c.practice_id = p_practice_id AND c.status = 'succeeded';
-    SELECT COALESCE(SUM(t.used_credit_micro_usd), 0) INTO credit_used
-      FROM ai_usage_period_totals AS t
-     WHERE t.practice_id = p_practice_id;
-    SELECT COALESCE(SUM(h.amount_micro_usd), 0) INTO held
-      FROM ai_budget_holds AS h
-     WHERE h.practice_id = p_practice_id AND h.expires_at > p_now;
+    SELECT m.used, m.credited, m.credit_used, m.held INTO used, credited, credit_used, held
+      FROM aza_money(p_practice_id, p_period_start, p_now) AS m;
     hold_micro_usd := NULL;
     IF lic.subscription_id IS NOT DISTINCT FROM p_subscription_id
        AND lic.status IS NOT DISTINCT FROM p_status
@@ -162,18 +168,8 @@ BEGIN
     PERFORM pg_advisory_xact_lock(p_lock);
     DELETE FROM ai_budget_holds AS h
      WHERE h.practice_id = p_practice_id AND h.hold_id = p_hold_id;
-    SELECT COALESCE(SUM(t.used_micro_usd), 0) INTO used
-      FROM ai_usage_period_totals AS t
-     WHERE t.practice_id = p_practice_id AND t.period_start = p_period_start;
-    SELECT COALESCE(SUM(c.amount_internal_micro_usd), 0) INTO credited
-      FROM ai_credit_ledger AS c
-     WHERE c.practice_id = p_practice_id AND c.status = 'succeeded';
-    SELECT COALESCE(SUM(t.used_credit_micro_usd), 0) INTO credit_used
-      FROM ai_usage_period_totals AS t
-     WHERE t.practice_id = p_practice_id;
-    SELECT COALESCE(SUM(h.amount_micro_usd), 0) INTO held
-      FROM ai_budget_holds AS h
-     WHERE h.practice_id = p_practice_id AND h.expires_at > p_now;
+    SELECT m.used, m.credited, m.credit_used, m.held INTO used, credited, credit_used, held
+      FROM aza_money(p_practice_id, p_period_start, p_now) AS m;
     -- budget.snapshot.split_charge: the monthly budget first, the rest from credit.
     to_budget := LEAST(p_cost, GREATEST(0, p_budget - used));
     to_credit := p_cost - to_budget;
