@@ -13,6 +13,20 @@ from gateway.storage.metering import MeteringStore
 from gateway.storage.sqlite import SqliteDatabase
 
 
+async def sqlite_migrated_to(path: Path, last: int) -> SqliteDatabase:
+    """A connected SQLite database at `path` with migrations 1 to `last` applied (a past schema)."""
+    db = SqliteDatabase(str(path))
+    await db.connect()
+    await db.executescript(
+        "CREATE TABLE IF NOT EXISTS aza_schema_migrations "
+        "(version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)"
+    )
+    for version, script in _migration_files("sqlite"):
+        if version <= last:
+            assert await db.apply_script_once(version, script, int(time.time()))
+    return db
+
+
 async def test_every_migration_is_recorded_and_a_rerun_applies_nothing(db: AnyDatabase) -> None:
     versions = [version for version, _ in _migration_files(db.dialect)]
     assert versions[:3] == [1, 2, 3]
@@ -25,15 +39,8 @@ async def test_every_migration_is_recorded_and_a_rerun_applies_nothing(db: AnyDa
 async def test_holds_in_flight_survive_the_clustered_holds_table(tmp_path: Path) -> None:
     """SQLite 002 rebuilds ai_budget_holds WITHOUT ROWID; a hold placed before it stays."""
     path = tmp_path / "old.sqlite"
-    db = SqliteDatabase(str(path))
-    await db.connect()
+    db = await sqlite_migrated_to(path, 1)
     try:
-        await db.executescript(
-            "CREATE TABLE IF NOT EXISTS aza_schema_migrations "
-            "(version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)"
-        )
-        (first_version, first_script), *_ = _migration_files("sqlite")
-        assert await db.apply_script_once(first_version, first_script, int(time.time()))
         now = int(time.time())
         metering = MeteringStore(db, plans=PlanBook.load(CONFIG_DIR / "plans.toml"))
         await metering.upsert_license(
@@ -90,16 +97,8 @@ async def test_licenses_from_before_the_event_time_column_keep_their_values(
     tmp_path: Path,
 ) -> None:
     """SQLite 003 adds licenses.stripe_event_created: an existing row keeps its values, NULL."""
-    path = tmp_path / "old.sqlite"
-    db = SqliteDatabase(str(path))
-    await db.connect()
+    db = await sqlite_migrated_to(tmp_path / "old.sqlite", 2)
     try:
-        await db.executescript(
-            "CREATE TABLE IF NOT EXISTS aza_schema_migrations "
-            "(version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)"
-        )
-        for version, script in _migration_files("sqlite")[:2]:
-            assert await db.apply_script_once(version, script, int(time.time()))
         async with db.transaction() as conn:
             await conn.execute(
                 "INSERT INTO licenses (subscription_id, practice_id, status, lookup_key, "
