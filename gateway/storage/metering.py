@@ -25,6 +25,7 @@ from budget.pricing import PlanBook
 from budget.snapshot import BudgetSnapshot, admit, split_charge
 from budget.usage import Usage
 from credit.ports import Connection, Database, DatabaseUnavailable, Row
+from gateway.storage.coalesce import Coalescer
 from gateway.storage.postgres import PostgresDatabase, advisory_key
 
 log = logging.getLogger("aza.metering")
@@ -72,9 +73,15 @@ LEFT JOIN ({_BEST_LICENSE_SQL}) AS lic ON 1 = 1
 # PostgreSQL: the gate and the settle as one statement each (functions of
 # migrations/postgresql/004_one_round_trip.sql; each call is its own transaction).
 _USABLE_STATUSES = sorted(str(status) for status in USABLE_STATUSES)
-_RESERVE_CALL = "SELECT * FROM aza_reserve(" + ", ".join("?" * 17) + ", true)"
-_RESERVE_CALL_ALONE = "SELECT * FROM aza_reserve(" + ", ".join("?" * 17) + ", false)"
+# A gate is its own transaction and writes only a hold: it commits without
+# waiting for the WAL flush (p_durable false; migration 004 says why).
+_RESERVE_CALL = "SELECT * FROM aza_reserve(" + ", ".join("?" * 17) + ", false)"
+_RESERVE_MANY = (
+    "SELECT * FROM aza_reserve_many(?, false, " + ", ".join("?" * 16) + ") ORDER BY call"
+)
 _SETTLE_CALL = "SELECT * FROM aza_settle(" + ", ".join("?" * 26) + ")"
+_SETTLE_MANY = "SELECT * FROM aza_settle_many(" + ", ".join("?" * 26) + ") ORDER BY call"
+_USABLE_ARG = 2  # where _USABLE_STATUSES stands in a gate's arguments
 _LICENSE_ROW = (
     "subscription_id",
     "status",
@@ -217,6 +224,9 @@ class MeteringStore:
         self._one_call: PostgresDatabase | None = (
             db if one_call and isinstance(db, PostgresDatabase) else None
         )
+        # One call per practice under way; those that come meanwhile go as one batch.
+        self._gates: Coalescer[tuple[Any, ...], Row] = Coalescer(self._run_gates)
+        self._settles: Coalescer[tuple[Any, ...], Row] = Coalescer(self._run_settles)
         self._expected: dict[str, _Expected] = {}
         # How often the one-statement gate answered, and how often it deferred
         # to the transaction (a new period, a changed license); the tests read it.
@@ -417,6 +427,27 @@ class MeteringStore:
         async with self.db.read() as conn:
             return await self._state(conn, practice_id, self.now())
 
+    async def _run_gates(self, calls: Sequence[tuple[Any, ...]]) -> Sequence[Row]:
+        """`aza_reserve` for one call, `aza_reserve_many` for several (one statement)."""
+        async with self.db.read() as conn:  # outside a transaction: its own
+            if len(calls) == 1:
+                row = await conn.fetchone(_RESERVE_CALL, *calls[0])
+                assert row is not None  # the function returns one row
+                return [row]
+            columns = [list(column) for column in zip(*calls, strict=True)]
+            usable = columns.pop(_USABLE_ARG)[0]
+            return await conn.fetchall(_RESERVE_MANY, usable, *columns)
+
+    async def _run_settles(self, calls: Sequence[tuple[Any, ...]]) -> Sequence[Row]:
+        """`aza_settle` for one call, `aza_settle_many` for several (one statement)."""
+        async with self.db.read() as conn:  # outside a transaction: its own
+            if len(calls) == 1:
+                row = await conn.fetchone(_SETTLE_CALL, *calls[0])
+                assert row is not None  # the function returns one row
+                return [row]
+            columns = [list(column) for column in zip(*calls, strict=True)]
+            return await conn.fetchall(_SETTLE_MANY, *columns)
+
     def _new_hold_id(self) -> str:
         return f"{self._hold_prefix}{next(self._hold_seq):08x}"
 
@@ -484,29 +515,28 @@ class MeteringStore:
         assert self._one_call is not None
         hold_id = self._new_hold_id()
         (subscription_id, status, lookup_key, customer_id, email, start, end) = expected.row
-        row = await self._one_call.fetchone_locked(
+        row = await self._gates.call(
             practice_id,
-            _RESERVE_CALL,
-            _RESERVE_CALL_ALONE,
-            advisory_key(practice_id),
-            practice_id,
-            _USABLE_STATUSES,
-            expected.period.start,
-            now,
-            subscription_id,
-            status,
-            lookup_key,
-            customer_id,
-            email,
-            start,
-            end,
-            expected.budget_micros,
-            estimate_micros,
-            hold_id,
-            request_id,
-            now + self.hold_ttl_seconds,
+            (
+                advisory_key(practice_id),
+                practice_id,
+                _USABLE_STATUSES,
+                expected.period.start,
+                now,
+                subscription_id,
+                status,
+                lookup_key,
+                customer_id,
+                email,
+                start,
+                end,
+                expected.budget_micros,
+                estimate_micros,
+                hold_id,
+                request_id,
+                now + self.hold_ttl_seconds,
+            ),
         )
-        assert row is not None  # the function returns one row
         held = row["hold_micro_usd"]
         lic, period, problem, budget = self._judge(row, now)
         agreed = False
@@ -655,29 +685,28 @@ class MeteringStore:
         """PostgreSQL: the settle's statements as one (`aza_settle`), its own transaction."""
         assert self._one_call is not None
         lic, period = hold.license, hold.period
-        row = await self._one_call.fetchone_locked(
+        row = await self._settles.call(
             hold.practice_id,
-            _SETTLE_CALL,
-            _SETTLE_CALL,
-            advisory_key(hold.practice_id),
-            hold.hold_id,
-            hold.budget_micros,
-            now,
-            lic.practice_id,
-            lic.subscription_id,
-            lic.customer_email,
-            device_id,
-            hold.request_id,
-            *_usage_columns(usage),
-            cost_micros,
-            hold.amount_micros,
-            int(usage.estimated),
-            period.start,
-            period.end,
-            status,
-            started_at,
+            (
+                advisory_key(hold.practice_id),
+                hold.hold_id,
+                hold.budget_micros,
+                now,
+                lic.practice_id,
+                lic.subscription_id,
+                lic.customer_email,
+                device_id,
+                hold.request_id,
+                *_usage_columns(usage),
+                cost_micros,
+                hold.amount_micros,
+                int(usage.estimated),
+                period.start,
+                period.end,
+                status,
+                started_at,
+            ),
         )
-        assert row is not None  # the function returns one row
         before = BudgetSnapshot(
             budget_micros=hold.budget_micros,
             used_micros=int(row["used"]),

@@ -72,9 +72,6 @@ _PLACEHOLDER = re.compile(r"\?")
 # PostgreSQL transaction, and none joins a group begun longer ago than this.
 GROUP_LIMIT = 16
 GROUP_SECONDS = 0.020
-# `fetchone_locked`: this many statements on one key run on their own at a
-# time (two: a request's settle and the next request's gate, at low load).
-SOLO_LIMIT = 2
 
 # Errors that mean "the database is not there right now", as opposed to a bug
 # in a statement: they become DatabaseUnavailable (HTTP 503, retry later).
@@ -182,7 +179,6 @@ class PostgresDatabase:
         self.schema = schema
         self._pool: asyncpg.Pool | None = None
         self._groups: dict[str, _Group] = {}  # the group new shared transactions on a key join
-        self._solo: dict[str, int] = {}  # `fetchone_locked` statements running alone, per key
         self._ending: set[asyncio.Task[None]] = set()  # COMMITs of groups under way
 
     async def connect(self) -> None:
@@ -425,34 +421,6 @@ class PostgresDatabase:
             # asyncpg has closed the connection; its work is committed or lost
             # with it, as the caller was told.
             log.warning("returning a PostgreSQL connection to the pool failed", exc_info=True)
-
-    async def fetchone_locked(self, key: str, sql: str, alone_sql: str, *args: Any) -> Row | None:
-        """One statement that takes `key`'s advisory lock itself (a function), committed.
-
-        Alone, `alone_sql` runs outside any transaction: PostgreSQL makes it
-        its own transaction, one round trip in all. When `SOLO_LIMIT` such
-        statements on the key are already under way in this process, or a
-        group on it is, `sql` (the same parameters) joins the key's group
-        instead (see `transaction(shared=True)`): they wait for each other on
-        the lock anyway, and one COMMIT (one WAL flush) for many beats one
-        each. Taking an advisory lock the transaction already holds is free.
-        The two texts let a statement decide things only its own transaction
-        may (`aza_reserve` skips waiting for the WAL flush of a lone hold).
-        """
-        running = self._solo.get(key, 0)
-        if running >= SOLO_LIMIT or key in self._groups:
-            async with self._shared_transaction(key) as conn:
-                return await conn.fetchone(sql, *args)
-        self._solo[key] = running + 1
-        try:
-            async with self.read() as conn:
-                return await conn.fetchone(alone_sql, *args)
-        finally:
-            left = self._solo[key] - 1
-            if left:
-                self._solo[key] = left
-            else:
-                del self._solo[key]
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[_PgConnection]:

@@ -281,3 +281,74 @@ async def test_a_lone_gate_leaves_its_connection_durable() -> None:
                 assert await conn.fetchval("SHOW synchronous_commit") == "on"
         finally:
             await small.close()
+
+
+async def test_settles_batched_together_split_budget_then_credit_in_order() -> None:
+    """25 settles of 1 USD at once on 20 USD of budget and 10 of credit: 20 + 5, exactly."""
+    async with engine() as db:
+        store = store_on(db, Clock())
+        await license_for(store)
+        await add_credit(db, 10 * USD)
+        await store.reserve("p", request_id="warm", estimate_micros=0)
+        reservations = await asyncio.gather(
+            *(store.reserve("p", request_id=f"r{i}", estimate_micros=USD) for i in range(25))
+        )
+        holds = [r.hold for r in reservations if r.hold is not None]
+        assert len(holds) == 25
+        done = await asyncio.gather(
+            *(store.settle(h, chat(), cost_micros=USD, device_id=None) for h in holds)
+        )
+        assert store._settles.batches > 0  # they did meet
+        assert sum(d.charged_budget_micros for d in done) == 20 * USD
+        assert sum(d.charged_credit_micros for d in done) == 5 * USD
+        state = await store.state("p")
+        assert state.snapshot.used_micros == 25 * USD
+        assert state.snapshot.extra_credit_micros == 5 * USD
+        assert list(await store.totals_mismatches()) == []
+
+
+async def test_each_call_of_a_batch_keeps_its_own_arguments_and_answer() -> None:
+    """Gates and settles that go as one batch: every hold and event is the caller's own."""
+    async with engine() as db:
+        store = store_on(db, Clock())
+        await license_for(store)
+        await store.reserve("p", request_id="warm", estimate_micros=0)
+        estimates = {f"r{i}": (i + 1) * 1_000 for i in range(12)}
+        reservations = await asyncio.gather(
+            *(store.reserve("p", request_id=r, estimate_micros=e) for r, e in estimates.items())
+        )
+        assert store._gates.batches > 0 and store.one_call_gates["deferred"] == 0
+        holds = [r.hold for r in reservations if r.hold is not None]
+        assert {h.request_id: h.amount_micros for h in holds} == estimates
+        async with db.read() as conn:
+            rows = await conn.fetchall(
+                "SELECT request_id, amount_micro_usd FROM ai_budget_holds "
+                "WHERE request_id <> 'warm'"
+            )
+        assert {row["request_id"]: row["amount_micro_usd"] for row in rows} == estimates
+        costs = {h.request_id: 7 * h.amount_micros + 3 for h in holds}
+        done = await asyncio.gather(
+            *(
+                store.settle(h, chat(), cost_micros=costs[h.request_id], device_id=h.request_id)
+                for h in holds
+            )
+        )
+        assert store._settles.batches > 0
+        assert [d.cost_micros for d in done] == [costs[h.request_id] for h in holds]
+        assert all(d.charged_budget_micros == d.cost_micros for d in done)
+        async with db.read() as conn:
+            events = await conn.fetchall(
+                "SELECT request_id, device_id, estimated_cost_micro_usd, hold_micro_usd "
+                "FROM ai_usage_events WHERE request_id <> 'warm'"
+            )
+        assert {e["request_id"]: e["estimated_cost_micro_usd"] for e in events} == costs
+        assert all(e["device_id"] == e["request_id"] for e in events)
+        assert {e["request_id"]: e["hold_micro_usd"] for e in events} == estimates
+        assert await holds_left(db) == 0
+
+
+async def holds_left(db: PostgresDatabase) -> int:
+    async with db.read() as conn:
+        return int(
+            await conn.fetchval("SELECT COUNT(*) FROM ai_budget_holds WHERE request_id <> 'warm'")
+        )

@@ -32,7 +32,7 @@ from config import CONFIG_DIR
 from credit.ports import DatabaseUnavailable, UniqueViolation
 from gateway.storage import open_database
 from gateway.storage.metering import MeteringStore
-from gateway.storage.postgres import GROUP_LIMIT, GROUP_SECONDS, SOLO_LIMIT, PostgresDatabase
+from gateway.storage.postgres import GROUP_LIMIT, GROUP_SECONDS, PostgresDatabase
 from tests.conftest import create_schema, drop_schema, pg_url_with_schema, skip_without_postgres
 
 pytestmark = pytest.mark.postgres
@@ -230,32 +230,6 @@ async def test_a_lone_shared_transaction_costs_what_an_unshared_one_does(schema:
         assert len(seen) == 3 and seen[0].startswith("BEGIN; SELECT pg_advisory_xact_lock(")
     finally:
         await close(db)
-
-
-async def test_a_lone_locked_statement_is_one_round_trip(schema: str) -> None:
-    """`fetchone_locked` alone: the statement and nothing else (no BEGIN, no COMMIT)."""
-    db = await open_engine(schema, pool_size=1)
-    try:
-        seen = await statements(db)
-        row = await db.fetchone_locked("k", INSERT, INSERT, 1)
-        await passes()
-        assert row is not None
-        assert seen == ["INSERT INTO t (id) VALUES ($1) RETURNING xmin::text"]
-        assert db._solo == {}
-    finally:
-        await close(db)
-
-
-async def test_locked_statements_that_meet_share_a_group(
-    db: PostgresDatabase, observer: asyncpg.Connection
-) -> None:
-    """Ten at once on one key: the first SOLO_LIMIT run alone, the others share COMMITs."""
-    rows = await together(*(db.fetchone_locked("k", INSERT, INSERT, i) for i in range(10)))
-    xids = [row[0] for row in rows if row is not None]
-    assert len(xids) == 10
-    assert SOLO_LIMIT + 1 <= len(set(xids)) < 10
-    assert sorted(await committed(observer)) == list(range(10))
-    assert db._solo == {} and db._groups == {}
 
 
 async def test_nobody_joins_a_group_begun_too_long_ago(
@@ -529,8 +503,8 @@ async def test_store_bursts_admit_exactly_the_budget(
     """60 reservations of 1 USD on each of two practices: 20 each, then settled.
 
     Either way the settles share COMMITs (fewer transactions than events):
-    single calls that meet others on the same practice join a group. After
-    each practice's first gate, every gate was answered by the single call.
+    in groups, or as batches of single calls that met on the same practice.
+    After each practice's first gate, every gate was answered by a call.
     """
     if store._one_call is not None:
         for practice in ("p1", "p2"):  # the first gate of a practice is a transaction
@@ -564,6 +538,7 @@ async def test_store_bursts_admit_exactly_the_budget(
     assert len(events) == 40 and len(by_practice["p1"]) + len(by_practice["p2"]) < 40
     if store._one_call is not None:
         assert store.one_call_gates == {"answered": 120}
+        assert store._gates.batches > 0 and store._settles.batches > 0
     else:
         assert not store.one_call_gates
 

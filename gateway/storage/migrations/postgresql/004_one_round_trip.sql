@@ -7,6 +7,9 @@
 -- request a loopback wait. These functions do the same statements, in the
 -- same order, under the same advisory lock, as one statement: called outside
 -- a transaction, each is its own transaction, committed when it returns.
+-- Under load the gateway sends the gates (or settles) of one practice that
+-- queued while one was under way as one statement (the *_many functions
+-- below): one round trip and one COMMIT for all of them.
 --
 -- Inside a (volatile) PL/pgSQL function every statement takes a new snapshot
 -- under READ COMMITTED, so the reads after the lock see everything committed
@@ -55,8 +58,8 @@ CREATE OR REPLACE FUNCTION aza_reserve(
     p_hold_id TEXT,
     p_request_id TEXT,
     p_expires_at BIGINT,
-    -- false: commit without waiting for the WAL flush (only when this call is
-    -- its own transaction: a group's COMMIT holds usage events too)
+    -- false: commit without waiting for the WAL flush; only for a transaction
+    -- that writes nothing but holds (a gate, or a batch of gates, on its own)
     p_durable BOOLEAN
 ) RETURNS TABLE (
     subscription_id TEXT,
@@ -200,5 +203,111 @@ BEGIN
             events = t.events + 1;
     END IF;
     RETURN NEXT;
+END;
+$$;
+
+-- Several gates or several settles of one practice as one statement: the
+-- calls one after another, in the order given, in one transaction (one
+-- COMMIT, one WAL flush for all). Each call sees the ones before it, as if
+-- each had waited for the one before on the practice's lock. Parameters are
+-- the single call's, one array element per call (p_usable and p_durable are
+-- the same for all); `call` numbers the answers from 1.
+
+CREATE OR REPLACE FUNCTION aza_reserve_many(
+    p_usable TEXT[],
+    p_durable BOOLEAN,
+    p_lock BIGINT[],
+    p_practice_id TEXT[],
+    p_period_start BIGINT[],
+    p_now BIGINT[],
+    p_subscription_id TEXT[],
+    p_status TEXT[],
+    p_lookup_key TEXT[],
+    p_customer_id TEXT[],
+    p_customer_email TEXT[],
+    p_license_start BIGINT[],
+    p_license_end BIGINT[],
+    p_budget BIGINT[],
+    p_estimate BIGINT[],
+    p_hold_id TEXT[],
+    p_request_id TEXT[],
+    p_expires_at BIGINT[]
+) RETURNS TABLE (
+    call INTEGER,
+    subscription_id TEXT,
+    practice_id TEXT,
+    status TEXT,
+    lookup_key TEXT,
+    customer_id TEXT,
+    customer_email TEXT,
+    current_period_start BIGINT,
+    current_period_end BIGINT,
+    used BIGINT,
+    credited BIGINT,
+    credit_used BIGINT,
+    held BIGINT,
+    hold_micro_usd BIGINT
+)
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    FOR i IN 1 .. cardinality(p_lock) LOOP
+        RETURN QUERY SELECT i, r.* FROM aza_reserve(
+            p_lock[i], p_practice_id[i], p_usable, p_period_start[i], p_now[i],
+            p_subscription_id[i], p_status[i], p_lookup_key[i], p_customer_id[i],
+            p_customer_email[i], p_license_start[i], p_license_end[i], p_budget[i],
+            p_estimate[i], p_hold_id[i], p_request_id[i], p_expires_at[i], p_durable) AS r;
+    END LOOP;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION aza_settle_many(
+    p_lock BIGINT[],
+    p_hold_id TEXT[],
+    p_budget BIGINT[],
+    p_now BIGINT[],
+    p_practice_id TEXT[],
+    p_subscription_id TEXT[],
+    p_customer_email TEXT[],
+    p_device_id TEXT[],
+    p_request_id TEXT[],
+    p_operation_type TEXT[],
+    p_model TEXT[],
+    p_input_tokens BIGINT[],
+    p_cached_input_tokens BIGINT[],
+    p_output_tokens BIGINT[],
+    p_reasoning_tokens BIGINT[],
+    p_total_tokens BIGINT[],
+    p_audio_seconds DOUBLE PRECISION[],
+    p_characters BIGINT[],
+    p_images BIGINT[],
+    p_cost BIGINT[],
+    p_hold_micro_usd BIGINT[],
+    p_usage_estimated BIGINT[],
+    p_period_start BIGINT[],
+    p_period_end BIGINT[],
+    p_status TEXT[],
+    p_started_at BIGINT[]
+) RETURNS TABLE (
+    call INTEGER,
+    event_id BIGINT,
+    to_budget BIGINT,
+    to_credit BIGINT,
+    used BIGINT,
+    credited BIGINT,
+    credit_used BIGINT,
+    held BIGINT
+)
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    FOR i IN 1 .. cardinality(p_lock) LOOP
+        RETURN QUERY SELECT i, s.* FROM aza_settle(
+            p_lock[i], p_hold_id[i], p_budget[i], p_now[i], p_practice_id[i],
+            p_subscription_id[i], p_customer_email[i], p_device_id[i], p_request_id[i],
+            p_operation_type[i], p_model[i], p_input_tokens[i], p_cached_input_tokens[i],
+            p_output_tokens[i], p_reasoning_tokens[i], p_total_tokens[i], p_audio_seconds[i],
+            p_characters[i], p_images[i], p_cost[i], p_hold_micro_usd[i],
+            p_usage_estimated[i], p_period_start[i], p_period_end[i], p_status[i],
+            p_started_at[i]) AS s;
+    END LOOP;
 END;
 $$;
