@@ -92,8 +92,3 @@ class Coalescer(Generic[A, R]):
                     future.set_result(result)
         finally:
             self._next_round(key)
-
-    async def close(self) -> None:
-        """Wait for the rounds under way (their callers are waiting for them too)."""
-        if self._rounds:
-            await asyncio.wait(list(self._rounds))
