@@ -428,25 +428,33 @@ class MeteringStore:
             return await self._state(conn, practice_id, self.now())
 
     async def _run_gates(self, calls: Sequence[tuple[Any, ...]]) -> Sequence[Row]:
-        """`aza_reserve` for one call, `aza_reserve_many` for several (one statement)."""
-        async with self.db.read() as conn:  # outside a transaction: its own
-            if len(calls) == 1:
-                row = await conn.fetchone(_RESERVE_CALL, *calls[0])
-                assert row is not None  # the function returns one row
-                return [row]
-            columns = [list(column) for column in zip(*calls, strict=True)]
-            usable = columns.pop(_USABLE_ARG)[0]
-            return await conn.fetchall(_RESERVE_MANY, usable, *columns)
+        """`aza_reserve` for one call, `aza_reserve_many` for several."""
+        return await self._run_calls(_RESERVE_CALL, _RESERVE_MANY, calls, shared=_USABLE_ARG)
 
     async def _run_settles(self, calls: Sequence[tuple[Any, ...]]) -> Sequence[Row]:
-        """`aza_settle` for one call, `aza_settle_many` for several (one statement)."""
-        async with self.db.read() as conn:  # outside a transaction: its own
+        """`aza_settle` for one call, `aza_settle_many` for several."""
+        return await self._run_calls(_SETTLE_CALL, _SETTLE_MANY, calls)
+
+    async def _run_calls(
+        self,
+        one: str,
+        many: str,
+        calls: Sequence[tuple[Any, ...]],
+        *,
+        shared: int | None = None,
+    ) -> Sequence[Row]:
+        """One statement outside a transaction (so its own): `one` with a call's
+        arguments, or `many` with one array per argument (the argument at index
+        `shared`, the same in every call, passed once and first)."""
+        async with self.db.read() as conn:
             if len(calls) == 1:
-                row = await conn.fetchone(_SETTLE_CALL, *calls[0])
-                assert row is not None  # the function returns one row
+                row = await conn.fetchone(one, *calls[0])
+                assert row is not None  # the functions return one row a call
                 return [row]
-            columns = [list(column) for column in zip(*calls, strict=True)]
-            return await conn.fetchall(_SETTLE_MANY, *columns)
+            columns: list[Any] = [list(column) for column in zip(*calls, strict=True)]
+            if shared is not None:
+                columns.insert(0, columns.pop(shared)[0])
+            return await conn.fetchall(many, *columns)
 
     def _new_hold_id(self) -> str:
         return f"{self._hold_prefix}{next(self._hold_seq):08x}"
