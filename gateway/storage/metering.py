@@ -2,7 +2,11 @@
 
 Every operation that reads the budget and then writes against it runs in one
 transaction locked on the practice (see `Database.transaction`), so the
-check-then-hold step cannot be raced, in one process or across several.
+check-then-hold step cannot be raced, in one process or across several. On
+PostgreSQL the gate and the settle are usually one statement each, functions
+that take the same lock (migration postgresql/004), batched per practice
+under load (`Coalescer`); the transactions remain for whatever those do not
+answer.
 
 Amounts are integer micro-USD throughout.
 """
@@ -514,11 +518,12 @@ class MeteringStore:
 
         `aza_reserve` takes the practice's lock, reads the state and places
         the hold when the license row is still the expected one and the
-        budget admits it. Its answer is then judged by the same rules as the
-        transaction's (`current_period`, `admit`): when they agree, that is
-        the reservation. When they do not (the period ended, the license
-        expired or changed), a hold it placed is taken back and None tells
-        the caller to run the transaction.
+        budget admits it (gates that arrive while one of the practice's is
+        under way go in the next batch, `aza_reserve_many`). Its answer is
+        then judged by the same rules as the transaction's (`current_period`,
+        `admit`): when they agree, that is the reservation. When they do not
+        (the period ended, the license expired or changed), a hold it placed
+        is taken back and None tells the caller to run the transaction.
         """
         assert self._one_call is not None
         hold_id = self._new_hold_id()
