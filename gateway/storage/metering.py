@@ -97,6 +97,12 @@ _LICENSE_ROW = (
 )
 
 
+def gate_lock(practice_id: str) -> str:
+    """PostgreSQL: the lock that serialises a practice's gates (migration 004 says why
+    gates do not take the practice's own lock, which settles hold)."""
+    return "gate:" + practice_id
+
+
 def hash_key(raw_key: str) -> str:
     """SHA-256 hex of a gateway key.
 
@@ -478,6 +484,12 @@ class MeteringStore:
         # Shared: the block raises only when the database fails; DatabaseUnavailable
         # (also when its group was rolled back) is a 503.
         async with self.db.transaction(lock=practice_id, shared=True) as conn:
+            if self._one_call is not None:
+                # The single-statement gates hold only the gate lock: take it too
+                # (after the practice's, the one order every holder of both uses).
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock(?)", advisory_key(gate_lock(practice_id))
+                )
             state = await self._state(conn, practice_id, now)
             if state.problem is not None or state.license is None or state.period is None:
                 return Reservation(hold=None, state=state)
@@ -516,9 +528,9 @@ class MeteringStore:
     ) -> Reservation | None:
         """PostgreSQL: the gate as one statement, for the license and period seen last time.
 
-        `aza_reserve` takes the practice's lock, reads the state and places
-        the hold when the license row is still the expected one and the
-        budget admits it (gates that arrive while one of the practice's is
+        `aza_reserve` takes the practice's gate lock, reads the state in one
+        snapshot and places the hold when the license row is still the
+        expected one and the budget admits it (gates that arrive while one of the practice's is
         under way go in the next batch, `aza_reserve_many`). Its answer is
         then judged by the same rules as the transaction's (`current_period`,
         `admit`): when they agree, that is the reservation. When they do not
@@ -531,7 +543,7 @@ class MeteringStore:
         row = await self._gates.call(
             practice_id,
             (
-                advisory_key(practice_id),
+                advisory_key(gate_lock(practice_id)),
                 practice_id,
                 _USABLE_STATUSES,
                 expected.period.start,

@@ -75,10 +75,11 @@ async def license_for(
     start: int = START - DAY,
     end: int = START + 29 * DAY,
     status: str = "active",
+    practice_id: str = "p",
 ) -> None:
     await store.upsert_license(
         subscription_id=subscription_id,
-        practice_id="p",
+        practice_id=practice_id,
         lookup_key=lookup_key,
         status=status,
         period_start=start,
@@ -352,3 +353,65 @@ async def holds_left(db: PostgresDatabase) -> int:
         return int(
             await conn.fetchval("SELECT COUNT(*) FROM ai_budget_holds WHERE request_id <> 'warm'")
         )
+
+
+async def test_gates_racing_settles_never_admit_past_the_budget() -> None:
+    """Gates do not wait for settles, yet see each settle whole: exactly 20 of 1 USD fit.
+
+    Every request costs exactly its hold, so settling never changes what is
+    available; a gate that saw a settle's usage without its hold gone (or the
+    hold gone without the usage) would admit a 21st request.
+    """
+    async with engine() as db:
+        clock = Clock()
+        one, other = store_on(db, clock), store_on(db, clock)
+        await license_for(one)
+        for store in (one, other):
+            warm = await store.reserve("p", request_id=f"w{id(store)}", estimate_micros=0)
+            assert warm.hold is not None
+            await store.settle(warm.hold, chat(), cost_micros=0, device_id=None)
+        admitted: list[str] = []
+
+        async def request(i: int) -> None:
+            store = one if i % 2 else other
+            res = await store.reserve("p", request_id=f"r{i}", estimate_micros=USD)
+            if res.hold is None:
+                return
+            admitted.append(res.hold.request_id)
+            await asyncio.sleep(0)
+            await store.settle(res.hold, chat(), cost_micros=USD, device_id=None)
+
+        for burst in range(3):
+            await asyncio.gather(*(request(100 * burst + i) for i in range(40)))
+        assert len(admitted) == 20
+        state = await one.state("p")
+        assert state.snapshot.used_micros == 20 * USD and state.snapshot.held_micros == 0
+        assert one.one_call_gates["deferred"] == other.one_call_gates["deferred"] == 0
+        assert list(await one.totals_mismatches()) == []
+
+
+async def test_transaction_gates_and_single_call_gates_exclude_each_other() -> None:
+    """Cold instances gate in transactions while a warm one gates in single calls."""
+    async with engine() as db:
+        clock = Clock()
+        warm_store = store_on(db, clock)
+        for round_ in range(4):
+            practice = f"p{round_}"
+            cold_store = store_on(db, clock)  # knows no practice: its gates are transactions
+            await license_for(warm_store, subscription_id=f"sub_{practice}", practice_id=practice)
+            first = await warm_store.reserve(practice, request_id=f"w{round_}", estimate_micros=0)
+            assert first.hold is not None
+            await warm_store.release(first.hold)
+            before = warm_store.one_call_gates["answered"]
+            results = await asyncio.gather(
+                *(
+                    (warm_store if i % 2 else cold_store).reserve(
+                        practice, request_id=f"r{round_}.{i}", estimate_micros=USD
+                    )
+                    for i in range(60)
+                )
+            )
+            assert sum(r.hold is not None for r in results) == 20, practice
+            assert warm_store.one_call_gates["answered"] - before == 30
+            assert cold_store.one_call_gates["answered"] < 30  # some went the transaction way
+        assert await holds(db) == 80
