@@ -16,6 +16,7 @@ only their options.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import time
@@ -70,9 +71,28 @@ log = logging.getLogger("aza.gateway.metering")
 MAX_KEPT_RESPONSE_BYTES = 64 * 1024 * 1024
 
 
+_request_id_prefix = os.urandom(8).hex()
+_request_id_seq = itertools.count(1)
+
+
+def _new_request_id_prefix() -> None:
+    """A forked child numbers its requests under a prefix of its own."""
+    global _request_id_prefix, _request_id_seq
+    _request_id_prefix = os.urandom(8).hex()
+    _request_id_seq = itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_new_request_id_prefix)
+
+
 def new_request_id() -> str:
-    """`req_` and 32 random hex digits (as a uuid4's hex, without building a UUID)."""
-    return "req_" + os.urandom(16).hex()
+    """`req_` and 32 hex digits: 64 random bits for this process, then a 64-bit counter.
+
+    Unique like a uuid4's hex (a usage event's request id must never repeat),
+    without a call to the system's random source on every request (one was
+    2.4 % of a request's CPU). Request ids are labels, not secrets.
+    """
+    return f"req_{_request_id_prefix}{next(_request_id_seq):016x}"
 
 
 def path_label(scope: Scope) -> str:
@@ -189,7 +209,10 @@ class MeteringMiddleware:
             await self.app(scope, receive, send)
             return
         services = self.services()
-        request_id: str = scope.setdefault("state", {}).setdefault("request_id", new_request_id())
+        state = scope.setdefault("state", {})
+        request_id: str = state.get("request_id") or state.setdefault(
+            "request_id", new_request_id()
+        )
         operation = OPERATION_BY_PATH.get(scope["path"])
         try:
             caller = await services.auth.authenticate(Headers(scope=scope))
