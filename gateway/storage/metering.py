@@ -578,7 +578,9 @@ class MeteringStore:
         if not agreed:
             self._expected.pop(practice_id, None)
             if held is not None:
-                await self._delete_hold(practice_id, hold_id)
+                # A request waits on this: one try. If the database is gone
+                # meanwhile, the request gets its 503 and the hold expires.
+                await self._delete_hold_once(practice_id, hold_id)
             return None
         assert lic is not None and period is not None
         state = BudgetState(license=lic, period=period, problem=problem, snapshot=snapshot)
@@ -595,18 +597,20 @@ class MeteringStore:
         )
         return Reservation(hold=hold, state=state)
 
-    async def _delete_hold(self, practice_id: str, hold_id: str) -> int:
+    async def _delete_hold_once(self, practice_id: str, hold_id: str) -> int:
         """Delete one hold; a statement of its own (freeing budget needs no lock)."""
+        async with self.db.read() as conn:
+            return await conn.execute(
+                "DELETE FROM ai_budget_holds WHERE practice_id = ? AND hold_id = ?",
+                practice_id,
+                hold_id,
+            )
 
-        async def attempt() -> int:
-            async with self.db.read() as conn:
-                return await conn.execute(
-                    "DELETE FROM ai_budget_holds WHERE practice_id = ? AND hold_id = ?",
-                    practice_id,
-                    hold_id,
-                )
-
-        return await self._until_written(f"releasing hold {hold_id}", attempt)
+    async def _delete_hold(self, practice_id: str, hold_id: str) -> int:
+        """Delete one hold, retrying while the database is unreachable (see _until_written)."""
+        return await self._until_written(
+            f"releasing hold {hold_id}", lambda: self._delete_hold_once(practice_id, hold_id)
+        )
 
     async def release(self, hold: Hold) -> bool:
         """Drop a hold without charging (upstream failed). False if it was gone already."""
