@@ -30,7 +30,7 @@ from budget.snapshot import BudgetSnapshot, admit, split_charge
 from budget.usage import Usage
 from credit.ports import Connection, Database, DatabaseUnavailable, Row
 from gateway.storage.coalesce import Coalescer
-from gateway.storage.postgres import PostgresDatabase, advisory_key
+from gateway.storage.postgres import advisory_key
 
 log = logging.getLogger("aza.metering")
 
@@ -231,9 +231,7 @@ class MeteringStore:
         self._period_hint: dict[str, int] = {}
         # PostgreSQL: reserve and settle as one statement each (see _reserve_in_one_call),
         # for the license row and period each practice had at its last full gate.
-        self._one_call: PostgresDatabase | None = (
-            db if one_call and isinstance(db, PostgresDatabase) else None
-        )
+        self._one_call = one_call and db.dialect == "postgresql"
         # One call per practice under way; those that come meanwhile go as one batch.
         self._gates: Coalescer[tuple[Any, ...], Row] = Coalescer(self._run_gates)
         self._settles: Coalescer[tuple[Any, ...], Row] = Coalescer(self._run_settles)
@@ -405,7 +403,7 @@ class MeteringStore:
         if period_start != expected:
             self._period_hint[practice_id] = period_start
             used = int(await conn.fetchval(_USED_SQL, practice_id, period_start))
-        if self._one_call is not None and period is not None:
+        if self._one_call and period is not None:
             self._expected[practice_id] = _Expected(
                 tuple(row[column] for column in _LICENSE_ROW), period, budget
             )
@@ -484,7 +482,7 @@ class MeteringStore:
         # Shared: the block raises only when the database fails; DatabaseUnavailable
         # (also when its group was rolled back) is a 503.
         async with self.db.transaction(lock=practice_id, shared=True) as conn:
-            if self._one_call is not None:
+            if self._one_call:
                 # The single-statement gates hold only the gate lock: take it too
                 # (after the practice's, the one order every holder of both uses).
                 await conn.execute(
@@ -537,7 +535,6 @@ class MeteringStore:
         (the period ended, the license expired or changed), a hold it placed
         is taken back and None tells the caller to run the transaction.
         """
-        assert self._one_call is not None
         hold_id = self._new_hold_id()
         (subscription_id, status, lookup_key, customer_id, email, start, end) = expected.row
         row = await self._gates.call(
@@ -615,7 +612,7 @@ class MeteringStore:
     async def release(self, hold: Hold) -> bool:
         """Drop a hold without charging (upstream failed). False if it was gone already."""
 
-        if self._one_call is not None:
+        if self._one_call:
             return await self._delete_hold(hold.practice_id, hold.hold_id) > 0
 
         async def attempt() -> int:
@@ -649,7 +646,7 @@ class MeteringStore:
         now = self.now()
 
         async def attempt() -> tuple[tuple[int | None, int, int], BudgetSnapshot]:
-            if self._one_call is not None:
+            if self._one_call:
                 return await self._settle_in_one_call(
                     hold, usage, cost_micros, device_id, status, started_at, now
                 )
@@ -712,7 +709,6 @@ class MeteringStore:
         now: int,
     ) -> tuple[tuple[int | None, int, int], BudgetSnapshot]:
         """PostgreSQL: the settle's statements as one (`aza_settle`), its own transaction."""
-        assert self._one_call is not None
         lic, period = hold.license, hold.period
         row = await self._settles.call(
             hold.practice_id,
