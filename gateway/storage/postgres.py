@@ -15,7 +15,8 @@ shared transactions on the same key that arrive while one is running join
 it: one pooled connection, one BEGIN with the advisory lock, the members'
 blocks one after another (an asyncio.Lock per group, in the order they
 came), and one COMMIT ends them all. A group takes at most `GROUP_LIMIT`
-members and none joins one begun longer ago than `GROUP_SECONDS`; whoever
+members and none joins one begun longer ago than `GROUP_SECONDS` (the
+engine's `group_seconds`); whoever
 comes later begins the next group, whose BEGIN waits in PostgreSQL for this
 one's COMMIT on the advisory lock, as a transaction of its own would. When
 a member's block ends and nobody waits for a turn, the group commits at once:
@@ -173,10 +174,18 @@ class PostgresDatabase:
 
     dialect = "postgresql"
 
-    def __init__(self, dsn: str, *, pool_size: int = 10, schema: str | None = None) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        pool_size: int = 10,
+        schema: str | None = None,
+        group_seconds: float = GROUP_SECONDS,
+    ) -> None:
         self.dsn = dsn
         self.pool_size = pool_size
         self.schema = schema
+        self.group_seconds = group_seconds  # nobody joins a group begun longer ago
         self._pool: asyncpg.Pool | None = None
         self._groups: dict[str, _Group] = {}  # the group new shared transactions on a key join
         self._ending: set[asyncio.Task[None]] = set()  # COMMITs of groups under way
@@ -292,7 +301,7 @@ class PostgresDatabase:
             if (
                 group is not None
                 and group.members < GROUP_LIMIT
-                and loop.time() - group.started < GROUP_SECONDS
+                and loop.time() - group.started < self.group_seconds
             ):
                 group.members += 1
                 if group.done is None:
