@@ -19,7 +19,7 @@ import contextlib
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -160,6 +160,15 @@ async def close(db: PostgresDatabase) -> None:
         if pool is not None:
             pool.terminate()
         pytest.fail("close() waited for a connection that never came back")
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait for a condition, however slow the machine is today (up to LIMIT_SECONDS)."""
+    for _ in range(LIMIT_SECONDS * 1000):
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("the condition never held")
 
 
 async def passes(n: int = 3) -> None:
@@ -396,9 +405,10 @@ async def test_a_member_cancelled_while_awaiting_the_commit_does_not_stop_the_gr
     db: PostgresDatabase, observer: asyncpg.Connection
 ) -> None:
     gate = asyncio.Event()
-    finished = asyncio.create_task(insert(db, 0))
-    last = asyncio.create_task(insert(db, 1, gate=gate))
-    await asyncio.sleep(0.05)  # 0's block is done: it waits for the group's COMMIT
+    ran: list[int] = []
+    finished = asyncio.create_task(insert(db, 0, ran=ran))
+    last = asyncio.create_task(insert(db, 1, ran=ran, gate=gate))
+    await until(lambda: ran == [0, 1])  # 0's block is done: it waits for the group's COMMIT
     assert not finished.done()
     finished.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -413,9 +423,10 @@ async def test_close_lets_an_open_group_finish(
     db: PostgresDatabase, observer: asyncpg.Connection
 ) -> None:
     gate = asyncio.Event()
-    members = [asyncio.create_task(insert(db, 0, gate=gate))]
+    ran: list[int] = []
+    members = [asyncio.create_task(insert(db, 0, ran=ran, gate=gate))]
     members += [asyncio.create_task(insert(db, i)) for i in (1, 2)]
-    await asyncio.sleep(0.02)
+    await until(lambda: ran == [0])  # the group began; 1 and 2 joined it
     closing = asyncio.create_task(db.close())
     await asyncio.sleep(0.02)
     with pytest.raises(DatabaseUnavailable):
