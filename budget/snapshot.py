@@ -62,15 +62,35 @@ def split_charge(cost_micros: int, remaining_budget_micros: int) -> tuple[int, i
 
 @dataclass(frozen=True)
 class Admission:
-    """Whether a request may go upstream, and the hold it places; micro-USD."""
+    """Whether a request may go upstream, and the hold it places; micro-USD.
+
+    `leased`: the hold is a lease, `hold_micros` for this request and the
+    next ones of the same gateway instance (see `admit`).
+    """
 
     admitted: bool
     hold_micros: int
+    leased: bool = False
 
 
-def admit(snapshot: BudgetSnapshot, estimate_micros: int) -> Admission:
-    """Admit when anything is available; hold min(estimate, available), at least 1 micro-USD."""
+# A lease is placed only while the practice has at least this many times the
+# lease available: it never takes more than a quarter of what is left.
+LEASE_FLOOR_FACTOR = 4
+
+
+def admit(snapshot: BudgetSnapshot, estimate_micros: int, *, lease_micros: int = 0) -> Admission:
+    """Admit when anything is available; hold min(estimate, available), at least 1 micro-USD.
+
+    With `lease_micros` (> estimate) asked for, and at least
+    LEASE_FLOOR_FACTOR times that available, the hold is the whole lease
+    instead: budget set aside for this request and the next ones, which the
+    gateway then admits against it without asking the database again. Close
+    to an empty budget no lease is placed, so there every request is judged
+    against the database on its own, as without leases.
+    """
     available = snapshot.available_micros
     if available <= 0:
         return Admission(admitted=False, hold_micros=0)
+    if lease_micros > estimate_micros and available >= LEASE_FLOOR_FACTOR * lease_micros:
+        return Admission(admitted=True, hold_micros=lease_micros, leased=True)
     return Admission(admitted=True, hold_micros=max(1, min(estimate_micros, available)))

@@ -87,6 +87,8 @@ def create_app(
             plans=settings.plans,
             hold_ttl_seconds=settings.hold_ttl_seconds,
             period_grace_seconds=settings.period_grace_seconds,
+            lease_requests=settings.gate_lease_requests,
+            lease_seconds=settings.gate_lease_seconds,
         )
         credit, stripe = build_credit(settings, db)
         http = upstream_client(settings)
@@ -118,6 +120,7 @@ def create_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await current.drain()
+            await metering.aclose()
             await http.aclose()
             if stripe is not None:
                 await stripe.aclose()

@@ -122,6 +122,12 @@ class Settings:
     default_max_output_tokens: int = 1024
     hold_ttl_seconds: int = 900
     period_grace_seconds: int = 172_800
+    # Budget leases (gateway/storage/metering.py): a gate may hold this many
+    # times its estimate, while a practice has at least four times that left,
+    # and admit the instance's next requests against it for up to
+    # gate_lease_seconds without asking the database. 0 or 1: no leases.
+    gate_lease_requests: int = 128
+    gate_lease_seconds: float = 1.0
     # In-memory cache of key → practice lookups; a revoked key stops working
     # within this many seconds on every instance.
     auth_cache_seconds: float = 30.0
@@ -194,6 +200,12 @@ class Settings:
             ),
             period_grace_seconds=_int(
                 env, "AZA_PERIOD_GRACE_SECONDS", int(budget.get("period_grace_seconds", 172_800))
+            ),
+            gate_lease_requests=_int(
+                env, "AZA_GATE_LEASE_REQUESTS", int(budget.get("gate_lease_requests", 128))
+            ),
+            gate_lease_seconds=float(
+                env.get("AZA_GATE_LEASE_SECONDS", budget.get("gate_lease_seconds", 1.0))
             ),
             log_level=env.get("AZA_LOG_LEVEL", "info"),
             access_log=_flag(env, "AZA_ACCESS_LOG", False),

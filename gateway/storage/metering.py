@@ -21,12 +21,12 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from budget.license import USABLE_STATUSES, License, LicenseProblem, Period, current_period
 from budget.pricing import PlanBook
-from budget.snapshot import BudgetSnapshot, admit, split_charge
+from budget.snapshot import LEASE_FLOOR_FACTOR, BudgetSnapshot, admit, split_charge
 from budget.usage import Usage
 from credit.ports import Connection, Database, DatabaseUnavailable, Row
 from gateway.storage.coalesce import Coalescer
@@ -79,9 +79,10 @@ LEFT JOIN ({_BEST_LICENSE_SQL}) AS lic ON 1 = 1
 _USABLE_STATUSES = sorted(str(status) for status in USABLE_STATUSES)
 # A gate is its own transaction and writes only a hold: it commits without
 # waiting for the WAL flush (p_durable false; migration 004 says why).
-_RESERVE_CALL = "SELECT * FROM aza_reserve(" + ", ".join("?" * 17) + ", false)"
+# Migration 005 added the lease (p_lease, p_lease_floor) to aza_reserve.
+_RESERVE_CALL = "SELECT * FROM aza_reserve(" + ", ".join("?" * 19) + ", false)"
 _RESERVE_MANY = (
-    "SELECT * FROM aza_reserve_many(?, false, " + ", ".join("?" * 16) + ") ORDER BY call"
+    "SELECT * FROM aza_reserve_many(?, false, " + ", ".join("?" * 18) + ") ORDER BY call"
 )
 _SETTLE_CALL = "SELECT * FROM aza_settle(" + ", ".join("?" * 26) + ")"
 _SETTLE_MANY = "SELECT * FROM aza_settle_many(" + ", ".join("?" * 26) + ") ORDER BY call"
@@ -159,7 +160,11 @@ class BudgetState:
 
 @dataclass(frozen=True, slots=True)
 class Hold:
-    """A reservation of budget for one request in flight."""
+    """A reservation of budget for one request in flight.
+
+    With `share`, the request's part (`amount_micros`) of a lease, the hold
+    row `hold_id` that several requests share.
+    """
 
     hold_id: str
     practice_id: str
@@ -168,6 +173,39 @@ class Hold:
     license: License
     period: Period
     budget_micros: int
+    share: _Share | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(slots=True, eq=False)
+class _Lease:
+    """A hold of several requests' estimates that this store admits requests against.
+
+    Placed by a gate when a practice has plenty left (`budget.snapshot.admit`);
+    the store's next gates of the practice take their estimate from it
+    without a round trip, while it is open and the license still gives the
+    same period. `taken_micros`: the estimates of the requests admitted on it
+    and not released; settled ones stay counted, since each settle took its
+    share off the row in the database. It closes `lease_seconds` after it was
+    placed, when a request no longer fits, or when the store closes; then
+    what was never taken goes back (`_close_lease`), and the row is gone
+    with the last settle.
+    """
+
+    hold_id: str
+    practice_id: str
+    amount_micros: int
+    taken_micros: int
+    state: BudgetState
+    open: bool = True
+    timer: asyncio.TimerHandle | None = None
+
+
+@dataclass(slots=True, eq=False)
+class _Share:
+    """A request's part of a lease; `done` once settled or released."""
+
+    lease: _Lease
+    done: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +253,8 @@ class MeteringStore:
         clock: Callable[[], float] = time.time,
         retry_seconds: float = 900.0,
         one_call: bool = True,
+        lease_requests: int = 0,
+        lease_seconds: float = 1.0,
     ) -> None:
         self.db = db
         self.retry_seconds = retry_seconds
@@ -239,6 +279,17 @@ class MeteringStore:
         # How often the one-statement gate answered, and how often it deferred
         # to the transaction (a new period, a changed license); the tests read it.
         self.one_call_gates: Counter[str] = Counter()
+        # Budget leases (see _Lease): a lease is `lease_requests` times the
+        # estimate of the request whose gate places it (fewer than 2: none).
+        self.lease_requests = lease_requests
+        self.lease_seconds = lease_seconds
+        self._leases: dict[str, _Lease] = {}  # the open lease requests take from
+        self._next: dict[str, _Lease] = {}  # the one placed ahead, taken when that runs out
+        self._leasing: set[str] = set()  # practices with a gate asking for a lease
+        self._closing = False
+        self._background: set[asyncio.Task[None]] = set()
+        # Leases placed and closed, requests admitted on one; the tests read it.
+        self.lease_counts: Counter[str] = Counter()
 
     def now(self) -> int:
         return int(self._clock())
@@ -355,6 +406,8 @@ class MeteringStore:
             customer_email,
             self.now(),
         )
+        # This store's leases were placed under the old license.
+        self.close_leases(practice_id)
         if conn is not None:
             await conn.execute(sql, *args)
             return
@@ -470,15 +523,53 @@ class MeteringStore:
     async def reserve(
         self, practice_id: str, *, request_id: str, estimate_micros: int
     ) -> Reservation:
-        """Check the budget and, when it admits the request, place its hold; atomically."""
+        """Check the budget and, when it admits the request, place its hold; atomically.
+
+        The practice's open lease admits the request without the database
+        when its estimate fits; otherwise the database decides, and places a
+        lease when leases are on and the practice has plenty left (_Lease).
+        """
         now = self.now()
+        if practice_id in self._leases or practice_id in self._next:
+            hold = self._from_leases(practice_id, request_id, estimate_micros, now)
+            if hold is not None:
+                assert hold.share is not None
+                return Reservation(hold=hold, state=hold.share.lease.state)
+        lease_micros = 0
+        if self.lease_requests > 1 and practice_id not in self._leasing:
+            # One gate of a practice asks at a time; the others meanwhile hold
+            # their own estimate, as without leases.
+            lease_micros = max(1, estimate_micros) * self.lease_requests
+            self._leasing.add(practice_id)
+        try:
+            reservation, leased = await self._reserve_in_database(
+                practice_id, request_id, estimate_micros, lease_micros, now
+            )
+        finally:
+            if lease_micros:
+                self._leasing.discard(practice_id)
+        if not leased:
+            return reservation
+        return Reservation(
+            hold=self._open_lease(reservation, estimate_micros), state=reservation.state
+        )
+
+    async def _reserve_in_database(
+        self,
+        practice_id: str,
+        request_id: str,
+        estimate_micros: int,
+        lease_micros: int,
+        now: int,
+    ) -> tuple[Reservation, bool]:
+        """The gate against the database: the reservation, and whether its hold is a lease."""
         expected = self._expected.get(practice_id)
         if expected is not None:
-            reservation = await self._reserve_in_one_call(
-                practice_id, expected, request_id, estimate_micros, now
+            answered = await self._reserve_in_one_call(
+                practice_id, expected, request_id, estimate_micros, lease_micros, now
             )
-            if reservation is not None:
-                return reservation
+            if answered is not None:
+                return answered
         # Shared: the block raises only when the database fails; DatabaseUnavailable
         # (also when its group was rolled back) is a 503.
         async with self.db.transaction(lock=practice_id, shared=True) as conn:
@@ -490,10 +581,10 @@ class MeteringStore:
                 )
             state = await self._state(conn, practice_id, now)
             if state.problem is not None or state.license is None or state.period is None:
-                return Reservation(hold=None, state=state)
-            decision = admit(state.snapshot, estimate_micros)
+                return Reservation(hold=None, state=state), False
+            decision = admit(state.snapshot, estimate_micros, lease_micros=lease_micros)
             if not decision.admitted:
-                return Reservation(hold=None, state=state)
+                return Reservation(hold=None, state=state), False
             hold_id = self._new_hold_id()
             await conn.execute(
                 "INSERT INTO ai_budget_holds (hold_id, practice_id, request_id, amount_micro_usd, "
@@ -514,7 +605,7 @@ class MeteringStore:
             period=state.period,
             budget_micros=state.snapshot.budget_micros,
         )
-        return Reservation(hold=hold, state=state)
+        return Reservation(hold=hold, state=state), decision.leased
 
     async def _reserve_in_one_call(
         self,
@@ -522,8 +613,9 @@ class MeteringStore:
         expected: _Expected,
         request_id: str,
         estimate_micros: int,
+        lease_micros: int,
         now: int,
-    ) -> Reservation | None:
+    ) -> tuple[Reservation, bool] | None:
         """PostgreSQL: the gate as one statement, for the license and period seen last time.
 
         `aza_reserve` takes the practice's gate lock, reads the state in one
@@ -557,6 +649,8 @@ class MeteringStore:
                 hold_id,
                 request_id,
                 now + self.hold_ttl_seconds,
+                lease_micros,
+                LEASE_FLOOR_FACTOR * lease_micros,
             ),
         )
         held = row["hold_micro_usd"]
@@ -569,7 +663,7 @@ class MeteringStore:
                 extra_credit_micros=int(row["credited"]) - int(row["credit_used"]),
                 held_micros=int(row["held"]),
             )
-            decision = admit(snapshot, estimate_micros)
+            decision = admit(snapshot, estimate_micros, lease_micros=lease_micros)
             agreed = held == (decision.hold_micros if decision.admitted else None)
         self.one_call_gates["answered" if agreed else "deferred"] += 1
         if not agreed:
@@ -582,7 +676,7 @@ class MeteringStore:
         assert lic is not None and period is not None
         state = BudgetState(license=lic, period=period, problem=problem, snapshot=snapshot)
         if held is None:
-            return Reservation(hold=None, state=state)
+            return Reservation(hold=None, state=state), False
         hold = Hold(
             hold_id=hold_id,
             practice_id=practice_id,
@@ -592,7 +686,211 @@ class MeteringStore:
             period=period,
             budget_micros=budget,
         )
-        return Reservation(hold=hold, state=state)
+        return Reservation(hold=hold, state=state), decision.leased
+
+    # -- leases -------------------------------------------------------------
+
+    def _open_lease(self, reservation: Reservation, estimate_micros: int) -> Hold:
+        """Make a lease of a hold the database placed as one; the first share is this request's."""
+        hold = reservation.hold
+        assert hold is not None
+        share = max(1, estimate_micros)
+        lease = _Lease(
+            hold_id=hold.hold_id,
+            practice_id=hold.practice_id,
+            amount_micros=hold.amount_micros,
+            taken_micros=share,
+            state=reservation.state,
+        )
+        old = self._leases.get(hold.practice_id)
+        if old is not None:
+            self._close_lease(old)
+        self._keep_lease(lease, self._leases)
+        return replace(hold, amount_micros=share, share=_Share(lease))
+
+    def _keep_lease(self, lease: _Lease, where: dict[str, _Lease]) -> None:
+        where[lease.practice_id] = lease
+        lease.timer = asyncio.get_running_loop().call_later(
+            self.lease_seconds, self._close_lease, lease
+        )
+        self.lease_counts["placed"] += 1
+
+    def _from_leases(
+        self, practice_id: str, request_id: str, estimate_micros: int, now: int
+    ) -> Hold | None:
+        """A share of the practice's open lease, else of the one placed ahead; or None.
+
+        Once half of a lease is taken, the next one is asked for in the
+        background, so that requests seldom wait for the database.
+        """
+        for _ in range(2):
+            lease = self._leases.get(practice_id)
+            if lease is None:
+                lease = self._next.pop(practice_id, None)
+                if lease is None:
+                    return None
+                self._leases[practice_id] = lease
+            hold = self._take_from_lease(lease, request_id, estimate_micros, now)
+            if hold is not None:
+                if 2 * (lease.amount_micros - lease.taken_micros) < lease.amount_micros:
+                    self._ask_ahead(lease)
+                return hold
+        return None
+
+    def _take_from_lease(
+        self, lease: _Lease, request_id: str, estimate_micros: int, now: int
+    ) -> Hold | None:
+        """A request's share of an open lease, or None (and the lease closed) when it does not fit.
+
+        It fits while the estimate is no more than what is left of it and the
+        license still gives the period the lease was placed in: a new month,
+        an expired license or the end of the grace go to the database.
+        """
+        share = max(1, estimate_micros)
+        lic, period = lease.state.license, lease.state.period
+        if (
+            lease.open
+            and lease.amount_micros - lease.taken_micros >= share
+            and lic is not None
+            and period is not None
+            and current_period(lic, now, grace_seconds=self.period_grace_seconds) == period
+        ):
+            lease.taken_micros += share
+            self.lease_counts["admitted"] += 1
+            return Hold(
+                hold_id=lease.hold_id,
+                practice_id=lease.practice_id,
+                request_id=request_id,
+                amount_micros=share,
+                license=lic,
+                period=period,
+                budget_micros=lease.state.snapshot.budget_micros,
+                share=_Share(lease),
+            )
+        self._close_lease(lease)
+        return None
+
+    def _ask_ahead(self, lease: _Lease) -> None:
+        """Ask the database for the practice's next lease, of the same size, in the background."""
+        practice_id = lease.practice_id
+        if self._closing or practice_id in self._leasing or practice_id in self._next:
+            return
+        self._leasing.add(practice_id)
+        self._in_background(
+            self._place_ahead(practice_id, lease.amount_micros), f"lease ahead:{practice_id}"
+        )
+
+    async def _place_ahead(self, practice_id: str, lease_micros: int) -> None:
+        try:
+            share = max(1, lease_micros // self.lease_requests)
+            reservation, leased = await self._reserve_in_database(
+                practice_id, f"lease:{self._hold_prefix}", share, lease_micros, self.now()
+            )
+            hold = reservation.hold
+            if hold is None:
+                return
+            if not leased or self._closing:
+                # Too little left for a lease now (or the store is closing):
+                # the hold is for no request, so it goes back at once.
+                await self._give_back(practice_id, hold.hold_id, hold.amount_micros)
+                return
+            lease = _Lease(
+                hold_id=hold.hold_id,
+                practice_id=practice_id,
+                amount_micros=hold.amount_micros,
+                taken_micros=0,
+                state=reservation.state,
+            )
+            self._keep_lease(lease, self._next)
+        except Exception:
+            log.exception("placing the next lease of practice %s failed", practice_id)
+        finally:
+            self._leasing.discard(practice_id)
+
+    def _close_lease(self, lease: _Lease) -> None:
+        """Admit nothing more on `lease`; give back in the background what was never taken."""
+        if not lease.open:
+            return
+        lease.open = False
+        if lease.timer is not None:
+            lease.timer.cancel()
+        for where in (self._leases, self._next):
+            if where.get(lease.practice_id) is lease:
+                del where[lease.practice_id]
+        self.lease_counts["closed"] += 1
+        unused = lease.amount_micros - lease.taken_micros
+        if unused > 0:
+            self._in_background(
+                self._give_back(lease.practice_id, lease.hold_id, unused),
+                f"lease give-back:{lease.hold_id}",
+            )
+
+    def _in_background(self, work: Awaitable[None], name: str) -> None:
+        task = asyncio.ensure_future(work)
+        task.set_name(name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def close_leases(self, practice_id: str | None = None) -> None:
+        """Close the open leases (of one practice): its next gate asks the database."""
+        for lease in [*self._leases.values(), *self._next.values()]:
+            if practice_id is None or lease.practice_id == practice_id:
+                self._close_lease(lease)
+
+    async def aclose(self, *, wait_seconds: float = 10.0) -> None:
+        """Close every lease and wait (up to `wait_seconds`) until what they did not use is back.
+
+        A give-back retries while the database is unreachable; at shutdown it
+        is not waited for longer than that: its rows expire by themselves.
+        """
+        self._closing = True
+        self.close_leases()
+        deadline = asyncio.get_running_loop().time() + wait_seconds
+        while self._background:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                for task in list(self._background):
+                    task.cancel()
+                log.warning("leases not given back at shutdown: their holds expire by themselves")
+                await asyncio.gather(*self._background, return_exceptions=True)
+                break
+            await asyncio.wait(list(self._background), timeout=left)
+        self._closing = False
+
+    async def _give_back(self, practice_id: str, hold_id: str, amount_micros: int) -> None:
+        """Take `amount_micros` off a lease's row (deleted at zero), retrying; never raises."""
+
+        async def attempt() -> None:
+            # Under the practice's lock, like every settle: the delete-or-update
+            # pair cannot interleave with another share being taken off.
+            async with self.db.transaction(lock=practice_id, shared=True) as conn:
+                await self._take_off_hold(conn, practice_id, hold_id, amount_micros)
+
+        try:
+            await self._until_written(f"giving back lease {hold_id}", attempt)
+        except Exception:
+            log.exception("giving back lease %s failed; its hold expires by itself", hold_id)
+
+    @staticmethod
+    async def _take_off_hold(
+        conn: Connection, practice_id: str, hold_id: str, amount_micros: int
+    ) -> None:
+        """Delete the hold when `amount_micros` covers it, else take that much off it."""
+        deleted = await conn.execute(
+            "DELETE FROM ai_budget_holds WHERE practice_id = ? AND hold_id = ? "
+            "AND amount_micro_usd <= ?",
+            practice_id,
+            hold_id,
+            amount_micros,
+        )
+        if not deleted:
+            await conn.execute(
+                "UPDATE ai_budget_holds SET amount_micro_usd = amount_micro_usd - ? "
+                "WHERE practice_id = ? AND hold_id = ?",
+                amount_micros,
+                practice_id,
+                hold_id,
+            )
 
     async def _delete_hold_once(self, practice_id: str, hold_id: str) -> int:
         """Delete one hold; a statement of its own (freeing budget needs no lock)."""
@@ -611,7 +909,17 @@ class MeteringStore:
 
     async def release(self, hold: Hold) -> bool:
         """Drop a hold without charging (upstream failed). False if it was gone already."""
-
+        share = hold.share
+        if share is not None:
+            if share.done:
+                return False
+            share.done = True
+            if share.lease.open:
+                # Back into the lease: the row still holds it, for the next request.
+                share.lease.taken_micros -= hold.amount_micros
+                return True
+            await self._give_back(hold.practice_id, hold.hold_id, hold.amount_micros)
+            return True
         if self._one_call:
             return await self._delete_hold(hold.practice_id, hold.hold_id) > 0
 
@@ -644,6 +952,8 @@ class MeteringStore:
         no-op, guaranteed by the unique request id of usage events.
         """
         now = self.now()
+        if hold.share is not None:
+            hold.share.done = True  # a release after this is a no-op
 
         async def attempt() -> tuple[tuple[int | None, int, int], BudgetSnapshot]:
             if self._one_call:
@@ -652,11 +962,19 @@ class MeteringStore:
                 )
             # Shared: DatabaseUnavailable (a group rolled back) is retried.
             async with self.db.transaction(lock=hold.practice_id, shared=True) as conn:
-                await conn.execute(
-                    "DELETE FROM ai_budget_holds WHERE practice_id = ? AND hold_id = ?",
-                    hold.practice_id,
-                    hold.hold_id,
-                )
+                if hold.share is None:
+                    await conn.execute(
+                        "DELETE FROM ai_budget_holds WHERE practice_id = ? AND hold_id = ?",
+                        hold.practice_id,
+                        hold.hold_id,
+                    )
+                elif not await conn.fetchval(
+                    "SELECT 1 FROM ai_usage_events WHERE request_id = ?", hold.request_id
+                ):
+                    # A share of a lease: its part off the lease's row, once.
+                    await self._take_off_hold(
+                        conn, hold.practice_id, hold.hold_id, hold.amount_micros
+                    )
                 before = await self._snapshot(
                     conn, hold.practice_id, hold.period.start, hold.budget_micros, now
                 )

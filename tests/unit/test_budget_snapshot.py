@@ -2,7 +2,7 @@
 
 import pytest
 
-from budget.snapshot import Admission, BudgetSnapshot, admit, split_charge
+from budget.snapshot import LEASE_FLOOR_FACTOR, Admission, BudgetSnapshot, admit, split_charge
 
 USD = 1_000_000
 
@@ -78,3 +78,16 @@ def test_admit_holds_at_most_what_is_available() -> None:
 def test_admit_holds_at_least_one_micro() -> None:
     """An admitted request with a zero estimate (a free model) still holds 1 micro-USD."""
     assert admit(snap(USD, 0, 0), 0) == Admission(True, 1)
+
+
+def test_admit_places_a_lease_only_with_four_leases_available() -> None:
+    """A lease is held whole while at least LEASE_FLOOR_FACTOR of it is available, else not."""
+    lease = 1_000
+    floor = LEASE_FLOOR_FACTOR * lease
+    assert admit(snap(floor, 0, 0), 100, lease_micros=lease) == Admission(True, lease, True)
+    assert admit(snap(floor, 1, 0), 100, lease_micros=lease) == Admission(True, 100)
+    assert admit(snap(floor, 0, 0, held=floor - 50), 100, lease_micros=lease) == Admission(True, 50)
+    # Extra credit counts toward the floor; a lease no bigger than the estimate is none.
+    assert admit(snap(0, 0, floor), 100, lease_micros=lease).leased
+    assert admit(snap(floor, 0, 0), lease, lease_micros=lease) == Admission(True, lease)
+    assert admit(snap(floor, floor, 0), 100, lease_micros=lease) == Admission(False, 0)
