@@ -207,7 +207,7 @@ class AutoTopup:
             charge_rappen=settings.topup_amount_rappen,
             monthly_limit_rappen=settings.monthly_limit_rappen,
             auto_topups_this_month_rappen=await auto_topups_rappen_this_month(
-                conn, practice_id, now=now
+                conn, practice_id, now=now, zone=self._config.month_timezone
             ),
             pending=bool(await pending_auto_topups(conn, practice_id)),
             last_success_at=await last_successful_auto_topup_at(conn, practice_id),

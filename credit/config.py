@@ -2,7 +2,9 @@
 
 The values are the seed's (`aza_ai_credit`'s module constants): 30 CHF buys
 10 USD of internal credit, auto top-up triggers below 5 %, at most 300 CHF of
-automatic top-ups per calendar month, 24 h between two automatic ones.
+automatic top-ups per calendar month (the practice's month: Europe/Zurich,
+not UTC, so a top-up at 00:30 on the 1st counts in the new month), 24 h
+between two automatic ones.
 `gateway.settings.CreditConfig` has the same fields and is passed in as a
 `CreditConfigLike` (structural typing: credit/ does not import gateway/).
 """
@@ -21,6 +23,8 @@ AUTO_TOPUP_COOLDOWN_SEC = 86_400
 DEFAULT_TOPUP_SUCCESS_URL = "https://aza-medwork.ch/succes2"
 DEFAULT_SETUP_SUCCESS_URL = "https://aza-medwork.ch/ki-topup-setup-success/"
 DEFAULT_CANCEL_URL = "https://aza-medwork.ch"
+# The zone whose calendar months the automatic top-up limit counts in.
+DEFAULT_MONTH_TIMEZONE = "Europe/Zurich"
 
 
 class CreditConfigLike(Protocol):
@@ -50,6 +54,8 @@ class CreditConfigLike(Protocol):
     def setup_success_url(self) -> str: ...
     @property
     def cancel_url(self) -> str: ...
+    @property
+    def month_timezone(self) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,3 +74,4 @@ class CreditDefaults:
     topup_success_url: str = DEFAULT_TOPUP_SUCCESS_URL
     setup_success_url: str = DEFAULT_SETUP_SUCCESS_URL
     cancel_url: str = DEFAULT_CANCEL_URL
+    month_timezone: str = DEFAULT_MONTH_TIMEZONE

@@ -13,13 +13,13 @@ top-up per practice.
 
 from __future__ import annotations
 
-import calendar
 import json
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from budget.money import micros_to_float
 from credit.ports import Connection, Row
@@ -291,14 +291,20 @@ async def last_successful_auto_topup_at(conn: Connection, practice_id: str) -> i
     return None if value is None else int(value)
 
 
-def month_start(now: float) -> int:
-    """Start (Unix seconds) of the UTC calendar month containing `now`."""
-    t = time.gmtime(now)
-    return calendar.timegm((t.tm_year, t.tm_mon, 1, 0, 0, 0, 0, 0, 0))
+def month_start(now: float, zone: str) -> int:
+    """Start (Unix seconds) of the calendar month containing `now`, as kept in `zone`.
+
+    Midnight on the 1st in Zurich is 23:00 (winter) or 22:00 (summer) UTC of
+    the day before; no zone this project uses changes its clocks at midnight.
+    """
+    local = datetime.fromtimestamp(now, ZoneInfo(zone))
+    return int(local.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp())
 
 
-async def auto_topups_rappen_this_month(conn: Connection, practice_id: str, *, now: float) -> int:
-    """Rappen of automatic top-ups (succeeded or pending) in this UTC calendar month.
+async def auto_topups_rappen_this_month(
+    conn: Connection, practice_id: str, *, now: float, zone: str
+) -> int:
+    """Rappen of automatic top-ups (succeeded or pending) in this calendar month of `zone`.
 
     Manual top-ups do not count: the monthly limit caps what is charged
     without a person clicking.
@@ -309,7 +315,7 @@ async def auto_topups_rappen_this_month(conn: Connection, practice_id: str, *, n
         "AND created_at >= ?",
         practice_id,
         EventType.AUTO_TOPUP_PURCHASE.value,
-        month_start(now),
+        month_start(now, zone),
     )
     return int(value or 0)
 

@@ -171,7 +171,9 @@ class CreditService:
         """Auto top-up settings as the practice sees them (never the payment method id)."""
         async with self._db.read() as conn:
             settings = await load_settings(conn, practice_id, self._config)
-            this_month = await auto_topups_rappen_this_month(conn, practice_id, now=self._now())
+            this_month = await auto_topups_rappen_this_month(
+                conn, practice_id, now=self._now(), zone=self._config.month_timezone
+            )
         return _status(settings, this_month)
 
     async def update_settings(
@@ -257,7 +259,9 @@ class CreditService:
             elif enabled is False:
                 settings = replace(settings, auto_topup_enabled=False)
             await save_settings(conn, settings, now=self._now())
-            this_month = await auto_topups_rappen_this_month(conn, practice_id, now=self._now())
+            this_month = await auto_topups_rappen_this_month(
+                conn, practice_id, now=self._now(), zone=self._config.month_timezone
+            )
         return _status(settings, this_month)
 
     # -- Stripe Checkout ------------------------------------------------------

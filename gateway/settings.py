@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from budget.pricing import PlanBook, PriceBook
 from config import CONFIG_DIR
@@ -83,6 +84,7 @@ class CreditConfig:
     topup_success_url: str = "https://aza-medwork.ch/succes2"
     setup_success_url: str = "https://aza-medwork.ch/ki-topup-setup-success/"
     cancel_url: str = "https://aza-medwork.ch"
+    month_timezone: str = "Europe/Zurich"  # the auto top-up limit's calendar month
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> CreditConfig:
@@ -171,6 +173,14 @@ class Settings:
         language = env.get("AZA_USER_LANGUAGE", gw.get("user_language", "de"))
         if language not in ("de", "en"):
             raise ConfigError(f"AZA_USER_LANGUAGE must be de or en, not {language!r}")
+        credit = CreditConfig.from_mapping(defaults.get("credit", {}))
+        try:
+            ZoneInfo(credit.month_timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(
+                f"[credit] month_timezone must be a time zone such as Europe/Zurich, "
+                f"not {credit.month_timezone!r}"
+            ) from None
         return cls(
             upstream_base_url=env.get("AZA_UPSTREAM_BASE_URL", DEFAULT_UPSTREAM).rstrip("/"),
             upstream_api_key=Secret(env.get("OPENAI_API_KEY", "")),
@@ -211,5 +221,5 @@ class Settings:
             access_log=_flag(env, "AZA_ACCESS_LOG", False),
             prices=PriceBook.load(folder / "prices.toml"),
             plans=PlanBook.load(folder / "plans.toml"),
-            credit=CreditConfig.from_mapping(defaults.get("credit", {})),
+            credit=credit,
         )

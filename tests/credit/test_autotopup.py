@@ -8,12 +8,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import httpx
 import pytest
 import respx
 
-from credit.ledger import EventType, Status
+from credit.ledger import EventType, Status, month_start
 from credit.ports import Database
 from gateway.messages import user_message
 
@@ -92,6 +93,74 @@ async def test_monthly_limit_counts_only_this_month(db: Database) -> None:
         PRACTICE, available_percent=5, subscription_id=None
     )
     assert r.dry_run is True
+
+
+def utc(text: str) -> int:
+    return int(datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp())
+
+
+@pytest.mark.parametrize(
+    ("now", "start"),
+    [
+        # 00:30 on 1 December in Zurich (CET, UTC+1): the new month began at 23:00 UTC.
+        ("2026-11-30T23:30", "2026-11-30T23:00"),
+        # 23:30 on 30 November in Zurich: still November, begun 1 November 00:00 CET.
+        ("2026-11-30T22:30", "2026-10-31T23:00"),
+        # Summer time (CEST, UTC+2): 1 July began at 22:00 UTC.
+        ("2026-07-01T00:30", "2026-06-30T22:00"),
+        # 23:00 on 31 March, summer time since the 29th: March began in winter time.
+        ("2026-03-31T21:00", "2026-02-28T23:00"),
+        # 01:00 on 1 April (CEST): April began at 22:00 UTC.
+        ("2026-03-31T23:00", "2026-03-31T22:00"),
+    ],
+)
+def test_month_start_is_the_zurich_calendar_month(now: str, start: str) -> None:
+    assert month_start(utc(now), "Europe/Zurich") == utc(start)
+
+
+def test_month_start_in_utc_is_the_utc_calendar_month() -> None:
+    assert month_start(utc("2026-11-30T23:30"), "UTC") == utc("2026-11-01T00:00")
+
+
+async def auto_topups_at(db: Database, *times: str) -> None:
+    for i, at in enumerate(times):
+        await book(
+            db,
+            event_type=EventType.AUTO_TOPUP_PURCHASE,
+            created_at=utc(at),
+            payment_intent_id=f"pi_{i}_{utc(at)}",
+        )
+
+
+async def limit_check(db: Database, at: str) -> tuple[str | None, float]:
+    """The dry-run guard's reason at `at` (UTC), and the CHF it counts this month."""
+    at_that_time = service(db, dry_run=True, clock=Clock(utc(at)))
+    r = await at_that_time.maybe_auto_topup(PRACTICE, available_percent=5, subscription_id=None)
+    status = await at_that_time.settings_status(PRACTICE)
+    return r.reason, status["auto_topups_chf_this_month"]
+
+
+async def test_the_monthly_limit_restarts_at_midnight_in_zurich(db: Database) -> None:
+    """At 00:30 on 1 December in Zurich (23:30 UTC on the 30th) November's top-ups no longer count.
+
+    Counted in UTC months, it would still be November there and the limit reached.
+    """
+    await save(db, trigger=50, limit="60")
+    await auto_topups_at(db, "2026-11-10T09:00", "2026-11-20T09:00")
+    assert await limit_check(db, "2026-11-30T22:45") == ("auto_topup_monthly_limit_reached", 60.0)
+    assert await limit_check(db, "2026-11-30T23:30") == ("dry_run", 0.0)
+
+
+async def test_a_top_up_just_after_midnight_in_zurich_counts_in_the_new_month(
+    db: Database,
+) -> None:
+    """One at 00:10 on 1 December in Zurich (23:10 UTC on the 30th) and one on the 5th: limit.
+
+    Counted in UTC months, the first would fall in November and a third be charged.
+    """
+    await save(db, trigger=50, limit="60")
+    await auto_topups_at(db, "2026-11-30T23:10", "2026-12-05T09:00")
+    assert await limit_check(db, "2026-12-15T09:00") == ("auto_topup_monthly_limit_reached", 60.0)
 
 
 async def test_auto_monthly_limit_ignores_manual_topups(db: Database) -> None:
