@@ -144,4 +144,5 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.metrics = metrics
+    metrics.count_leases(lambda: services().metering.lease_counts if holder else {})
     return app

@@ -6,6 +6,7 @@ Each app gets its own `CollectorRegistry`, so several apps in one process
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from typing import Generic, TypeVar
 
 from prometheus_client import (
@@ -16,6 +17,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 M = TypeVar("M", Counter, Histogram)
 
@@ -98,6 +101,35 @@ class GatewayMetrics:
             )
         )
 
+    def count_leases(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        """Expose the metering store's lease counts, read when /metrics is scraped.
+
+        The store counts in a plain Counter on the request path; a collector
+        reads it only when scraped, so leasing costs no metric update per
+        request.
+        """
+        self.registry.register(_LeaseCounts(counts))
+
     def render(self) -> bytes:
         """The registry in Prometheus text format."""
         return generate_latest(self.registry)
+
+
+LEASE_EVENTS = ("placed", "admitted", "closed")
+
+
+class _LeaseCounts(Collector):
+    def __init__(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "aza_gateway_budget_leases",
+            "Budget leases: placed (a hold for many requests), admitted "
+            "(requests admitted on a lease, without a database round trip), closed.",
+            labels=["event"],
+        )
+        counts = self._counts()
+        for event in LEASE_EVENTS:
+            family.add_metric([event], counts.get(event, 0))
+        yield family

@@ -148,3 +148,42 @@ async def test_concurrent_streams_cannot_overspend(gateway: Gateway) -> None:
     assert await gateway.holds() == 0
     assert gateway.fake.requests == 5
     assert await gateway.metering.totals_mismatches() == []
+
+
+async def events_of(gateway: Gateway, n: int) -> list[dict[str, object]]:
+    for _ in range(250):
+        found = await gateway.events()
+        if len(found) >= n:
+            return found
+        await asyncio.sleep(0.02)
+    return await gateway.events()
+
+
+async def test_a_practice_s_requests_share_one_lease_shown_in_metrics(
+    start_gateway: StartGateway,
+) -> None:
+    """Five requests: the first places a lease (one hold row), the other four are admitted on it."""
+    async with start_gateway(gate_lease_seconds=30.0) as gateway:  # open for the whole test
+        client = gateway.client()
+        for _ in range(5):
+            await client.chat.completions.create(**CHAT)
+        assert len(await events_of(gateway, 5)) == 5
+        assert await gateway.holds() == 1  # the lease's row, its shares settled
+        leases = 'aza_gateway_budget_leases_total{event="%s"}'
+        assert await metric(gateway, leases % "placed") == 1.0
+        assert await metric(gateway, leases % "admitted") == 4.0
+        assert await metric(gateway, leases % "closed") == 0.0
+    assert await gateway.holds() == 0  # shutdown closed the lease and gave the rest back
+
+
+async def test_with_leases_off_every_request_holds_its_own_estimate(
+    start_gateway: StartGateway,
+) -> None:
+    async with start_gateway(gate_lease_requests=0) as gateway:
+        client = gateway.client()
+        for _ in range(3):
+            await client.chat.completions.create(**CHAT)
+        assert len(await gateway.settled(3)) == 3
+        leases = 'aza_gateway_budget_leases_total{event="%s"}'
+        assert await metric(gateway, leases % "placed") == 0.0
+        assert await metric(gateway, leases % "admitted") == 0.0
