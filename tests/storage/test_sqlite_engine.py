@@ -123,6 +123,32 @@ async def test_transactions_started_in_one_pass_of_the_loop_share_a_commit(
     assert committed_ids(path) == list(range(20))
 
 
+async def test_blocks_queued_behind_a_long_one_all_get_through_in_one_pass(
+    db: SqliteDatabase, path: Path
+) -> None:
+    """When the lock comes free, every queued block runs in the loop's next pass, not one a pass.
+
+    A lock that handed itself to one waiter per release let queued settles
+    through one per pass of the loop: under load they piled up by the
+    thousand and a gate behind them waited 100-300 ms.
+    """
+    gate = asyncio.Event()
+    holder = asyncio.create_task(slow(db, 0, gate))
+    await asyncio.sleep(0)
+    queued = [asyncio.create_task(insert_now(db, i)) for i in range(1, 101)]
+    await asyncio.sleep(0)
+    assert db._queued == 100
+    passes = 0
+    gate.set()
+    while not all(task.done() for task in queued):
+        await asyncio.sleep(0)
+        passes += 1
+        assert passes < 100, "queued blocks got through one per pass of the loop"
+    assert passes <= 6  # woken together, run in turn, committed in a few groups
+    await holder
+    assert committed_ids(path) == list(range(101))
+
+
 async def returns_within_the_pass(db: SqliteDatabase, i: int) -> bool:
     """Whether a transaction's block returned without letting the loop run (committed at once)."""
     ran: list[bool] = []
