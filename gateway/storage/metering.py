@@ -36,6 +36,10 @@ log = logging.getLogger("aza.metering")
 
 T = TypeVar("T")
 KEY_PREFIX = "aza_"
+# A practice's leases grow up to this many times `lease_requests` estimates
+# at high request rates (MeteringStore._lease_requests_for); the 4x floor of
+# budget.snapshot.admit still bounds each to a quarter of what is available.
+MAX_LEASE_SCALE = 16
 
 _USED_SQL = (
     "SELECT COALESCE(SUM(used_micro_usd), 0) FROM ai_usage_period_totals "
@@ -196,6 +200,8 @@ class _Lease:
     amount_micros: int
     taken_micros: int
     state: BudgetState
+    estimate_micros: int  # the estimate it was sized for (amount = estimate x requests)
+    placed_at: float = 0.0  # loop time
     open: bool = True
     timer: asyncio.TimerHandle | None = None
 
@@ -286,6 +292,9 @@ class MeteringStore:
         self._leases: dict[str, _Lease] = {}  # the open lease requests take from
         self._next: dict[str, _Lease] = {}  # the one placed ahead, taken when that runs out
         self._leasing: set[str] = set()  # practices with a gate asking for a lease
+        # Requests per lease, per practice: `lease_requests` times a scale of
+        # 1 to MAX_LEASE_SCALE (see _lease_requests_for).
+        self._lease_scale: dict[str, int] = {}
         self._closing = False
         self._background: set[asyncio.Task[None]] = set()
         # Leases placed and closed, requests admitted on one; the tests read it.
@@ -539,7 +548,7 @@ class MeteringStore:
         if self.lease_requests > 1 and practice_id not in self._leasing:
             # One gate of a practice asks at a time; the others meanwhile hold
             # their own estimate, as without leases.
-            lease_micros = max(1, estimate_micros) * self.lease_requests
+            lease_micros = max(1, estimate_micros) * self._lease_requests_for(practice_id)
             self._leasing.add(practice_id)
         try:
             reservation, leased = await self._reserve_in_database(
@@ -549,6 +558,8 @@ class MeteringStore:
             if lease_micros:
                 self._leasing.discard(practice_id)
         if not leased:
+            if lease_micros and reservation.admitted:
+                self._rescale(practice_id, down=True)  # too little left for one this size
             return reservation
         return Reservation(
             hold=self._open_lease(reservation, estimate_micros), state=reservation.state
@@ -701,6 +712,7 @@ class MeteringStore:
             amount_micros=hold.amount_micros,
             taken_micros=share,
             state=reservation.state,
+            estimate_micros=share,
         )
         old = self._leases.get(hold.practice_id)
         if old is not None:
@@ -710,10 +722,34 @@ class MeteringStore:
 
     def _keep_lease(self, lease: _Lease, where: dict[str, _Lease]) -> None:
         where[lease.practice_id] = lease
-        lease.timer = asyncio.get_running_loop().call_later(
-            self.lease_seconds, self._close_lease, lease
-        )
+        loop = asyncio.get_running_loop()
+        lease.placed_at = loop.time()
+        lease.timer = loop.call_later(self.lease_seconds, self._lease_expired, lease)
         self.lease_counts["placed"] += 1
+
+    def _lease_requests_for(self, practice_id: str) -> int:
+        """How many estimates the practice's next lease holds.
+
+        `lease_requests` at first; doubled (up to MAX_LEASE_SCALE times) each
+        time half a lease went in under an eighth of `lease_seconds`, so that
+        at a high request rate a lease still lasts long enough for the next
+        one to be placed ahead in time; halved when one expired less than
+        half used or a gate found too little left for one this size.
+        """
+        return self.lease_requests * self._lease_scale.get(practice_id, 1)
+
+    def _rescale(self, practice_id: str, *, down: bool) -> None:
+        scale = self._lease_scale.get(practice_id, 1)
+        scale = max(1, scale // 2) if down else min(MAX_LEASE_SCALE, scale * 2)
+        if scale == 1:
+            self._lease_scale.pop(practice_id, None)
+        else:
+            self._lease_scale[practice_id] = scale
+
+    def _lease_expired(self, lease: _Lease) -> None:
+        if lease.open and 2 * lease.taken_micros < lease.amount_micros:
+            self._rescale(lease.practice_id, down=True)
+        self._close_lease(lease)
 
     def _from_leases(
         self, practice_id: str, request_id: str, estimate_micros: int, now: int
@@ -776,13 +812,16 @@ class MeteringStore:
         if self._closing or practice_id in self._leasing or practice_id in self._next:
             return
         self._leasing.add(practice_id)
+        if asyncio.get_running_loop().time() - lease.placed_at < self.lease_seconds / 8:
+            self._rescale(practice_id, down=False)  # half gone fast: the next one is larger
         self._in_background(
-            self._place_ahead(practice_id, lease.amount_micros), f"lease ahead:{practice_id}"
+            self._place_ahead(practice_id, lease.estimate_micros), f"lease ahead:{practice_id}"
         )
 
-    async def _place_ahead(self, practice_id: str, lease_micros: int) -> None:
+    async def _place_ahead(self, practice_id: str, estimate_micros: int) -> None:
         try:
-            share = max(1, lease_micros // self.lease_requests)
+            share = estimate_micros
+            lease_micros = share * self._lease_requests_for(practice_id)
             reservation, leased = await self._reserve_in_database(
                 practice_id, f"lease:{self._hold_prefix}", share, lease_micros, self.now()
             )
@@ -792,6 +831,8 @@ class MeteringStore:
             if not leased or self._closing:
                 # Too little left for a lease now (or the store is closing):
                 # the hold is for no request, so it goes back at once.
+                if not leased:
+                    self._rescale(practice_id, down=True)
                 await self._give_back(practice_id, hold.hold_id, hold.amount_micros)
                 return
             lease = _Lease(
@@ -800,6 +841,7 @@ class MeteringStore:
                 amount_micros=hold.amount_micros,
                 taken_micros=0,
                 state=reservation.state,
+                estimate_micros=share,
             )
             self._keep_lease(lease, self._next)
         except Exception:

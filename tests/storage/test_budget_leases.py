@@ -20,7 +20,7 @@ from budget.pricing import PlanBook
 from budget.snapshot import LEASE_FLOOR_FACTOR
 from budget.usage import Operation, Usage
 from gateway.storage import AnyDatabase
-from gateway.storage.metering import Hold, MeteringStore
+from gateway.storage.metering import MAX_LEASE_SCALE, Hold, MeteringStore
 
 USD = 1_000_000
 DAY = 86_400
@@ -312,6 +312,81 @@ async def test_the_next_lease_is_placed_ahead_once_half_is_taken(
     nxt = await gate(store, p, "n0")
     assert {nxt.hold_id} == ahead
     for hold in [*holds, nxt]:
+        await store.settle(hold, chat(), cost_micros=EST, device_id=None)
+    await store.aclose()
+    assert await hold_rows(db) == {}
+
+
+async def test_leases_double_while_they_go_fast_up_to_the_cap(
+    store: MeteringStore, db: AnyDatabase, clock: Clock
+) -> None:
+    """Half of each lease taken in far less than lease_seconds/8: each next one is twice as big.
+
+    At a high request rate a lease of fixed size ran out before the next one
+    was placed ahead, and a quarter of the requests at c=64 went to the
+    database; growing leases keep the next one ahead in time.
+    """
+    p = await licensed(store, clock)
+    holds = []
+    for i in range(300):
+        holds.append(await gate(store, p, f"r{i}"))
+        await until(lambda: not store._leasing, "the lease placed ahead")
+    rows = await hold_rows(db)
+    sizes = [rows[hold_id] // EST for hold_id in sorted(rows)]  # ids count up: placing order
+    assert sizes[:6] == [K, 2 * K, 4 * K, 8 * K, 16 * K, MAX_LEASE_SCALE * K]
+    assert max(sizes) == MAX_LEASE_SCALE * K
+    assert sum(sizes[:-1]) < 300 <= sum(sizes)  # the last, open one holds the rest
+    assert store.lease_counts["admitted"] == 300 - 1  # only the first gate asked the database
+    for hold in holds:
+        await store.settle(hold, chat(), cost_micros=EST, device_id=None)
+    await store.aclose()
+    assert await hold_rows(db) == {}
+    assert list(await store.totals_mismatches()) == []
+
+
+async def test_a_lease_that_expires_mostly_unused_halves_the_next(
+    make_store: Callable[..., MeteringStore], db: AnyDatabase, clock: Clock
+) -> None:
+    store = make_store(lease_seconds=0.5)
+    p = await licensed(store, clock)
+    holds = [await gate(store, p, f"r{i}") for i in range(K // 2 + 1)]
+    await until(lambda: store.lease_counts["placed"] == 2, "the lease placed ahead")
+    ahead = set(await hold_rows(db)) - {holds[0].hold_id}
+    assert [(await hold_rows(db))[h] for h in ahead] == [2 * K * EST]  # grown: half went fast
+    # Both expire: the first more than half taken, the one ahead never used.
+    await until(lambda: store.lease_counts["closed"] == 2, "both leases to expire")
+    again = await gate(store, p, "later")
+    assert (await hold_rows(db))[again.hold_id] == K * EST  # halved back
+    for hold in [*holds, again]:
+        await store.settle(hold, chat(), cost_micros=EST, device_id=None)
+    await store.aclose()
+    assert await hold_rows(db) == {}
+
+
+async def test_too_little_left_for_a_lease_this_size_halves_the_next(
+    store: MeteringStore, db: AnyDatabase, clock: Clock
+) -> None:
+    p = await licensed(store, clock)
+    holds = [await gate(store, p, f"r{i}") for i in range(K // 2 + 1)]
+    await until(lambda: store.lease_counts["placed"] == 2, "the lease placed ahead (2K)")
+    await licensed(store, clock)  # this instance changed the license: its leases close
+    await until(lambda: not store._background, "the leases' rest to go back")
+    assert sum((await hold_rows(db)).values()) == len(holds) * EST
+    state = await store.state(p)
+    assert state.license is not None and state.period is not None
+    # Leave exactly 6K estimates: under the 4x floor of a 2K lease, over that of a K lease.
+    await store.record_usage(
+        state.license,
+        state.period,
+        chat(),
+        cost_micros=20 * USD - len(holds) * EST - 6 * K * EST,
+        request_id="earlier",
+    )
+    alone = await gate(store, p, "a")  # asked for 2K: too much, so only its estimate
+    assert alone.share is None and (await hold_rows(db))[alone.hold_id] == EST
+    leased = await gate(store, p, "b")  # asks for K now, which fits
+    assert leased.share is not None and (await hold_rows(db))[leased.hold_id] == K * EST
+    for hold in [*holds, alone, leased]:
         await store.settle(hold, chat(), cost_micros=EST, device_id=None)
     await store.aclose()
     assert await hold_rows(db) == {}
