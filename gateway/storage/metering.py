@@ -285,8 +285,9 @@ class MeteringStore:
         # How often the one-statement gate answered, and how often it deferred
         # to the transaction (a new period, a changed license); the tests read it.
         self.one_call_gates: Counter[str] = Counter()
-        # Budget leases (see _Lease): a lease is `lease_requests` times the
-        # estimate of the request whose gate places it (fewer than 2: none).
+        # Budget leases (see _Lease): a lease is `_lease_requests_for` the
+        # practice (`lease_requests` at first) times the estimate of the request
+        # whose gate places it (`lease_requests` fewer than 2: none).
         self.lease_requests = lease_requests
         self.lease_seconds = lease_seconds
         self._leases: dict[str, _Lease] = {}  # the open lease requests take from
@@ -807,7 +808,8 @@ class MeteringStore:
         return None
 
     def _ask_ahead(self, lease: _Lease) -> None:
-        """Ask the database for the practice's next lease, of the same size, in the background."""
+        """Ask the database for the practice's next lease in the background (twice as large
+        when half of this one went fast)."""
         practice_id = lease.practice_id
         if self._closing or practice_id in self._leasing or practice_id in self._next:
             return
@@ -820,10 +822,13 @@ class MeteringStore:
 
     async def _place_ahead(self, practice_id: str, estimate_micros: int) -> None:
         try:
-            share = estimate_micros
-            lease_micros = share * self._lease_requests_for(practice_id)
+            lease_micros = estimate_micros * self._lease_requests_for(practice_id)
             reservation, leased = await self._reserve_in_database(
-                practice_id, f"lease:{self._hold_prefix}", share, lease_micros, self.now()
+                practice_id,
+                f"lease:{self._hold_prefix}",
+                estimate_micros,
+                lease_micros,
+                self.now(),
             )
             hold = reservation.hold
             if hold is None:
@@ -841,7 +846,7 @@ class MeteringStore:
                 amount_micros=hold.amount_micros,
                 taken_micros=0,
                 state=reservation.state,
-                estimate_micros=share,
+                estimate_micros=estimate_micros,
             )
             self._keep_lease(lease, self._next)
         except Exception:
