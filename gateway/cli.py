@@ -245,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == "serve":
             return _serve(settings, args.host, args.port)
         if command == "demo":
-            from gateway.demo import run_demo
+            from gateway.demo.command import run_demo
 
             _run(run_demo(settings, host=args.host, port=args.port))
             return 0

@@ -22,7 +22,7 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from gateway.app import create_app
-from gateway.fake_upstream import FAKE_UPSTREAM_KEY, FakeUpstream
+from gateway.demo.fake_upstream import FAKE_UPSTREAM_KEY, FakeUpstream
 from gateway.settings import Secret, Settings
 from gateway.storage import AnyDatabase
 from gateway.storage.metering import MeteringStore

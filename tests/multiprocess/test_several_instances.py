@@ -21,7 +21,7 @@ import pytest
 from budget.estimate import estimate_usage
 from budget.usage import Operation, Usage, parse_request
 from gateway.app import create_app
-from gateway.fake_upstream import FAKE_UPSTREAM_KEY, FakeUpstream
+from gateway.demo.fake_upstream import FAKE_UPSTREAM_KEY, FakeUpstream
 from gateway.settings import Secret, Settings
 from gateway.storage import PostgresDatabase, open_database
 from gateway.storage.metering import MeteringStore

@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from budget.usage import Operation, Usage
-from gateway.fake_upstream import FAKE_UPSTREAM_KEY, FakeUpstream
+from gateway.demo.fake_upstream import FAKE_UPSTREAM_KEY, FakeUpstream
 from gateway.settings import Settings
 from gateway.storage import open_database
 from gateway.storage.metering import MeteringStore

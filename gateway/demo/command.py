@@ -2,7 +2,7 @@
 
 An embedded SQLite database in a temporary folder, one demo practice with an
 active license for the current month and a fresh gateway key, and the fake
-OpenAI upstream (gateway.fake_upstream) served under `/_fake-upstream` on
+OpenAI upstream (gateway.demo.fake_upstream) served under `/_fake-upstream` on
 the same port, reached by the gateway over real loopback HTTP like the real
 OpenAI API would be. Nothing outside the temporary folder is written.
 """
@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from budget.license import calendar_month
 from gateway.app import create_app
-from gateway.fake_upstream import FAKE_UPSTREAM_KEY, FakeUpstream
+from gateway.demo.fake_upstream import FAKE_UPSTREAM_KEY, FakeUpstream
 from gateway.settings import Secret, Settings
 from gateway.storage import open_database
 from gateway.storage.metering import MeteringStore

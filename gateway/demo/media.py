@@ -1,0 +1,195 @@
+"""What the fake upstream answers to embeddings, audio, images, moderations and models.
+
+Pure functions from a parsed request to OpenAI's wire format, deterministic
+for a given input (embedding vectors are seeded by the text, the image is one
+1x1 PNG, speech is bytes in proportion to the text).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import math
+import random
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+from gateway.demo.answers import CREATED, error_body, tokens_for
+
+TRANSCRIPT = "Dies ist eine Transkription des AzA-Demo-Upstreams."
+MODELS = (
+    "gpt-4o-mini",
+    "gpt-4o",
+    "gpt-4.1",
+    "text-embedding-3-small",
+    "whisper-1",
+    "tts-1",
+    "dall-e-3",
+    "gpt-image-1",
+    "omni-moderation-latest",
+)
+_EMBEDDING_DIMENSIONS = {"text-embedding-3-large": 3072}
+# One 1x1 transparent PNG: the image every image request gets.
+_PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII="
+)
+
+
+def embeddings(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """`POST /v1/embeddings`: one deterministic unit vector per input."""
+    model = payload.get("model", "text-embedding-3-small")
+    raw = payload.get("input", "")
+    inputs: list[Any] = (
+        raw if isinstance(raw, list) and raw and not isinstance(raw[0], int) else [raw]
+    )
+    dimensions = int(payload.get("dimensions") or _EMBEDDING_DIMENSIONS.get(model, 1536))
+    as_base64 = payload.get("encoding_format") == "base64"
+    data = []
+    total = 0
+    for index, item in enumerate(inputs):
+        text = item if isinstance(item, str) else " ".join(str(t) for t in item)
+        total += len(item) if isinstance(item, list) else tokens_for(text)
+        vector = _vector(text, dimensions)
+        embedding: Any = (
+            base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode()
+            if as_base64
+            else vector
+        )
+        data.append({"object": "embedding", "index": index, "embedding": embedding})
+    return {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": total, "total_tokens": total},
+    }
+
+
+def audio_text(audio: bytes, *, model: str, response_format: str, task: str) -> Any:
+    """`POST /v1/audio/{transcriptions,translations}`: the JSON body, or a str for `text`.
+
+    `task` is "transcribe" or "translate"; whisper-1 transcriptions report
+    usage in seconds, the newer transcription models in tokens.
+    """
+    seconds = audio_seconds(audio)
+    text = TRANSCRIPT
+    if response_format == "text":
+        return text + "\n"
+    if response_format == "verbose_json":
+        return {
+            "task": task,
+            "language": "german",
+            "duration": seconds,
+            "text": text,
+            "segments": [
+                {
+                    "id": 0,
+                    "seek": 0,
+                    "start": 0.0,
+                    "end": seconds,
+                    "text": text,
+                    "tokens": [],
+                    "temperature": 0.0,
+                    "avg_logprob": -0.1,
+                    "compression_ratio": 1.0,
+                    "no_speech_prob": 0.0,
+                }
+            ],
+            "usage": {"type": "duration", "seconds": math.ceil(seconds)},
+        }
+    body: dict[str, Any] = {"text": text}
+    if task == "transcribe":
+        if model == "whisper-1":
+            body["usage"] = {"type": "duration", "seconds": math.ceil(seconds)}
+        else:
+            prompt = max(1, round(seconds * 10))
+            out = tokens_for(text)
+            body["usage"] = {
+                "type": "tokens",
+                "input_tokens": prompt,
+                "input_token_details": {"text_tokens": 0, "audio_tokens": prompt},
+                "output_tokens": out,
+                "total_tokens": prompt + out,
+            }
+    return body
+
+
+def speech(payload: Mapping[str, Any]) -> bytes:
+    """`POST /v1/audio/speech`: an MPEG frame header, then filler in proportion to the text."""
+    text = str(payload.get("input", ""))
+    return b"\xff\xfb\x90\x64" + hashlib.sha256(text.encode()).digest() * (1 + len(text) // 8)
+
+
+def images(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """`POST /v1/images/generations`: `n` PNGs; gpt-image-1 reports token usage."""
+    count = int(payload.get("n") or 1)
+    body: dict[str, Any] = {
+        "created": CREATED,
+        "data": [{"b64_json": base64.b64encode(_PNG).decode()} for _ in range(count)],
+    }
+    if payload.get("model") == "gpt-image-1":
+        prompt = tokens_for(str(payload.get("prompt", "")))
+        out = 272 * count
+        body["usage"] = {
+            "input_tokens": prompt,
+            "input_tokens_details": {"text_tokens": prompt, "image_tokens": 0},
+            "output_tokens": out,
+            "total_tokens": prompt + out,
+        }
+    return body
+
+
+def moderations(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """`POST /v1/moderations`: nothing flagged, one result per input."""
+    raw = payload.get("input", "")
+    inputs = raw if isinstance(raw, list) else [raw]
+    categories = ("harassment", "hate", "self-harm", "sexual", "violence")
+    result = {
+        "flagged": False,
+        "categories": dict.fromkeys(categories, False),
+        "category_scores": dict.fromkeys(categories, 0.0001),
+    }
+    return {
+        "id": "modr-fake",
+        "model": payload.get("model") or "omni-moderation-latest",
+        "results": [result for _ in inputs],
+    }
+
+
+def models() -> dict[str, Any]:
+    """`GET /v1/models`."""
+    return {"object": "list", "data": [model(name) for name in MODELS]}
+
+
+def model(name: str) -> dict[str, Any]:
+    """`GET /v1/models/{name}` for a known model."""
+    return {"id": name, "object": "model", "created": CREATED, "owned_by": "openai"}
+
+
+def model_not_found(name: str) -> dict[str, Any]:
+    """The 404 body for an unknown model."""
+    return error_body(
+        f"The model '{name}' does not exist", type="invalid_request_error", code="model_not_found"
+    )
+
+
+def _vector(text: str, dimensions: int) -> list[float]:
+    """A deterministic unit vector for `text`."""
+    rng = random.Random(hashlib.sha256(text.encode()).digest())
+    values = [rng.uniform(-1.0, 1.0) for _ in range(dimensions)]
+    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    return [v / norm for v in values]
+
+
+def audio_seconds(audio: bytes) -> float:
+    """The audio's duration: read from its headers, else one second per 16 kB."""
+    try:
+        import mutagen
+
+        info = mutagen.File(io.BytesIO(audio))
+        if info is not None and getattr(info, "info", None) is not None:
+            return round(float(info.info.length), 3)
+    except Exception:  # any unreadable upload falls back to the size rule
+        pass
+    return round(len(audio) / 16_000, 3)
