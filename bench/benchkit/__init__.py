@@ -1,0 +1,1 @@
+"""The benchmark's parts, one job a module; `bench/run.py` runs them."""
