@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from decimal import Decimal
 from types import MappingProxyType
 
-from budget.usage import (
-    UNKNOWN_AUDIO_SECONDS,
-    Operation,
-    RequestInfo,
-    Usage,
-    input_tokens_estimate,
-)
+from budget.operations import Operation
+from budget.request import CHARS_PER_TOKEN, RequestInfo
+from budget.usage import Usage
+
+# Tokens every request costs beyond its text (role markers, message framing).
+REQUEST_OVERHEAD_TOKENS = 8
+# Audio length assumed when the uploaded file's duration cannot be read.
+# A hold only reserves: the charge comes from the duration upstream reports.
+# Ten minutes covers a typical dictation without a wrong, huge guess (a 25 MB
+# upload can hold hours of low-bitrate audio) blocking a nearly empty budget.
+UNKNOWN_AUDIO_SECONDS = Decimal(600)
+
+
+def input_tokens_estimate(input_chars: int) -> int:
+    """Estimated input tokens of `input_chars` characters: ceil(chars / 4) + 8 overhead."""
+    return math.ceil(max(0, input_chars) / CHARS_PER_TOKEN) + REQUEST_OVERHEAD_TOKENS
+
 
 # Output tokens gpt-image-1 bills per image, by quality and size (OpenAI's
 # published table). Models priced per image ignore them; "standard", "auto"
@@ -38,7 +50,7 @@ def estimate_usage(info: RequestInfo, *, default_max_output_tokens: int) -> Usag
     Input tokens are ceil(input_chars / 4) + 8 per request; output tokens are
     the request's max output tokens (else `default_max_output_tokens`) for
     every choice asked for. Audio of unknown duration counts as 600 seconds
-    (see budget.usage.UNKNOWN_AUDIO_SECONDS).
+    (UNKNOWN_AUDIO_SECONDS).
     """
     op = info.operation
     input_tokens = input_tokens_estimate(info.input_chars)

@@ -16,7 +16,8 @@ from types import MappingProxyType
 from typing import Any
 
 from budget.money import cost_to_micros, usd_to_micros
-from budget.usage import Operation, Usage
+from budget.operations import Operation
+from budget.usage import Usage
 
 _PER_MILLION = Decimal(1_000_000)
 _SECONDS_PER_MINUTE = Decimal(60)

@@ -22,11 +22,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from budget.operations import methods_by_template
 from gateway.auth import Authenticator
 from gateway.errors import GatewayError, not_found
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import MeteringMiddleware, RequestContextMiddleware
-from gateway.proxy import MODELS_PATH, PROXIED_POST_PATHS, Proxy
+from gateway.proxy import Proxy
 from gateway.routes import all_routes
 from gateway.services import Services, build_credit, upstream_client
 from gateway.settings import Settings
@@ -129,10 +130,11 @@ def create_app(
 
     metrics = GatewayMetrics()
     proxy = Proxy(client=lambda: services().http, settings=settings, metrics=lambda: metrics)
-    proxied = [Route(path, proxy, methods=["POST"]) for path in sorted(PROXIED_POST_PATHS)]
-    proxied += [
-        Route(MODELS_PATH, proxy, methods=["GET"]),
-        Route(MODELS_PATH + "/{model:path}", proxy, methods=["GET"]),
+    # The router only sees a forwarded path asked with a method it is not
+    # forwarded for (the middleware hands the others to the proxy): 405.
+    proxied = [
+        Route(template, proxy, methods=methods)
+        for template, methods in methods_by_template().items()
     ]
     app = Starlette(
         routes=[*proxied, *all_routes()],

@@ -4,7 +4,7 @@
 it authenticates the caller, reads the body (bounded), prices an estimate and
 places a hold (the gate, with one auto top-up retry), then lets the proxy
 forward the request while it watches the response go by (the tap): a stream's
-bytes pass through `budget.usage`'s stream tap on their way to the client, a
+bytes pass through `budget.stream`'s tap on their way to the client, a
 whole body is kept to read its usage. When the response has been sent, or the
 client went away, the hold is replaced by one usage event (or released when
 the upstream failed) in a task the request's cancellation cannot stop.
@@ -28,18 +28,12 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from budget.estimate import estimate_usage
+from budget.operations import Operation, match_endpoint
 from budget.pricing import PriceBook, UnpricedModel
-from budget.usage import (
-    OPERATION_BY_PATH,
-    InvalidRequest,
-    Operation,
-    RequestInfo,
-    StreamTap,
-    Usage,
-    parse_request,
-    stream_tap_for,
-    usage_from_response,
-)
+from budget.request import InvalidRequest, RequestInfo, parse_request
+from budget.response import usage_from_response
+from budget.stream import StreamTap, stream_tap_for
+from budget.usage import Usage
 from credit.ports import DatabaseUnavailable
 from gateway.auth import Caller, require_practice
 from gateway.errors import GatewayError, bad_request, unavailable
@@ -51,10 +45,8 @@ from gateway.messages import (
 )
 from gateway.proxy import (
     BODY_CHECKED,
-    MODELS_PATH,
-    PROXIED_POST_PATHS,
+    ENDPOINT_TEMPLATE,
     ClientGone,
-    is_proxied,
     read_bounded_body,
 )
 from gateway.services import Services
@@ -95,12 +87,16 @@ def new_request_id() -> str:
     return f"req_{_request_id_prefix}{next(_request_id_seq):016x}"
 
 
+_OWN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
 def path_label(scope: Scope) -> str:
-    """A bounded metrics label for a request path."""
+    """A bounded metrics label for a request path: its endpoint's template where it has one."""
+    template = scope.get("state", {}).get(ENDPOINT_TEMPLATE)
+    if isinstance(template, str):
+        return template
     path: str = scope.get("path", "")
-    if path.startswith(MODELS_PATH + "/"):
-        return MODELS_PATH + "/{id}"
-    if path in PROXIED_POST_PATHS or path in (MODELS_PATH, "/healthz", "/readyz", "/metrics"):
+    if path in _OWN_PATHS:
         return path
     route = scope.get("route")
     route_path = getattr(route, "path", None)
@@ -205,21 +201,26 @@ class MeteringMiddleware:
         self.services = services
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not is_proxied(scope["method"], scope["path"]):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        match = match_endpoint(scope["method"], scope["path"])
+        if match is None:
+            await self.app(scope, receive, send)
+            return
+        endpoint = match.endpoint
         services = self.services()
         state = scope.setdefault("state", {})
+        state[ENDPOINT_TEMPLATE] = endpoint.template
         request_id: str = state.get("request_id") or state.setdefault(
             "request_id", new_request_id()
         )
-        operation = OPERATION_BY_PATH.get(scope["path"])
         try:
             caller = await services.auth.authenticate(Headers(scope=scope))
             admitted = None
-            if operation is not None:
+            if endpoint.metered:
                 admitted = await self._admit(
-                    services, scope, receive, operation, caller, request_id
+                    services, scope, receive, endpoint.operation, caller, request_id
                 )
         except GatewayError as exc:
             await exc.send(send, request_id)

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from starlette.datastructures import Headers
 from starlette.types import Message, Receive, Scope, Send
 
+from budget.operations import match_endpoint
 from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
 from gateway.settings import Settings
@@ -34,23 +35,10 @@ from gateway.upstream import (
 
 log = logging.getLogger("aza.gateway.proxy")
 
-# The OpenAI API paths the gateway forwards, by method.
-PROXIED_POST_PATHS = frozenset(
-    {
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/responses",
-        "/v1/embeddings",
-        "/v1/audio/transcriptions",
-        "/v1/audio/translations",
-        "/v1/audio/speech",
-        "/v1/images/generations",
-        "/v1/moderations",
-    }
-)
-MODELS_PATH = "/v1/models"
 # Set in scope["state"] by the metering middleware once it has read and bounded the body.
 BODY_CHECKED = "aza.body_checked"
+# Set in scope["state"] by the metering middleware: the template of the endpoint matched.
+ENDPOINT_TEMPLATE = "aza.endpoint_template"
 
 # Headers that describe one connection, not the message (RFC 9110 §7.6.1), and
 # those the proxy sets itself.
@@ -106,14 +94,8 @@ _DROPPED_RESPONSE_HEADERS = frozenset(
 
 
 def is_proxied(method: str, path: str) -> bool:
-    """True for the OpenAI API requests the gateway forwards upstream."""
-    if method == "POST":
-        return path in PROXIED_POST_PATHS
-    if method == "GET":
-        return path == MODELS_PATH or (
-            path.startswith(MODELS_PATH + "/") and len(path) > len(MODELS_PATH) + 1
-        )
-    return False
+    """True for the OpenAI API requests the gateway forwards upstream (budget.operations)."""
+    return match_endpoint(method, path) is not None
 
 
 def _connection_listed(values: Iterable[bytes]) -> frozenset[bytes]:
@@ -281,9 +263,9 @@ class Proxy:
             metrics.upstream_errors.labels("connection").inc()
             await upstream_unreachable().send(send, request_id)
             return
-        metrics.upstream_latency.labels(
-            path if not path.startswith(MODELS_PATH) else MODELS_PATH
-        ).observe(time.perf_counter() - started)
+        metrics.upstream_latency.labels(state.get(ENDPOINT_TEMPLATE, path)).observe(
+            time.perf_counter() - started
+        )
         if response.status_code >= 400:
             metrics.upstream_errors.labels(str(response.status_code)).inc()
         if response.status_code == 401:

@@ -9,7 +9,8 @@ import httpx
 import pytest
 import respx
 
-from budget.usage import Operation, Usage
+from budget.operations import Operation
+from budget.usage import Usage
 from gateway.settings import Secret
 from gateway.storage import AnyDatabase
 from tests.credit.helpers import STRIPE_BASE, STRIPE_HTTPX_DEPRECATION, WEBHOOK_SECRET, form, save

@@ -405,7 +405,8 @@ async def test_card_setup_then_blocked_request_is_rescued_by_auto_topup(
     ).status_code == 200
     state = await gw.metering.state(gw.practice)
     assert state.license is not None and state.period is not None
-    from budget.usage import Operation, Usage
+    from budget.operations import Operation
+    from budget.usage import Usage
 
     await gw.metering.record_usage(
         state.license,
@@ -490,7 +491,8 @@ async def test_monthly_limit_reached_tells_the_user_to_top_up_by_hand(
         )
     state = await gw.metering.state(gw.practice)
     assert state.license is not None and state.period is not None
-    from budget.usage import Operation, Usage
+    from budget.operations import Operation
+    from budget.usage import Usage
 
     await gw.metering.record_usage(
         state.license,

@@ -9,7 +9,8 @@ import httpx
 import openai
 import pytest
 
-from budget.usage import Operation, Usage
+from budget.operations import Operation
+from budget.usage import Usage
 from gateway.storage.metering import MeteringStore
 from tests.integration.conftest import Gateway, StartGateway
 

@@ -19,7 +19,9 @@ import openai
 import pytest
 
 from budget.estimate import estimate_usage
-from budget.usage import Operation, Usage, parse_request
+from budget.operations import Operation
+from budget.request import parse_request
+from budget.usage import Usage
 from gateway.app import create_app
 from gateway.demo.fake_upstream import FAKE_UPSTREAM_KEY, FakeUpstream
 from gateway.settings import Secret, Settings

@@ -18,7 +18,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from budget.usage import Operation, Usage
+from budget.operations import Operation
+from budget.usage import Usage
 from gateway.demo.fake_upstream import FAKE_UPSTREAM_KEY, FakeUpstream
 from gateway.settings import Settings
 from gateway.storage import open_database

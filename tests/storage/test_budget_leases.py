@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import pytest
 
+from budget.operations import Operation
 from budget.pricing import PlanBook
 from budget.snapshot import LEASE_FLOOR_FACTOR
-from budget.usage import Operation, Usage
+from budget.usage import Usage
 from gateway.storage import AnyDatabase
 from gateway.storage.metering import MAX_LEASE_SCALE, Hold, MeteringStore
 

@@ -6,8 +6,9 @@ import asyncio
 import time
 
 from budget.license import License, LicenseProblem, Period
+from budget.operations import Operation
 from budget.pricing import PlanBook
-from budget.usage import Operation, Usage
+from budget.usage import Usage
 from gateway.storage import AnyDatabase
 from gateway.storage.metering import MeteringStore, hash_key
 

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import pytest
 
 from budget.license import LicenseProblem
+from budget.operations import Operation
 from budget.pricing import PlanBook
-from budget.usage import Operation, Usage
+from budget.usage import Usage
 from config import CONFIG_DIR
 from gateway.storage import open_database
 from gateway.storage.metering import MeteringStore

@@ -26,8 +26,9 @@ from typing import Any, TypeVar
 import asyncpg
 import pytest
 
+from budget.operations import Operation
 from budget.pricing import PlanBook
-from budget.usage import Operation, Usage
+from budget.usage import Usage
 from config import CONFIG_DIR
 from credit.ports import DatabaseUnavailable, UniqueViolation
 from gateway.storage import open_database

@@ -3,8 +3,9 @@
 from decimal import Decimal
 
 from budget.estimate import estimate_usage
+from budget.operations import Operation
 from budget.pricing import PriceBook
-from budget.usage import Operation, RequestInfo
+from budget.request import RequestInfo
 from config import CONFIG_DIR
 
 PRICES = PriceBook.load(CONFIG_DIR / "prices.toml")

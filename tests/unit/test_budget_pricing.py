@@ -4,8 +4,9 @@ from decimal import Decimal
 
 import pytest
 
+from budget.operations import Operation
 from budget.pricing import PlanBook, PriceBook, UnpricedModel
-from budget.usage import Operation, Usage
+from budget.usage import Usage
 from config import CONFIG_DIR
 
 PRICES = PriceBook.load(CONFIG_DIR / "prices.toml")

@@ -7,21 +7,14 @@ from decimal import Decimal
 
 import pytest
 
-from budget.usage import OPERATION_BY_PATH, InvalidRequest, Operation, parse_request
+from budget.operations import Operation
+from budget.request import InvalidRequest, parse_request
 
 JSON = "application/json"
 
 
 def body(**fields: object) -> bytes:
     return json.dumps(fields).encode()
-
-
-def test_operations_by_path() -> None:
-    """Every proxied OpenAI path maps to its operation."""
-    assert OPERATION_BY_PATH["/v1/chat/completions"] is Operation.CHAT
-    assert OPERATION_BY_PATH["/v1/audio/transcriptions"] is Operation.TRANSCRIPTION
-    assert OPERATION_BY_PATH["/v1/moderations"] is Operation.MODERATION
-    assert len(OPERATION_BY_PATH) == 9
 
 
 def test_streamed_chat_gets_include_usage_and_keeps_other_stream_options() -> None:

@@ -3,7 +3,10 @@
 import json
 from decimal import Decimal
 
-from budget.usage import Operation, RequestInfo, Usage, usage_from_response
+from budget.operations import Operation
+from budget.request import RequestInfo
+from budget.response import usage_from_response
+from budget.usage import Usage
 
 
 def info(operation: Operation, model: str = "m", **fields: object) -> RequestInfo:

@@ -6,14 +6,10 @@ from decimal import Decimal
 
 import pytest
 
-from budget.usage import (
-    ChatStreamTap,
-    Operation,
-    RequestInfo,
-    StreamTap,
-    Usage,
-    stream_tap_for,
-)
+from budget.operations import Operation
+from budget.request import RequestInfo
+from budget.stream import ChatStreamTap, StreamTap, stream_tap_for
+from budget.usage import Usage
 
 
 def chunk_event(delta: dict[str, object], finish: str | None = None) -> bytes:
@@ -113,7 +109,7 @@ def test_chat_tap_is_identity_when_client_wants_usage(line_end: Callable[[bytes]
 
 def test_chat_tap_parses_only_the_usage_event(monkeypatch: pytest.MonkeyPatch) -> None:
     """Content chunks are never JSON-parsed: one JSON decode for the whole stream."""
-    import budget.usage
+    import budget.response
 
     calls: list[str] = []
 
@@ -122,7 +118,7 @@ def test_chat_tap_parses_only_the_usage_event(monkeypatch: pytest.MonkeyPatch) -
             calls.append(s)
             return super().decode(s)
 
-    monkeypatch.setattr(budget.usage, "_EXACT_DECODER", CountingDecoder(parse_float=Decimal))
+    monkeypatch.setattr(budget.response, "_EXACT_DECODER", CountingDecoder(parse_float=Decimal))
     tap = stream_tap_for(chat_info(wants_usage=False))
     for event in CHAT_EVENTS:
         tap.feed(event)

@@ -1,0 +1,278 @@
+"""What a client's request asks for, read from its body before it is forwarded.
+
+`parse_request` reads a JSON or multipart body into a `RequestInfo` and adds
+`stream_options.include_usage` to streamed chat requests so usage can be
+metered. Nothing here does I/O: it parses the bytes it is handed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from budget.audio import audio_duration_seconds
+from budget.operations import AUDIO_UPLOADS, USAGE_INJECTED, Operation
+
+# About four characters of English or German text make one token.
+CHARS_PER_TOKEN = 4
+
+
+class InvalidRequest(Exception):
+    """A client request the gateway cannot meter (bad JSON, missing model, wrong types)."""
+
+    def __init__(
+        self, message: str, param: str | None = None, code: str = "invalid_request"
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """What a request asks for, read from its body before it is forwarded.
+
+    input_chars: characters of text the model reads (4 per token of a token array);
+    characters: speech input length; images: images asked for; audio_seconds: the
+    uploaded file's duration in seconds (None when unreadable); choices: chat and
+    completion `n` (output is produced that many times).
+    """
+
+    operation: Operation
+    model: str
+    stream: bool = False
+    client_wants_usage: bool = False
+    max_output_tokens: int | None = None
+    input_chars: int = 0
+    characters: int = 0
+    images: int = 0
+    image_size: str | None = None
+    image_quality: str | None = None
+    audio_seconds: Decimal | None = None
+    choices: int = 1
+
+
+# The model OpenAI uses for a moderation request that names none.
+DEFAULT_MODERATION_MODEL = "omni-moderation-latest"
+
+
+def parse_request(
+    operation: Operation, content_type: str, body: bytes
+) -> tuple[RequestInfo, bytes]:
+    """Read a request body; return what it asks for and the body to forward upstream.
+
+    The body is returned unchanged (the same object), except for a streamed chat
+    or completion request, where `stream_options.include_usage` is set to true
+    so the stream reports usage; only then is the JSON re-serialised compactly.
+    """
+    if operation in AUDIO_UPLOADS:
+        return _parse_audio_upload(operation, content_type, body), body
+    data = _json_object(body)
+    model = data.get("model")
+    if model is None and operation is Operation.MODERATION:
+        model = DEFAULT_MODERATION_MODEL  # OpenAI lets moderations omit the model
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("you must provide a model parameter", param="model")
+    stream = _optional_bool(data, "stream") or False
+    stream_options = data.get("stream_options")
+    if stream_options is not None and not isinstance(stream_options, dict):
+        raise InvalidRequest("stream_options must be an object", param="stream_options")
+    client_wants_usage = bool(stream_options and stream_options.get("include_usage") is True)
+
+    max_output_tokens: int | None = None
+    choices = 1
+    input_chars = 0
+    characters = 0
+    images = 0
+    image_size: str | None = None
+    image_quality: str | None = None
+    if operation is Operation.CHAT:
+        max_output_tokens = _optional_count(data, "max_completion_tokens")
+        if max_output_tokens is None:
+            max_output_tokens = _optional_count(data, "max_tokens")
+        choices = _optional_count(data, "n", minimum=1) or 1
+        input_chars = _text_chars(data.get("messages"))
+    elif operation is Operation.COMPLETION:
+        max_output_tokens = _optional_count(data, "max_tokens")
+        choices = _optional_count(data, "n", minimum=1) or 1
+        input_chars = _text_chars(data.get("prompt"))
+    elif operation is Operation.RESPONSES:
+        max_output_tokens = _optional_count(data, "max_output_tokens")
+        input_chars = _text_chars(data.get("input")) + _text_chars(data.get("instructions"))
+    elif operation in (Operation.EMBEDDING, Operation.MODERATION):
+        input_chars = _text_chars(data.get("input"))
+    elif operation is Operation.SPEECH:
+        text = data.get("input")
+        characters = len(text) if isinstance(text, str) else 0
+        input_chars = characters + _text_chars(data.get("instructions"))
+    elif operation is Operation.IMAGE:
+        images = _optional_count(data, "n", minimum=1) or 1
+        input_chars = _text_chars(data.get("prompt"))
+        image_size = _optional_str(data, "size") or "1024x1024"
+        image_quality = _optional_str(data, "quality") or "standard"
+
+    info = RequestInfo(
+        operation=operation,
+        model=model,
+        stream=stream,
+        client_wants_usage=client_wants_usage,
+        max_output_tokens=max_output_tokens,
+        input_chars=input_chars,
+        characters=characters,
+        images=images,
+        image_size=image_size,
+        image_quality=image_quality,
+        choices=choices,
+    )
+    if operation in USAGE_INJECTED and stream and not client_wants_usage:
+        data["stream_options"] = {**(stream_options or {}), "include_usage": True}
+        body = _compact_json(data)
+    return info, body
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        data = None
+    if not isinstance(data, dict):
+        raise InvalidRequest("Invalid JSON body", code="invalid_json")
+    return data
+
+
+# Made once: json.dumps with options builds a new encoder on every call.
+_COMPACT_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_ASCII_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
+def _compact_json(data: Mapping[str, Any]) -> bytes:
+    try:
+        return _COMPACT_ENCODER.encode(data).encode()
+    except UnicodeEncodeError:
+        # A lone surrogate ("\ud800") read from the client's escapes cannot be
+        # UTF-8 encoded; escape it back the way the client sent it.
+        return _ASCII_ENCODER.encode(data).encode()
+
+
+def _optional_bool(data: Mapping[str, Any], key: str) -> bool | None:
+    value = data.get(key)
+    if value is None or isinstance(value, bool):
+        return value
+    raise InvalidRequest(f"{key} must be a boolean", param=key)
+
+
+def _optional_count(data: Mapping[str, Any], key: str, *, minimum: int = 0) -> int | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidRequest(f"{key} must be an integer of at least {minimum}", param=key)
+    return value
+
+
+def _optional_str(data: Mapping[str, Any], key: str) -> str | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{key} must be a string", param=key)
+    return value
+
+
+# Keys under which a message, content part or Responses input item carries text.
+_TEXT_KEYS = ("content", "text", "output", "arguments")
+
+
+def _text_chars(value: Any) -> int:
+    """Characters of text in a prompt/input/messages value; a token id counts as 4."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return CHARS_PER_TOKEN
+    if isinstance(value, list):
+        return sum(_text_chars(item) for item in value)
+    if isinstance(value, dict):
+        return sum(_text_chars(value[key]) for key in _TEXT_KEYS if key in value)
+    return 0
+
+
+def _parse_audio_upload(operation: Operation, content_type: str, body: bytes) -> RequestInfo:
+    fields, file_data = _multipart_fields(content_type, body)
+    model = fields.get("model")
+    if not model:
+        raise InvalidRequest("you must provide a model parameter", param="model")
+    stream_text = fields.get("stream", "false").strip().lower()
+    if stream_text not in ("true", "false"):
+        raise InvalidRequest("stream must be a boolean", param="stream")
+    return RequestInfo(
+        operation=operation,
+        model=model,
+        stream=stream_text == "true",
+        input_chars=len(fields.get("prompt", "")),
+        audio_seconds=None if file_data is None else audio_duration_seconds(file_data),
+    )
+
+
+def _multipart_fields(content_type: str, body: bytes) -> tuple[dict[str, str], bytes | None]:
+    """Text fields of a multipart/form-data body, and the bytes of its `file` part."""
+    mime, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if mime != b"multipart/form-data" or not boundary:
+        raise InvalidRequest(
+            "Expected a multipart/form-data body with a boundary", code="invalid_multipart"
+        )
+    parts: list[tuple[dict[bytes, bytes], bytearray]] = []
+    header_field = bytearray()
+    header_value = bytearray()
+
+    def on_part_begin() -> None:
+        parts.append(({}, bytearray()))
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        header_field.extend(data[start:end])
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        header_value.extend(data[start:end])
+
+    def on_header_end() -> None:
+        parts[-1][0][bytes(header_field).lower()] = bytes(header_value)
+        header_field.clear()
+        header_value.clear()
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        parts[-1][1].extend(data[start:end])
+
+    parser = MultipartParser(
+        boundary,
+        {
+            "on_part_begin": on_part_begin,
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_part_data": on_part_data,
+        },
+    )
+    try:
+        parser.write(body)
+        parser.finalize()
+    except ValueError as exc:  # python_multipart's parse errors derive from ValueError
+        raise InvalidRequest(f"Invalid multipart body: {exc}", code="invalid_multipart") from exc
+
+    fields: dict[str, str] = {}
+    file_data: bytes | None = None
+    for headers, data in parts:
+        _, disposition = parse_options_header(headers.get(b"content-disposition", b""))
+        name = disposition.get(b"name", b"").decode("utf-8", "replace")
+        if name == "file":
+            file_data = bytes(data)
+        elif name and b"filename" not in disposition:
+            fields[name] = data.decode("utf-8", "replace")
+    return fields, file_data

@@ -1,0 +1,240 @@
+"""Stream taps: read usage from an upstream server-sent-event stream while passing it on."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from budget.estimate import UNKNOWN_AUDIO_SECONDS, input_tokens_estimate
+from budget.operations import AUDIO_UPLOADS, USAGE_INJECTED, Operation
+from budget.request import RequestInfo
+from budget.response import exact_json, usage_tokens
+from budget.usage import Usage
+
+# The blank line that ends a server-sent event, with either line ending.
+_EVENT_END = re.compile(rb"\r?\n\r?\n")
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+_DONE = re.compile(rb"^data: ?\[DONE\]\s*$", re.MULTILINE)
+
+
+def _event_data(event: bytes) -> bytes:
+    """The `data:` lines of one server-sent event, joined by newlines."""
+    lines = []
+    for line in event.splitlines():
+        if line.startswith(b"data:"):
+            lines.append(line[6:] if line[5:6] == b" " else line[5:])
+    return b"\n".join(lines)
+
+
+def _event_json(event: bytes) -> dict[str, Any] | None:
+    return exact_json(_event_data(event))
+
+
+class StreamTap:
+    """Reads usage from an upstream event stream while passing its bytes on.
+
+    feed() returns the bytes to forward now and close() what was held back.
+    Only events that can carry usage are JSON-parsed. When a stream ends
+    without usage, estimated_usage() charges what was produced: OpenAI streams
+    about one token per content event, so output tokens = content events seen.
+
+    This base class forwards everything untouched and reads no usage; it
+    serves operations whose usage the request already tells (speech).
+    """
+
+    def __init__(self, info: RequestInfo) -> None:
+        self.info = info
+        self.completed = False
+        self._usage: Usage | None = None
+        self._content_events = 0
+        # The event being received; complete events are handled at once.
+        self._pending = bytearray()
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Take the next bytes from upstream; return the bytes to forward to the client now."""
+        out = bytearray() if self._holds_back else None
+        pending = self._pending
+        search_from = max(0, len(pending) - 3)  # a blank line may straddle chunks
+        pending.extend(chunk)
+        start = 0
+        while (end := _EVENT_END.search(pending, max(start, search_from))) is not None:
+            event = bytes(pending[start : end.end()])
+            keep = self._on_event(event)
+            if out is not None and keep:
+                out.extend(event)
+            start = end.end()
+        del pending[:start]
+        if out is None:
+            return chunk
+        return bytes(out)
+
+    def close(self) -> bytes:
+        """Upstream ended: handle an unterminated last event; return the bytes still held back."""
+        event = bytes(self._pending)
+        self._pending.clear()
+        if not event.strip():
+            return event if self._holds_back else b""
+        keep = self._on_event(event)
+        return event if self._holds_back and keep else b""
+
+    def usage(self) -> Usage | None:
+        """The usage upstream reported in the stream, once seen; else None."""
+        return self._usage
+
+    def estimated_usage(self) -> Usage:
+        """Usage of a stream cut short or ending without usage (estimated=True).
+
+        Input tokens are the request's estimate (ceil(chars / 4) + 8); output
+        tokens are the number of content events seen, as OpenAI streams about
+        one token per content event.
+        """
+        info = self.info
+        audio = info.audio_seconds
+        if info.operation in AUDIO_UPLOADS and audio is None:
+            audio = UNKNOWN_AUDIO_SECONDS
+        return Usage(
+            info.operation,
+            info.model,
+            input_tokens=input_tokens_estimate(info.input_chars),
+            output_tokens=self._content_events,
+            audio_seconds=audio or Decimal(0),
+            characters=info.characters,
+            images=info.images,
+            image_size=info.image_size,
+            image_quality=info.image_quality,
+            estimated=True,
+        )
+
+    @property
+    def _holds_back(self) -> bool:
+        """True when events may be removed, so a partial event waits for its end."""
+        return False
+
+    def _on_event(self, event: bytes) -> bool:
+        """Handle one whole event; return False to remove it from the stream."""
+        return True
+
+
+class ChatStreamTap(StreamTap):
+    """Chat and completion streams: usage from the usage chunk, removed unless asked for.
+
+    Only an event whose bytes contain `"usage": {` is JSON-parsed. When the
+    client did not ask for usage (`stream_options.include_usage`), the
+    usage-only chunk (empty `choices`) the gateway asked for is removed; a
+    partial event is then held until its end arrives, a whole one never. When
+    the client asked for usage, bytes pass through untouched in the same call.
+    """
+
+    @property
+    def _holds_back(self) -> bool:
+        return not self.info.client_wants_usage
+
+    def _on_event(self, event: bytes) -> bool:
+        if _DONE.search(event):
+            self.completed = True
+            return True
+        if not _USAGE_OBJECT.search(event):
+            if b"data:" in event:
+                self._content_events += 1
+            return True
+        data = _event_json(event)
+        usage = data.get("usage") if data is not None else None
+        if data is None or not isinstance(usage, dict):
+            # "usage": { inside a content string: an ordinary content event.
+            self._content_events += 1
+            return True
+        model = data.get("model")
+        self._usage = Usage(
+            self.info.operation,
+            model if isinstance(model, str) and model else self.info.model,
+            **usage_tokens(self.info.operation, usage),
+        )
+        choices = data.get("choices")
+        if choices:
+            self._content_events += 1
+            return True  # usage riding on a content chunk stays
+        return self.info.client_wants_usage
+
+
+@dataclass(frozen=True, slots=True)
+class _EventKinds:
+    final: re.Pattern[bytes]  # the event that carries usage
+    content: re.Pattern[bytes]  # an event of produced output
+    usage_under: str | None  # key of the object holding "usage" ("response"), None: top level
+
+
+def _type_pattern(*types: str) -> re.Pattern[bytes]:
+    alternatives = b"|".join(re.escape(t.encode()) for t in types)
+    return re.compile(rb'"type"\s*:\s*"(?:' + alternatives + rb')"')
+
+
+_RESPONSES_EVENTS = _EventKinds(
+    final=_type_pattern("response.completed", "response.incomplete", "response.failed"),
+    content=_type_pattern("response.output_text.delta"),
+    usage_under="response",
+)
+_TRANSCRIPT_EVENTS = _EventKinds(
+    final=_type_pattern("transcript.text.done"),
+    content=_type_pattern("transcript.text.delta"),
+    usage_under=None,
+)
+
+
+class TypedEventStreamTap(StreamTap):
+    """Streams of typed events (Responses API, audio transcripts): bytes pass untouched.
+
+    Only the final event (`response.completed` / `.incomplete` / `.failed`, or
+    `transcript.text.done`) is JSON-parsed for usage.
+    """
+
+    def __init__(self, info: RequestInfo, kinds: _EventKinds) -> None:
+        super().__init__(info)
+        self._kinds = kinds
+
+    def _on_event(self, event: bytes) -> bool:
+        kinds = self._kinds
+        if kinds.content.search(event):
+            self._content_events += 1
+            return True
+        if not kinds.final.search(event):
+            return True
+        data = _event_json(event)
+        if data is None:
+            return True
+        self.completed = True
+        holder = data.get(kinds.usage_under) if kinds.usage_under else data
+        if not isinstance(holder, dict):
+            return True
+        usage = holder.get("usage")
+        if not isinstance(usage, dict):
+            return True
+        model = holder.get("model")
+        self._usage = Usage(
+            self.info.operation,
+            model if isinstance(model, str) and model else self.info.model,
+            audio_seconds=self.info.audio_seconds or Decimal(0),
+            **usage_tokens(self.info.operation, usage),
+        )
+        return True
+
+
+class _RequestUsageStreamTap(StreamTap):
+    """Streams whose usage the request tells (speech characters): bytes pass untouched."""
+
+    def usage(self) -> Usage | None:
+        return Usage(self.info.operation, self.info.model, characters=self.info.characters)
+
+
+def stream_tap_for(info: RequestInfo) -> StreamTap:
+    """The stream tap that reads usage from this request's event stream."""
+    if info.operation in USAGE_INJECTED:
+        return ChatStreamTap(info)
+    if info.operation is Operation.RESPONSES:
+        return TypedEventStreamTap(info, _RESPONSES_EVENTS)
+    if info.operation in AUDIO_UPLOADS:
+        return TypedEventStreamTap(info, _TRANSCRIPT_EVENTS)
+    if info.operation is Operation.SPEECH:
+        return _RequestUsageStreamTap(info)
+    return StreamTap(info)
