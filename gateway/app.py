@@ -98,7 +98,7 @@ def create_app(
             db=db,
             metering=metering,
             auth=Authenticator(
-                lookup=metering.practice_for_key,
+                lookup=metering.identify_key,
                 service_token=settings.api_token,
                 cache_seconds=settings.auth_cache_seconds,
             ),

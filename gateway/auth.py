@@ -13,17 +13,28 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
-from gateway.errors import GatewayError, unauthorized
+from gateway.errors import GatewayError, forbidden, unauthorized
+from gateway.keys import KeyIdentity, KeyRole
 from gateway.settings import Secret
 
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """An authenticated caller acting for one practice (or, as service, for any)."""
+    """An authenticated caller acting for one practice (or, as service, for any).
+
+    `role` is the gateway key's (None for the service token, which may do
+    everything a key may).
+    """
 
     practice_id: str | None
     device_id: str | None
     is_service: bool = False
+    role: KeyRole | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        """Whether this caller may use the admin-key routes and the console."""
+        return self.is_service or (self.role is not None and self.role.admin_capable)
 
 
 def bearer_token(headers: Mapping[str, str]) -> str | None:
@@ -41,7 +52,7 @@ class Authenticator:
     def __init__(
         self,
         *,
-        lookup: Callable[[str], Awaitable[str | None]],
+        lookup: Callable[[str], Awaitable[KeyIdentity | None]],
         service_token: Secret,
         cache_seconds: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
@@ -52,22 +63,23 @@ class Authenticator:
         self._cache_seconds = cache_seconds
         self._clock = clock
         self._max_cached = max_cached
-        self._cache: dict[str, tuple[float, str | None]] = {}
+        self._cache: dict[str, tuple[float, KeyIdentity | None]] = {}
 
     def _is_service_token(self, token: str) -> bool:
         expected = self._service_token.reveal()
         return bool(expected) and hmac.compare_digest(token.encode(), expected.encode())
 
-    async def practice_for_key(self, token: str) -> str | None:
+    async def identify(self, token: str) -> KeyIdentity | None:
+        """The practice and role of a gateway key (cached), None for an unknown one."""
         now = self._clock()
         cached = self._cache.get(token)
         if cached is not None and cached[0] > now:
             return cached[1]
-        practice = await self._lookup(token)
+        identity = await self._lookup(token)
         if len(self._cache) >= self._max_cached:
             self._cache.clear()
-        self._cache[token] = (now + self._cache_seconds, practice)
-        return practice
+        self._cache[token] = (now + self._cache_seconds, identity)
+        return identity
 
     def forget(self) -> None:
         """Drop cached lookups (after a key is revoked in this process)."""
@@ -86,10 +98,25 @@ class Authenticator:
                 raise unauthorized("The service token cannot be used here.")
             practice = headers.get("x-practice-id") or None
             return Caller(practice_id=practice, device_id=device_id, is_service=True)
-        practice = await self.practice_for_key(token)
-        if practice is None:
+        identity = await self.identify(token)
+        if identity is None:
             raise unauthorized("Invalid API key.")
-        return Caller(practice_id=practice, device_id=device_id)
+        return Caller(practice_id=identity.practice_id, device_id=device_id, role=identity.role)
+
+
+def admin_key_required() -> GatewayError:
+    """The 403 a client key gets where an admin key is needed."""
+    return forbidden(
+        "This route needs an admin key of the practice; client keys may call the "
+        "OpenAI routes and read the budget only.",
+        code="admin_key_required",
+    )
+
+
+def require_admin(caller: Caller) -> None:
+    """Pass an admin-capable caller (admin or legacy key, service token); 403 otherwise."""
+    if not caller.is_admin:
+        raise admin_key_required()
 
 
 def require_practice(caller: Caller) -> str:

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 from budget.license import calendar_month
+from gateway.keys import NEW_KEY_ROLES, KeyRole
 from gateway.settings import ConfigError, Settings
 from gateway.storage import AnyDatabase, migrate, open_database
 from gateway.storage.metering import MeteringStore
@@ -69,6 +70,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     create_key.add_argument("--practice", required=True, help="practice id")
     create_key.add_argument("--label", help="a note, e.g. the device or app it is for")
+    create_key.add_argument(
+        "--role",
+        choices=[role.value for role in NEW_KEY_ROLES],
+        default=KeyRole.CLIENT.value,
+        help="client (default): OpenAI routes and the budget; admin: also the credit "
+        "routes and the console",
+    )
+    role_key = key_commands.add_parser(
+        "role", help="change the role of a key by its printed prefix (e.g. narrow a legacy key)"
+    )
+    role_key.add_argument("prefix", help="the key's prefix (aza_ and 6 characters) or hash")
+    role_key.add_argument("role", choices=[role.value for role in NEW_KEY_ROLES])
     revoke_key = key_commands.add_parser("revoke", help="revoke a key by its printed prefix")
     revoke_key.add_argument("prefix", help="the key's prefix (aza_ and 6 characters) or hash")
     return parser
@@ -140,8 +153,11 @@ async def _license_create(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _key_create(settings: Settings, args: argparse.Namespace) -> int:
     async def action(store: MeteringStore, db: AnyDatabase) -> int:
-        key = await store.create_key(args.practice, label=args.label)
-        print(f"gateway key for practice {args.practice} (shown once; only its hash is stored):")
+        role = KeyRole(args.role)
+        key = await store.create_key(args.practice, label=args.label, role=role)
+        print(
+            f"{role.value} key for practice {args.practice} (shown once; only its hash is stored):"
+        )
         print(key)
         return 0
 
@@ -156,6 +172,21 @@ async def _key_revoke(settings: Settings, args: argparse.Namespace) -> int:
             return 1
         print(
             f"revoked {revoked} key(s); gateways stop accepting them within "
+            f"{settings.auth_cache_seconds:g} s"
+        )
+        return 0
+
+    return await _with_store(settings, action)
+
+
+async def _key_role(settings: Settings, args: argparse.Namespace) -> int:
+    async def action(store: MeteringStore, db: AnyDatabase) -> int:
+        changed = await store.set_key_role(args.prefix, KeyRole(args.role))
+        if not changed:
+            print(f"no active key matches {args.prefix!r}", file=sys.stderr)
+            return 1
+        print(
+            f"{changed} key(s) now {args.role}; gateways apply it within "
             f"{settings.auth_cache_seconds:g} s"
         )
         return 0
@@ -259,6 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(_key_create(settings, args))
         if command == "key" and args.action == "revoke":
             return _run(_key_revoke(settings, args))
+        if command == "key" and args.action == "role":
+            return _run(_key_role(settings, args))
     except KeyboardInterrupt:
         return 0
     raise AssertionError(f"unhandled command {command}")

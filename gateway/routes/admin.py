@@ -11,6 +11,7 @@ from starlette.routing import BaseRoute, Route
 
 from budget.license import calendar_month
 from gateway.errors import GatewayError, unprocessable
+from gateway.keys import KeyRole, parse_new_role
 from gateway.routes.common import (
     decimal_field,
     endpoint,
@@ -100,12 +101,21 @@ async def create_license(request: Request) -> Response:
 
 @endpoint
 async def create_key(request: Request) -> Response:
-    """POST /v1/admin/practices/{id}/keys: a new gateway key, shown this once."""
+    """POST /v1/admin/practices/{id}/keys {"role": "admin"|"client", "label"?}: a new
+    gateway key (client by default), shown this once."""
     await service_caller(request)
     data = await json_body(request)
     label = data.get("label") if isinstance(data.get("label"), str) else None
-    key = await services_of(request).metering.create_key(_practice(request), label=label)
-    return ok({"ok": True, "practice_id": _practice(request), "key": key}, status=201)
+    role = parse_new_role(data.get("role", KeyRole.CLIENT.value))
+    if role is None:
+        raise unprocessable(
+            "'role' must be 'admin' or 'client'.", code="invalid_role", param="role"
+        )
+    key = await services_of(request).metering.create_key(_practice(request), label=label, role=role)
+    return ok(
+        {"ok": True, "practice_id": _practice(request), "key": key, "role": role.value},
+        status=201,
+    )
 
 
 @endpoint

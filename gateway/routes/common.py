@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from credit.ports import DatabaseUnavailable
-from gateway.auth import Caller, require_practice
+from gateway.auth import Caller, require_admin, require_practice
 from gateway.errors import GatewayError, bad_request, forbidden, unavailable, unprocessable
 
 if TYPE_CHECKING:
@@ -76,6 +76,13 @@ async def caller_of(request: Request) -> Caller:
 async def practice_of(request: Request) -> tuple[Caller, str]:
     """The caller and the practice it may act for (its key's, or X-Practice-Id for the service)."""
     caller = await caller_of(request)
+    return caller, require_practice(caller)
+
+
+async def admin_practice_of(request: Request) -> tuple[Caller, str]:
+    """Like `practice_of`, for routes that need an admin key (or the service token)."""
+    caller = await caller_of(request)
+    require_admin(caller)
     return caller, require_practice(caller)
 
 

@@ -2,7 +2,9 @@
 
 Each acts for the caller's own practice: the one its gateway key belongs to,
 or the one the service token names in X-Practice-Id. No header can reach
-another practice's data.
+another practice's data. The budget is open to every key of the practice;
+everything else needs an admin key (gateway/keys.py): a client key gets 403
+`admin_key_required`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,15 @@ from starlette.routing import BaseRoute, Route
 
 from credit.service import CreditService
 from gateway.errors import unprocessable
-from gateway.routes.common import decimal_field, endpoint, json_body, ok, practice_of, services_of
+from gateway.routes.common import (
+    admin_practice_of,
+    decimal_field,
+    endpoint,
+    json_body,
+    ok,
+    practice_of,
+    services_of,
+)
 
 
 def _credit(request: Request) -> CreditService:
@@ -49,7 +59,7 @@ async def budget(request: Request) -> Response:
 @endpoint
 async def history(request: Request) -> Response:
     """GET /v1/ai-credit/history: the practice's ledger, Stripe references masked."""
-    _, practice_id = await practice_of(request)
+    _, practice_id = await admin_practice_of(request)
     limit = request.query_params.get("limit", "100")
     if not limit.isdigit() or not 1 <= int(limit) <= 1000:
         raise unprocessable(
@@ -62,7 +72,7 @@ async def history(request: Request) -> Response:
 @endpoint
 async def topup_checkout(request: Request) -> Response:
     """POST /v1/ai-credit/topup/checkout {"amount_chf": 30}: a Stripe Checkout for extra credit."""
-    _, practice_id = await practice_of(request)
+    _, practice_id = await admin_practice_of(request)
     data = await json_body(request)
     amount = decimal_field(data, "amount_chf", required=False)
     credit = _credit(request)
@@ -82,7 +92,7 @@ async def topup_checkout(request: Request) -> Response:
 @endpoint
 async def auto_topup_setup(request: Request) -> Response:
     """POST /v1/ai-credit/auto-topup/setup: a Stripe Checkout (setup mode) to save a card."""
-    _, practice_id = await practice_of(request)
+    _, practice_id = await admin_practice_of(request)
     state = await services_of(request).metering.state(practice_id)
     email = state.license.customer_email if state.license else None
     result = await _credit(request).create_setup_checkout(practice_id, customer_email=email)
@@ -92,14 +102,14 @@ async def auto_topup_setup(request: Request) -> Response:
 @endpoint
 async def auto_topup_settings_get(request: Request) -> Response:
     """GET /v1/ai-credit/auto-topup/settings: status, never the payment method id."""
-    _, practice_id = await practice_of(request)
+    _, practice_id = await admin_practice_of(request)
     return ok(await _credit(request).settings_status(practice_id))
 
 
 @endpoint
 async def auto_topup_settings_put(request: Request) -> Response:
     """PUT /v1/ai-credit/auto-topup/settings {"enabled", "topup_amount_chf", …}."""
-    _, practice_id = await practice_of(request)
+    _, practice_id = await admin_practice_of(request)
     data = await json_body(request)
     enabled = data.get("enabled", data.get("auto_topup_enabled"))
     if enabled is not None and not isinstance(enabled, bool):

@@ -29,6 +29,7 @@ from budget.pricing import PlanBook
 from budget.snapshot import LEASE_FLOOR_FACTOR, BudgetSnapshot, admit, split_charge
 from budget.usage import Usage
 from credit.ports import Connection, Database, DatabaseUnavailable, Row
+from gateway.keys import KeyIdentity, KeyRole
 from gateway.storage.coalesce import Coalescer
 from gateway.storage.postgres import advisory_key
 
@@ -326,20 +327,35 @@ class MeteringStore:
 
     # -- keys -------------------------------------------------------------
 
-    async def create_key(self, practice_id: str, *, label: str | None = None) -> str:
+    async def create_key(
+        self, practice_id: str, *, label: str | None = None, role: KeyRole = KeyRole.CLIENT
+    ) -> str:
         """Make a key for a practice; only its hash is stored. Returns the key (show it once)."""
         raw = new_key()
         async with self.db.transaction() as conn:
             await conn.execute(
-                "INSERT INTO gateway_keys (key_hash, key_prefix, practice_id, label, created_at) "
-                "VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO gateway_keys "
+                "(key_hash, key_prefix, practice_id, label, created_at, role) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
                 hash_key(raw),
                 raw[: len(KEY_PREFIX) + 6],
                 practice_id,
                 label,
                 self.now(),
+                role.value,
             )
         return raw
+
+    async def set_key_role(self, key_prefix_or_hash: str, role: KeyRole) -> int:
+        """Give the active key(s) with this prefix (or hash) `role`; the number changed."""
+        async with self.db.transaction() as conn:
+            return await conn.execute(
+                "UPDATE gateway_keys SET role = ? "
+                "WHERE (key_hash = ? OR key_prefix = ?) AND revoked_at IS NULL",
+                role.value,
+                key_prefix_or_hash,
+                key_prefix_or_hash,
+            )
 
     async def revoke_key(self, key_prefix_or_hash: str) -> int:
         async with self.db.transaction() as conn:
@@ -351,19 +367,27 @@ class MeteringStore:
                 key_prefix_or_hash,
             )
 
-    async def practice_for_key(self, raw_key: str) -> str | None:
-        """The practice a (not revoked) gateway key belongs to."""
+    async def identify_key(self, raw_key: str) -> KeyIdentity | None:
+        """The practice and role of a (not revoked) gateway key; None for any other string."""
         async with self.db.read() as conn:
-            value = await conn.fetchval(
-                "SELECT practice_id FROM gateway_keys WHERE key_hash = ? AND revoked_at IS NULL",
+            row = await conn.fetchone(
+                "SELECT practice_id, role FROM gateway_keys "
+                "WHERE key_hash = ? AND revoked_at IS NULL",
                 hash_key(raw_key),
             )
-        return None if value is None else str(value)
+        if row is None:
+            return None
+        return KeyIdentity(practice_id=str(row["practice_id"]), role=KeyRole(row["role"]))
+
+    async def practice_for_key(self, raw_key: str) -> str | None:
+        """The practice a (not revoked) gateway key belongs to."""
+        identity = await self.identify_key(raw_key)
+        return None if identity is None else identity.practice_id
 
     async def list_keys(self, practice_id: str) -> list[dict[str, Any]]:
         async with self.db.read() as conn:
             rows = await conn.fetchall(
-                "SELECT key_prefix, label, created_at, revoked_at FROM gateway_keys "
+                "SELECT key_prefix, label, role, created_at, revoked_at FROM gateway_keys "
                 "WHERE practice_id = ? ORDER BY created_at",
                 practice_id,
             )
@@ -371,6 +395,7 @@ class MeteringStore:
             {
                 "key_prefix": row["key_prefix"],
                 "label": row["label"],
+                "role": row["role"],
                 "created_at": row["created_at"],
                 "revoked_at": row["revoked_at"],
             }

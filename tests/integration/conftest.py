@@ -23,6 +23,7 @@ from starlette.types import ASGIApp
 
 from gateway.app import create_app
 from gateway.demo.fake_upstream import FAKE_UPSTREAM_KEY, FakeUpstream
+from gateway.keys import KeyRole
 from gateway.settings import Secret, Settings
 from gateway.storage import AnyDatabase
 from gateway.storage.metering import MeteringStore
@@ -84,15 +85,16 @@ async def upstream() -> AsyncIterator[Upstream]:
 
 @dataclass
 class Gateway:
-    """A running gateway with one practice and its key."""
+    """A running gateway with one practice, its admin key and a client key."""
 
     root: str  # http://127.0.0.1:PORT
-    key: str
+    key: str  # an admin key: it may do everything
     practice: str
     metering: MeteringStore
     db: AnyDatabase
     fake: FakeUpstream
     settings: Settings
+    client_key: str = ""  # a client (device) key of the same practice
     clients: list[openai.AsyncOpenAI] = field(default_factory=list)
 
     @property
@@ -179,9 +181,12 @@ def start_gateway(
     async def start(**overrides: Any) -> AsyncIterator[Gateway]:
         settings = replace(gateway_settings, **overrides)
         app = create_app(settings, database=db)
-        key = await metering.create_key(practice)
+        key = await metering.create_key(practice, role=KeyRole.ADMIN)
+        client_key = await metering.create_key(practice, role=KeyRole.CLIENT)
         async with serve(app) as root:
-            gateway = Gateway(root, key, practice, metering, db, upstream.fake, settings)
+            gateway = Gateway(
+                root, key, practice, metering, db, upstream.fake, settings, client_key=client_key
+            )
             try:
                 yield gateway
             finally:

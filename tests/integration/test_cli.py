@@ -53,12 +53,27 @@ def test_key_create_prints_the_key_last_and_stores_only_its_hash(tmp_path: Path)
     assert re.fullmatch(r"aza_[A-Za-z0-9_-]{43}", key)
 
     with sqlite3.connect(database) as conn:
-        rows = conn.execute("SELECT key_hash, practice_id FROM gateway_keys").fetchall()
+        rows = conn.execute(
+            "SELECT key_hash, practice_id FROM gateway_keys WHERE role = 'client'"
+        ).fetchall()
         licenses = conn.execute("SELECT subscription_id, status FROM licenses").fetchall()
     assert rows == [(hashlib.sha256(key.encode()).hexdigest(), "p1")]
     assert key.encode() not in database.read_bytes()
     [(subscription, status)] = licenses
     assert status == "active" and not subscription.startswith("sub_")
+
+    admin = _run(["key", "create", "--practice", "p1", "--role", "admin"], database)
+    assert admin.returncode == 0, admin.stderr
+    admin_key = admin.stdout.strip().splitlines()[-1]
+    with sqlite3.connect(database) as conn:
+        roles = dict(conn.execute("SELECT key_hash, role FROM gateway_keys").fetchall())
+    assert roles == {
+        hashlib.sha256(key.encode()).hexdigest(): "client",  # the default
+        hashlib.sha256(admin_key.encode()).hexdigest(): "admin",
+    }
+    assert _run(["key", "role", admin_key[:10], "client"], database).returncode == 0
+    with sqlite3.connect(database) as conn:
+        assert {r for (r,) in conn.execute("SELECT role FROM gateway_keys")} == {"client"}
 
     assert _run(["verify"], database).returncode == 0
     assert _run(["key", "revoke", key[:10]], database).returncode == 0

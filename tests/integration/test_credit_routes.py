@@ -16,6 +16,7 @@ import openai
 import pytest
 import respx
 
+from gateway.keys import KeyRole
 from gateway.settings import Secret
 from gateway.storage import AnyDatabase
 from gateway.storage.metering import MeteringStore
@@ -103,7 +104,7 @@ async def test_a_key_reaches_only_its_own_practice(
     http: httpx.AsyncClient, gw: Gateway, metering: MeteringStore
 ) -> None:
     """A practice header sent with a gateway key is ignored: own data only."""
-    other_key = await metering.create_key("prac_other")
+    other_key = await metering.create_key("prac_other", role=KeyRole.ADMIN)
     await http.post(
         "/v1/admin/practices/prac_other/adjustments",
         headers=SERVICE,

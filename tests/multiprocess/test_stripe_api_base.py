@@ -21,6 +21,7 @@ from starlette.routing import Route
 from budget.operations import Operation
 from budget.usage import Usage
 from gateway.demo.fake_upstream import FAKE_UPSTREAM_KEY, FakeUpstream
+from gateway.keys import KeyRole
 from gateway.settings import Settings
 from gateway.storage import open_database
 from gateway.storage.metering import MeteringStore
@@ -91,7 +92,7 @@ async def test_gateway_process_uses_the_stripe_base_from_its_environment(tmp_pat
         period_start=now - 60,
         period_end=now + 86_400,
     )
-    key = await store.create_key("prac_e2e")
+    key = await store.create_key("prac_e2e", role=KeyRole.ADMIN)
     stripe = StripeFake()
     try:
         async with serve(FakeUpstream()) as upstream, serve(stripe.app) as stripe_base:
