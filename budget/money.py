@@ -84,3 +84,10 @@ def chf_to_rappen(amount: Decimal | str | int | float) -> int:
 def rappen_to_chf(rappen: int) -> Decimal:
     """Integer Rappen -> CHF as a Decimal with exactly 2 places."""
     return Decimal(rappen).scaleb(-2, _EXACT).quantize(_RAPPEN, context=_EXACT)
+
+
+def with_uplift(micros: int, percent: Decimal) -> int:
+    """`micros` plus `percent` % (an upstream's price uplift), rounded UP to whole micro-USD."""
+    if not percent:
+        return micros
+    return -((-micros * (100 * 10**6 + int(percent.scaleb(6, _EXACT)))) // (100 * 10**6))

@@ -134,3 +134,6 @@ def methods_by_template() -> dict[str, list[str]]:
 AUDIO_UPLOADS = frozenset({Operation.TRANSCRIPTION, Operation.TRANSLATION})
 # Operations whose streamed request gets `stream_options.include_usage`.
 USAGE_INJECTED = frozenset({Operation.CHAT, Operation.COMPLETION})
+# Operations OpenAI may keep content of upstream (`store`): sent `store: false`
+# unless the client set `store` itself (zero retention by default).
+STORE_DEFAULTED = frozenset({Operation.CHAT, Operation.RESPONSES})

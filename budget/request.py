@@ -16,7 +16,7 @@ from typing import Any
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from budget.audio import audio_duration_seconds
-from budget.operations import AUDIO_UPLOADS, USAGE_INJECTED, Operation
+from budget.operations import AUDIO_UPLOADS, STORE_DEFAULTED, USAGE_INJECTED, Operation
 
 # About four characters of English or German text make one token.
 CHARS_PER_TOKEN = 4
@@ -56,6 +56,8 @@ class RequestInfo:
     image_quality: str | None = None
     audio_seconds: Decimal | None = None
     choices: int = 1
+    # The client's own `store` (None: not set; the body forwarded says false).
+    store: bool | None = None
 
 
 # The model OpenAI uses for a moderation request that names none.
@@ -67,9 +69,12 @@ def parse_request(
 ) -> tuple[RequestInfo, bytes]:
     """Read a request body; return what it asks for and the body to forward upstream.
 
-    The body is returned unchanged (the same object), except for a streamed chat
-    or completion request, where `stream_options.include_usage` is set to true
-    so the stream reports usage; only then is the JSON re-serialised compactly.
+    The body is returned unchanged (the same object), except that a chat or
+    Responses request without `store` gets `"store": false` (zero retention:
+    OpenAI keeps Responses by default), and a streamed chat or completion
+    request gets `stream_options.include_usage` set to true so the stream
+    reports usage. Only the latter re-serialises the JSON (compactly, in the
+    same pass as `store`); `store` alone is spliced in after the opening brace.
     """
     if operation in AUDIO_UPLOADS:
         return _parse_audio_upload(operation, content_type, body), body
@@ -84,6 +89,7 @@ def parse_request(
     if stream_options is not None and not isinstance(stream_options, dict):
         raise InvalidRequest("stream_options must be an object", param="stream_options")
     client_wants_usage = bool(stream_options and stream_options.get("include_usage") is True)
+    store = _optional_bool(data, "store")
 
     max_output_tokens: int | None = None
     choices = 1
@@ -129,10 +135,22 @@ def parse_request(
         image_size=image_size,
         image_quality=image_quality,
         choices=choices,
+        store=store,
     )
+    add_store = store is None and operation in STORE_DEFAULTED
     if operation in USAGE_INJECTED and stream and not client_wants_usage:
         data["stream_options"] = {**(stream_options or {}), "include_usage": True}
+        if add_store:
+            data["store"] = False
         body = _compact_json(data)
+    elif add_store:
+        if body[:1] == b"{" and "store" not in data:
+            # Spliced in after the opening brace (the object has a model, so
+            # a comma follows): no second serialisation.
+            body = b'{"store":false,' + body[1:]
+        else:  # "store": null, or a body in another encoding or after whitespace
+            data["store"] = False
+            body = _compact_json(data)
     return info, body
 
 

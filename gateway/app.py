@@ -28,11 +28,13 @@ from gateway.errors import GatewayError, not_found
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import MeteringMiddleware, RequestContextMiddleware
 from gateway.proxy import Proxy
+from gateway.residency import Residency
 from gateway.routes import all_routes
-from gateway.services import Services, build_credit, upstream_client
+from gateway.services import Services, build_credit, build_router
 from gateway.settings import Settings
 from gateway.storage import AnyDatabase, open_database
 from gateway.storage.metering import MeteringStore
+from gateway.storage.residency import ResidencyStore
 
 log = logging.getLogger("aza.gateway")
 
@@ -92,7 +94,12 @@ def create_app(
             lease_seconds=settings.gate_lease_seconds,
         )
         credit, stripe = build_credit(settings, db)
-        http = upstream_client(settings)
+        residency = Residency(
+            default_regions=settings.default_regions,
+            store_allowed=settings.upstream_store_allowed,
+            practices=await ResidencyStore(db).load_all(),
+        )
+        router = build_router(settings)
         current = Services(
             settings=settings,
             db=db,
@@ -102,7 +109,8 @@ def create_app(
                 service_token=settings.api_token,
                 cache_seconds=settings.auth_cache_seconds,
             ),
-            http=http,
+            router=router,
+            residency=residency,
             metrics=metrics,
             credit=credit,
         )
@@ -111,6 +119,11 @@ def create_app(
         background = [
             asyncio.create_task(current.maintenance_loop(maintenance_interval), name="maintenance")
         ]
+        background.append(
+            asyncio.create_task(
+                current.residency_loop(max(settings.auth_cache_seconds, 1.0)), name="residency"
+            )
+        )
         if db.dialect == "postgresql":
             background.append(asyncio.create_task(current.holds_vacuum_loop(), name="holds vacuum"))
         try:
@@ -122,14 +135,14 @@ def create_app(
                     await task
             await current.drain()
             await metering.aclose()
-            await http.aclose()
+            await router.aclose()
             if stripe is not None:
                 await stripe.aclose()
             if database is None:
                 await db.close()
 
     metrics = GatewayMetrics()
-    proxy = Proxy(client=lambda: services().http, settings=settings, metrics=lambda: metrics)
+    proxy = Proxy(services=services, settings=settings, metrics=lambda: metrics)
     # The router only sees a forwarded path asked with a method it is not
     # forwarded for (the middleware hands the others to the proxy): 405.
     proxied = [
@@ -147,4 +160,5 @@ def create_app(
     )
     app.state.metrics = metrics
     metrics.count_leases(lambda: services().metering.lease_counts if holder else {})
+    metrics.count_upstreams(lambda: services().router.upstreams if holder else ())
     return app

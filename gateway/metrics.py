@@ -6,8 +6,8 @@ Each app gets its own `CollectorRegistry`, so several apps in one process
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from typing import Generic, TypeVar
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -17,8 +17,16 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from gateway.routing import Upstream
 
 M = TypeVar("M", Counter, Histogram)
 
@@ -110,6 +118,14 @@ class GatewayMetrics:
         """
         self.registry.register(_LeaseCounts(counts))
 
+    def count_upstreams(self, upstreams: Callable[[], Sequence[Upstream]]) -> None:
+        """Expose each upstream's requests, errors, failovers and latency, read when scraped.
+
+        The proxy counts in plain attributes of each upstream (no lock, no
+        metric lookup per request); this collector turns them into metrics.
+        """
+        self.registry.register(_UpstreamCounts(upstreams))
+
     def render(self) -> bytes:
         """The registry in Prometheus text format."""
         return generate_latest(self.registry)
@@ -133,3 +149,58 @@ class _LeaseCounts(Collector):
         for event in LEASE_EVENTS:
             family.add_metric([event], counts.get(event, 0))
         yield family
+
+
+class _UpstreamCounts(Collector):
+    def __init__(self, upstreams: Callable[[], Sequence[Upstream]]) -> None:
+        self._upstreams = upstreams
+
+    def collect(self) -> Iterator[Metric]:
+        from gateway.routing import LATENCY_BUCKETS
+
+        requests = CounterMetricFamily(
+            "aza_gateway_upstream_requests",
+            "Requests sent to each upstream (every try of a failover counts).",
+            labels=["upstream", "region"],
+        )
+        errors = CounterMetricFamily(
+            "aza_gateway_upstream_request_errors",
+            "Failed tries per upstream: connect, timeout, protocol, or the status (429, 5xx).",
+            labels=["upstream", "region", "kind"],
+        )
+        failovers = CounterMetricFamily(
+            "aza_gateway_upstream_failovers",
+            "Requests passed on from this upstream to the next one of the region.",
+            labels=["upstream", "region"],
+        )
+        breaker = GaugeMetricFamily(
+            "aza_gateway_upstream_breaker_open",
+            "1 while the upstream's circuit breaker is open (it is skipped).",
+            labels=["upstream", "region"],
+        )
+        latency = HistogramMetricFamily(
+            "aza_gateway_upstream_response_seconds",
+            "Time from sending a request to each upstream to its response headers.",
+            labels=["upstream", "region"],
+        )
+        for upstream in self._upstreams():
+            labels = [upstream.name, upstream.region or ""]
+            stats = upstream.stats
+            requests.add_metric(labels, stats.requests)
+            for kind, count in sorted(stats.errors.items()):
+                errors.add_metric([*labels, kind], count)
+            failovers.add_metric(labels, stats.failovers)
+            breaker.add_metric(labels, 1 if upstream.breaker.is_open else 0)
+            cumulative = 0
+            buckets = []
+            for bound, count in zip(
+                [*(str(b) for b in LATENCY_BUCKETS), "+Inf"], stats.latency_buckets, strict=True
+            ):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            latency.add_metric(labels, buckets, stats.latency_sum)
+        yield requests
+        yield errors
+        yield failovers
+        yield breaker
+        yield latency

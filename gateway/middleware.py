@@ -22,12 +22,14 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from budget.estimate import estimate_usage
+from budget.money import with_uplift
 from budget.operations import Operation, match_endpoint
 from budget.pricing import PriceBook, UnpricedModel
 from budget.request import InvalidRequest, RequestInfo, parse_request
@@ -44,11 +46,15 @@ from gateway.messages import (
     user_message,
 )
 from gateway.proxy import (
+    ANSWERED_BY,
     BODY_CHECKED,
     ENDPOINT_TEMPLATE,
+    UPSTREAM_ROUTE,
     ClientGone,
+    no_upstream_serves,
     read_bounded_body,
 )
+from gateway.routing import Route
 from gateway.services import Services
 from gateway.settings import Settings
 from gateway.storage.metering import BudgetState, Hold
@@ -135,6 +141,18 @@ class RequestContextMiddleware:
                 services.metrics.requests.labels(path_label(scope), str(status)).inc()
 
 
+def store_not_allowed(practice_id: str) -> GatewayError:
+    return bad_request(
+        "This gateway keeps no content at the upstream (zero retention), so 'store': true "
+        "is refused. Leave 'store' out (it is sent as false) or set it to false. An operator "
+        "may allow stored content for every practice with AZA_UPSTREAM_STORE=allow, or for "
+        f"this practice with PUT /v1/admin/practices/{practice_id}/regions "
+        '{"store": "allow"}.',
+        code="store_not_allowed",
+        param="store",
+    )
+
+
 def model_not_priced(model: str) -> GatewayError:
     return bad_request(
         f"The model '{model}' has no price configured at this gateway.",
@@ -175,6 +193,7 @@ class _Admitted:
     forward: bytes
     estimate: Usage
     device_id: str | None
+    route: Route
 
 
 @dataclass
@@ -185,6 +204,8 @@ class _Watch:
     completed: bool = False
     tap: StreamTap | None = None
     kept: bytearray | None = None
+    # The price uplift of the upstream that answered (percent).
+    uplift: Decimal = Decimal(0)
 
 
 class MeteringMiddleware:
@@ -233,6 +254,11 @@ class MeteringMiddleware:
             return
         if admitted is None:
             # Model listing: authenticated, not metered.
+            practice_id = caller.practice_id
+            state[UPSTREAM_ROUTE] = services.router.route(
+                None,
+                services.residency.regions_for(practice_id) if practice_id else None,
+            )
             await self.proxy(scope, receive, send)
             return
         await self._forward_metered(services, admitted, scope, receive, send)
@@ -257,6 +283,12 @@ class MeteringMiddleware:
             )
         except InvalidRequest as exc:
             raise bad_request(exc.message, code=exc.code, param=exc.param) from None
+        residency = services.residency
+        if info.store and not residency.store_allowed(practice_id):
+            raise store_not_allowed(practice_id)
+        route = services.router.route(info.model, residency.regions_for(practice_id))
+        if not route.upstreams:
+            raise no_upstream_serves(route)
         pricing = Pricing(settings)
         pricing.check(info.model)
         estimate = estimate_usage(
@@ -266,8 +298,11 @@ class MeteringMiddleware:
             estimate_micros = pricing.cost_micros(estimate)
         except UnpricedModel:
             raise model_not_priced(info.model) from None
+        # Held at the dearest upstream the request may go to.
+        estimate_micros = with_uplift(estimate_micros, route.max_uplift)
         hold = await self._gate(services, practice_id, request_id, estimate_micros)
-        return _Admitted(hold, info, forward, estimate, caller.device_id)
+        scope["state"][UPSTREAM_ROUTE] = route
+        return _Admitted(hold, info, forward, estimate, caller.device_id, route)
 
     async def _forward_metered(
         self, services: Services, admitted: _Admitted, scope: Scope, receive: Receive, send: Send
@@ -318,6 +353,9 @@ class MeteringMiddleware:
         try:
             await self.proxy(scope, receive_forward, send_watched)
         finally:
+            answered = scope["state"].get(ANSWERED_BY)
+            if answered is not None:
+                watch.uplift = answered.uplift
             # Settle in its own task: a cancelled request (server shutdown,
             # client gone) must still replace its hold with its usage event.
             task = services.spawn(
@@ -408,7 +446,8 @@ class MeteringMiddleware:
             usage = _usage_of(admitted.info, admitted.estimate, watch)
             pricing = Pricing(services.settings)
             try:
-                cost = pricing.cost_micros(usage)
+                # Priced at the upstream that answered (its uplift), once.
+                cost = with_uplift(pricing.cost_micros(usage), watch.uplift)
             except UnpricedModel:
                 # Checked before forwarding; a model name the upstream
                 # answered with that has no price is charged at the estimate.

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from starlette.datastructures import Headers
 from starlette.types import Message, Receive, Scope, Send
@@ -24,14 +25,19 @@ from starlette.types import Message, Receive, Scope, Send
 from budget.operations import match_endpoint
 from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
+from gateway.routing import MAX_TRIES, Route, Upstream
 from gateway.settings import Settings
 from gateway.upstream import (
+    NOT_SENT_ERRORS,
     Header,
-    UpstreamClient,
+    UpstreamConnectError,
     UpstreamError,
     UpstreamResponse,
     UpstreamTimeout,
 )
+
+if TYPE_CHECKING:
+    from gateway.services import Services
 
 log = logging.getLogger("aza.gateway.proxy")
 
@@ -39,6 +45,10 @@ log = logging.getLogger("aza.gateway.proxy")
 BODY_CHECKED = "aza.body_checked"
 # Set in scope["state"] by the metering middleware: the template of the endpoint matched.
 ENDPOINT_TEMPLATE = "aza.endpoint_template"
+# Set in scope["state"] by the metering middleware: the request's `Route`.
+UPSTREAM_ROUTE = "aza.route"
+# Set in scope["state"] by the proxy: the `Upstream` whose answer the client got.
+ANSWERED_BY = "aza.answered_by"
 
 # Headers that describe one connection, not the message (RFC 9110 §7.6.1), and
 # those the proxy sets itself.
@@ -106,7 +116,7 @@ def _connection_listed(values: Iterable[bytes]) -> frozenset[bytes]:
 
 
 def upstream_request_headers(
-    headers: Iterable[tuple[bytes, bytes]], upstream_key: str
+    headers: Iterable[tuple[bytes, bytes]], auth: Header | None
 ) -> list[Header]:
     """The client's headers as the upstream gets them: private and hop-by-hop ones removed."""
     pairs = [(name.lower(), value) for name, value in headers]
@@ -119,8 +129,8 @@ def upstream_request_headers(
         and not name.startswith(b"proxy-")
     ]
     forwarded.append((b"accept-encoding", b"identity"))
-    if upstream_key:
-        forwarded.append((b"authorization", b"Bearer " + upstream_key.encode("latin-1")))
+    if auth is not None:
+        forwarded.append(auth)
     return forwarded
 
 
@@ -163,14 +173,46 @@ def upstream_unreachable() -> GatewayError:
     )
 
 
-def upstream_refused_credentials() -> GatewayError:
+def upstream_refused_credentials(key_env: str = "OPENAI_API_KEY") -> GatewayError:
     return GatewayError(
         502,
-        "The upstream API refused the gateway's own credentials; the operator must fix "
-        "OPENAI_API_KEY.",
+        f"The upstream API refused the gateway's own credentials; the operator must fix {key_env}.",
         type="server_error",
         code="upstream_auth_failed",
     )
+
+
+def _regions_text(regions: frozenset[str] | None) -> str:
+    return ", ".join(sorted(regions)) if regions else "any region"
+
+
+def no_upstream_answered(route: Route) -> GatewayError:
+    """None of the upstreams allowed for the request answered (never another region)."""
+    return GatewayError(
+        503,
+        f"No upstream in the regions this practice is allowed ({_regions_text(route.regions)}) "
+        "answered; the request was not sent to any other region. Try again shortly.",
+        type="server_error",
+        code="upstream_unavailable_in_region",
+        headers={"retry-after": "2"},
+    )
+
+
+def no_upstream_serves(route: Route) -> GatewayError:
+    """No upstream of the practice's regions serves the model."""
+    what = f"the model '{route.model}'" if route.model else "this request"
+    return GatewayError(
+        503,
+        f"No upstream in the regions this practice is allowed ({_regions_text(route.regions)}) "
+        f"serves {what}; it is not sent to any other region.",
+        type="server_error",
+        code="no_upstream_in_region",
+        param="model" if route.model else None,
+    )
+
+
+def _retryable_status(status: int) -> bool:
+    return status == 429 or status >= 500
 
 
 def too_large(limit: int) -> GatewayError:
@@ -216,14 +258,13 @@ class Proxy:
     def __init__(
         self,
         *,
-        client: Callable[[], UpstreamClient],
+        services: Callable[[], Services],
         settings: Settings,
         metrics: Callable[[], GatewayMetrics],
     ) -> None:
-        # The client and metrics are made in the lifespan, after this app.
-        self._client = client
+        # The services and metrics are made in the lifespan, after this app.
+        self._services = services
         self._metrics = metrics
-        self._upstream_key = settings.upstream_api_key.reveal()
         self._body_limit = settings.max_request_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -241,31 +282,25 @@ class Proxy:
         except ClientGone:
             return
         path: str = scope["path"]
-        query: bytes = scope.get("query_string", b"")
-        # The client's base URL ends in /v1, and so does the upstream's.
-        target = path[len("/v1") :] + ("?" + query.decode("latin-1") if query else "")
-        client = self._client()
+        raw_query: bytes = scope.get("query_string", b"")
+        query = raw_query.decode("latin-1") if raw_query else ""
+        route: Route | None = state.get(UPSTREAM_ROUTE)
+        if route is None:
+            route = self._services().router.route(None, None)
+        if not route.upstreams:
+            await no_upstream_serves(route).send(send, request_id)
+            return
+        # The client's base URL ends in /v1, and so does an OpenAI upstream's.
+        below_v1 = path[len("/v1") :]
+        forwarded = upstream_request_headers(scope["headers"], None)
         metrics = self._metrics()
-        started = time.perf_counter()
-        try:
-            response = await client.send(
-                scope["method"],
-                target,
-                headers=upstream_request_headers(scope["headers"], self._upstream_key),
-                content=body,
-            )
-        except UpstreamTimeout:
-            metrics.upstream_errors.labels("timeout").inc()
-            await upstream_timeout().send(send, request_id)
+        picked = await self._first_answer(route, scope, below_v1, query, forwarded, body)
+        if isinstance(picked, GatewayError):
+            await picked.send(send, request_id)
             return
-        except UpstreamError as exc:
-            log.warning("upstream unreachable: %s", exc)
-            metrics.upstream_errors.labels("connection").inc()
-            await upstream_unreachable().send(send, request_id)
-            return
-        metrics.upstream_latency.labels(state.get(ENDPOINT_TEMPLATE, path)).observe(
-            time.perf_counter() - started
-        )
+        upstream, response, latency = picked
+        state[ANSWERED_BY] = upstream
+        metrics.upstream_latency.labels(state.get(ENDPOINT_TEMPLATE, path)).observe(latency)
         if response.status_code >= 400:
             metrics.upstream_errors.labels(str(response.status_code)).inc()
         if response.status_code == 401:
@@ -273,8 +308,8 @@ class Proxy:
             # echoes part of that key, and a 401 would tell the client its own
             # gateway key is wrong. Neither reaches the client.
             await response.aclose()
-            log.warning("upstream refused the upstream API key (401)")
-            await upstream_refused_credentials().send(send, request_id)
+            log.warning("upstream %s refused its API key (401)", upstream.name)
+            await upstream_refused_credentials(upstream.config.api_key_env).send(send, request_id)
             return
         try:
             await send(
@@ -287,6 +322,104 @@ class Proxy:
             await _stream_body(response, receive, send)
         finally:
             await response.aclose()
+
+    async def _first_answer(
+        self,
+        route: Route,
+        scope: Scope,
+        below_v1: str,
+        query: str,
+        forwarded: list[Header],
+        body: bytes,
+    ) -> tuple[Upstream, UpstreamResponse, float] | GatewayError:
+        """Send to the route's upstreams in turn until one answers; its answer, or the error.
+
+        A connect error (the upstream never saw the request), a 429 or a 5xx
+        moves on to the next upstream of the route, at most MAX_TRIES in all,
+        skipping those whose breaker is open; nothing has reached the client
+        yet. The last upstream's 429/5xx goes to the client as it is. The one
+        upstream of AZA_UPSTREAM_BASE_URL answers its errors as it always did.
+        """
+        metrics = self._metrics()
+        upstreams = route.upstreams
+        last = len(upstreams) - 1
+        tries = 0
+        failed: Upstream | None = None
+        error: UpstreamError | None = None
+        content_type = ""
+        if upstreams[0].config.kind == "azure" or len(upstreams) > 1:
+            content_type = Headers(scope=scope).get("content-type", "")
+        for index, upstream in enumerate(upstreams):
+            now = time.monotonic()
+            final = index == last or tries + 1 >= MAX_TRIES
+            if upstream.region is not None and not upstream.breaker.available(now):
+                upstream.stats.error("breaker_open")
+                if final:
+                    break
+                continue
+            tries += 1
+            if failed is not None:
+                failed.stats.failovers += 1
+                log.warning("failing over from upstream %s to %s", failed.name, upstream.name)
+            stats = upstream.stats
+            stats.requests += 1
+            auth = upstream.auth
+            if auth is not None:
+                forwarded.append(auth)  # taken off again before the next try
+            started = time.perf_counter()
+            try:
+                response = await upstream.client.send(
+                    scope["method"],
+                    upstream.target(below_v1, query, route.model),
+                    headers=forwarded,
+                    content=upstream.body(below_v1, body, route.model, content_type),
+                )
+            except UpstreamError as exc:
+                if auth is not None:
+                    forwarded.pop()
+                kind = (
+                    "timeout"
+                    if isinstance(exc, UpstreamTimeout)
+                    else "connect"
+                    if isinstance(exc, UpstreamConnectError)
+                    else "protocol"
+                )
+                stats.error(kind)
+                metrics.upstream_errors.labels(
+                    "timeout" if kind == "timeout" else "connection"
+                ).inc()
+                upstream.breaker.failure(now)
+                log.warning("upstream %s failed: %s", upstream.name, exc)
+                error, failed = exc, upstream
+                if final or not isinstance(exc, NOT_SENT_ERRORS):
+                    break
+                continue
+            latency = time.perf_counter() - started
+            stats.observe(latency)
+            status = response.status_code
+            if _retryable_status(status):
+                stats.error(str(status))
+                upstream.breaker.failure(now)
+                if not final:
+                    await response.aclose()
+                    if auth is not None:
+                        forwarded.pop()
+                    failed = upstream
+                    continue
+            else:
+                upstream.breaker.success()
+            return upstream, response, latency
+        if error is not None and upstreams[0].region is None:
+            # The one upstream of AZA_UPSTREAM_BASE_URL: as before the upstreams file.
+            return (
+                upstream_timeout() if isinstance(error, UpstreamTimeout) else upstream_unreachable()
+            )
+        if error is not None and not isinstance(error, NOT_SENT_ERRORS):
+            # The upstream may have seen the request: not tried elsewhere, and said so.
+            return (
+                upstream_timeout() if isinstance(error, UpstreamTimeout) else upstream_unreachable()
+            )
+        return no_upstream_answered(route)
 
 
 async def _stream_body(response: UpstreamResponse, receive: Receive, send: Send) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -22,10 +23,14 @@ from credit.service import CreditPolicy, CreditService
 from credit.stripe_port import StripeClientAdapter
 from gateway.auth import Authenticator
 from gateway.metrics import GatewayMetrics
+from gateway.residency import Residency
+from gateway.routing import Router, Upstream
 from gateway.settings import Settings
 from gateway.storage import AnyDatabase
 from gateway.storage.metering import MeteringStore
-from gateway.upstream import Timeouts, UpstreamClient
+from gateway.storage.residency import ResidencyStore
+from gateway.upstream import NoProxy, ProxyConfig, Timeouts, UpstreamClient
+from gateway.upstreams_config import UpstreamConfig, legacy_upstream
 
 log = logging.getLogger("aza.gateway")
 
@@ -38,19 +43,45 @@ HOLDS_VACUUM_SECONDS = 10.0
 TOPUP_DEBOUNCE_SECONDS = 10.0
 
 
-def upstream_client(settings: Settings) -> UpstreamClient:
-    """The one shared client for upstream calls (`gateway.upstream`).
+def upstream_ssl_context(settings: Settings) -> ssl.SSLContext:
+    """The CAs upstream TLS trusts: SSL_CERT_FILE when set, else certifi's (as Stripe's client)."""
+    if settings.ssl_cert_file:
+        return ssl.create_default_context(cafile=settings.ssl_cert_file)
+    return httpx.create_ssl_context()
+
+
+def upstream_client(
+    settings: Settings, config: UpstreamConfig, ssl_context: ssl.SSLContext
+) -> UpstreamClient:
+    """The client (one pool) for one upstream (`gateway.upstream`).
 
     HTTP/1.1 only (one slow stream must not hold up others on a shared
     connection); generous pool limits, as every client request becomes one
-    upstream request; no redirects (the OpenAI API does not redirect).
+    upstream request; no redirects (the OpenAI API does not redirect). The
+    egress proxy (HTTPS_PROXY) applies unless NO_PROXY names the host.
     """
+    proxy = None
+    if settings.https_proxy:
+        host = httpx.URL(config.base_url).host
+        if not NoProxy(settings.no_proxy).bypass(host):
+            proxy = ProxyConfig.parse(settings.https_proxy)
     return UpstreamClient(
-        base_url=settings.upstream_base_url,
+        base_url=config.base_url,
         timeouts=Timeouts(connect=10.0, read=settings.upstream_timeout_seconds, pool=10.0),
         max_connections=1000,
-        # Trust the same certificate authorities as the Stripe client (certifi).
-        ssl_context=httpx.create_ssl_context(),
+        ssl_context=ssl_context,
+        proxy=proxy,
+    )
+
+
+def build_router(settings: Settings) -> Router:
+    """One upstream per entry of the upstreams file, or the one of AZA_UPSTREAM_BASE_URL."""
+    configs = settings.upstreams or (
+        legacy_upstream(settings.upstream_base_url, settings.upstream_api_key),
+    )
+    context = upstream_ssl_context(settings)
+    return Router(
+        [Upstream(config, upstream_client(settings, config, context)) for config in configs]
     )
 
 
@@ -82,13 +113,19 @@ class Services:
     db: AnyDatabase
     metering: MeteringStore
     auth: Authenticator
-    http: UpstreamClient
+    router: Router
+    residency: Residency
     metrics: GatewayMetrics
     credit: CreditService
     clock: Callable[[], float] = time.monotonic
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     _topups_in_flight: set[str] = field(default_factory=set)
     _topup_last: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def http(self) -> UpstreamClient:
+        """The first upstream's client (the only one without an upstreams file)."""
+        return self.router.upstreams[0].client
 
     def spawn(self, coro: Coroutine[Any, Any, Any], *, name: str) -> asyncio.Task[Any]:
         """Run `coro` in the background, keeping a reference until it ends."""
@@ -153,6 +190,16 @@ class Services:
                 await self.metering.vacuum_holds()
             except Exception:
                 log.exception("vacuuming the holds table failed")
+
+    async def residency_loop(self, interval: float) -> None:
+        """Reload every practice's residency setting every `interval` s (other instances)."""
+        store = ResidencyStore(self.db)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.residency.replace_all(await store.load_all())
+            except Exception:
+                log.exception("reloading practice residency settings failed")
 
     async def drain(self, grace_seconds: float = 10.0) -> None:
         """Wait for background work (settles, top-ups) to finish, then cancel what is left."""

@@ -14,11 +14,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from budget.pricing import PlanBook, PriceBook
 from config import CONFIG_DIR
+
+if TYPE_CHECKING:
+    from gateway.upstreams_config import UpstreamConfig
 
 DEFAULT_UPSTREAM = "https://api.openai.com/v1"
 DEFAULT_DATABASE_URL = "sqlite:///./data/aza-gateway.sqlite"
@@ -141,6 +144,18 @@ class Settings:
     prices: PriceBook = field(default_factory=lambda: PriceBook.load(CONFIG_DIR / "prices.toml"))
     plans: PlanBook = field(default_factory=lambda: PlanBook.load(CONFIG_DIR / "plans.toml"))
     credit: CreditConfig = field(default_factory=CreditConfig)
+    # Several upstreams (config/upstreams.toml or AZA_UPSTREAMS_FILE); empty:
+    # the one upstream of upstream_base_url and upstream_api_key.
+    upstreams: tuple[UpstreamConfig, ...] = ()
+    # Regions of practices without their own (AZA_DEFAULT_REGIONS); None: any.
+    default_regions: frozenset[str] | None = None
+    # AZA_UPSTREAM_STORE=allow: a client's explicit `store: true` passes for
+    # every practice; by default only for practices allowed on the regions route.
+    upstream_store_allowed: bool = False
+    # The egress proxy (HTTPS_PROXY, NO_PROXY) and extra trusted CAs (SSL_CERT_FILE).
+    https_proxy: str | None = None
+    no_proxy: str = ""
+    ssl_cert_file: str | None = None
 
     @property
     def stripe_live_key(self) -> bool:
@@ -181,7 +196,32 @@ class Settings:
                 f"[credit] month_timezone must be a time zone such as Europe/Zurich, "
                 f"not {credit.month_timezone!r}"
             ) from None
+        from gateway.upstreams_config import load_upstreams, parse_regions
+
+        upstreams_file = env.get("AZA_UPSTREAMS_FILE") or None
+        upstreams: tuple[UpstreamConfig, ...] = ()
+        if upstreams_file is not None:
+            upstreams = load_upstreams(Path(upstreams_file), env)
+        elif (folder / "upstreams.toml").exists():
+            upstreams = load_upstreams(folder / "upstreams.toml", env)
+        store = env.get("AZA_UPSTREAM_STORE", "deny").strip().lower() or "deny"
+        if store not in ("allow", "deny"):
+            raise ConfigError(f"AZA_UPSTREAM_STORE must be allow or deny, not {store!r}")
+        proxy = env.get("HTTPS_PROXY") or env.get("https_proxy") or None
+        if proxy is not None:
+            from gateway.upstream import ProxyConfig
+
+            try:
+                ProxyConfig.parse(proxy)
+            except ValueError as exc:
+                raise ConfigError(f"HTTPS_PROXY: {exc}") from None
         return cls(
+            upstreams=upstreams,
+            default_regions=parse_regions(env.get("AZA_DEFAULT_REGIONS", "")),
+            upstream_store_allowed=store == "allow",
+            https_proxy=proxy,
+            no_proxy=env.get("NO_PROXY") or env.get("no_proxy") or "",
+            ssl_cert_file=env.get("SSL_CERT_FILE") or None,
             upstream_base_url=env.get("AZA_UPSTREAM_BASE_URL", DEFAULT_UPSTREAM).rstrip("/"),
             upstream_api_key=Secret(env.get("OPENAI_API_KEY", "")),
             upstream_timeout_seconds=float(

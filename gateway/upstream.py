@@ -25,20 +25,30 @@ is dropped as soon as the loop sees it, and one idle longer than
 connection, which ends the upstream request (an abandoned stream stops
 costing money).
 
-Errors are `UpstreamError`s: `UpstreamTimeout`, `UpstreamConnectError` (no
-connection, or the request could not be sent) and `UpstreamProtocolError`
-(the upstream broke off or sent something that is not HTTP).
+Errors are `UpstreamError`s: `UpstreamTimeout` (`UpstreamConnectTimeout`
+while connecting), `UpstreamConnectError` (no connection, or the request
+could not be sent) and `UpstreamProtocolError` (the upstream broke off or
+sent something that is not HTTP). The two connect errors mean the upstream
+never saw the request, so another upstream may be tried.
+
+Egress proxy: with a `ProxyConfig`, an https upstream is reached through an
+HTTP CONNECT tunnel (`Proxy-Authorization: Basic` from the proxy URL's
+credentials); TLS to the upstream runs inside the tunnel and is verified
+exactly as without a proxy (the upstream's host name, the same CAs). The
+caller decides per upstream whether the proxy applies (`NoProxy`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import cast
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import httptools
 
@@ -59,6 +69,70 @@ class UpstreamTimeout(UpstreamError):
 
 class UpstreamConnectError(UpstreamError):
     """No connection to the upstream could be made, or the request could not be sent."""
+
+
+class UpstreamConnectTimeout(UpstreamTimeout):
+    """Making the connection (TCP, proxy tunnel, TLS) took too long: nothing was sent."""
+
+
+# Raised before the upstream saw the request: safe to try another upstream.
+NOT_SENT_ERRORS = (UpstreamConnectError, UpstreamConnectTimeout)
+
+# The largest CONNECT answer head read from a proxy.
+_MAX_PROXY_HEAD = 16 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    """An HTTP proxy for CONNECT tunnels: `http://[user:password@]host:port`."""
+
+    host: str
+    port: int
+    authorization: bytes | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> ProxyConfig:
+        if "://" not in url:
+            url = "http://" + url
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(
+                "the proxy must be an http://[user:password@]host:port URL "
+                "(TLS to the upstream runs inside the CONNECT tunnel)"
+            )
+        authorization = None
+        if parts.username is not None:
+            credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+            authorization = b"Basic " + base64.b64encode(credentials.encode("utf-8"))
+        return cls(parts.hostname, parts.port or 80, authorization)
+
+    def __repr__(self) -> str:  # the credentials never show
+        return f"ProxyConfig({self.host!r}, {self.port})"
+
+
+class NoProxy:
+    """`NO_PROXY`: hosts reached directly. `*` is every host; `example.com` and
+    `.example.com` match the domain and its subdomains; a port is ignored."""
+
+    def __init__(self, raw: str) -> None:
+        entries = []
+        for item in raw.split(","):
+            entry = item.strip().lower()
+            if entry.startswith("[") and "]" in entry:
+                entry = entry[1 : entry.index("]")]
+            elif entry.count(":") == 1:
+                entry = entry.split(":", 1)[0]
+            entry = entry.lstrip(".")
+            if entry:
+                entries.append(entry)
+        self.everything = "*" in entries
+        self.entries = tuple(entries)
+
+    def bypass(self, host: str) -> bool:
+        host = host.lower().rstrip(".")
+        if self.everything:
+            return True
+        return any(host == entry or host.endswith("." + entry) for entry in self.entries)
 
 
 class UpstreamProtocolError(UpstreamError):
@@ -270,6 +344,7 @@ class UpstreamClient:
         max_connections: int = 1000,
         keepalive_seconds: float = 15.0,
         ssl_context: ssl.SSLContext | None = None,
+        proxy: ProxyConfig | None = None,
     ) -> None:
         parts = urlsplit(base_url.rstrip("/"))
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -284,6 +359,8 @@ class UpstreamClient:
         self._host_header = host_header.encode("idna")
         self._base_path = parts.path.encode("latin-1")
         self._ssl = (ssl_context or ssl.create_default_context()) if self._tls else None
+        # HTTPS_PROXY is for https upstreams; a plain-http upstream is local.
+        self._proxy = proxy if self._tls else None
         self.timeouts = timeouts
         self._keepalive_seconds = keepalive_seconds
         self._slots = asyncio.Semaphore(max_connections)
@@ -357,22 +434,96 @@ class UpstreamClient:
                 return conn
             conn.close()
         loop = asyncio.get_running_loop()
+        sock: socket.socket | None = None
         try:
             async with asyncio.timeout(self.timeouts.connect):
-                _, protocol = await loop.create_connection(
-                    lambda: _Connection(loop),
-                    self._host,
-                    self._port,
-                    ssl=self._ssl,
-                    server_hostname=self._host if self._tls else None,
-                )
+                if self._proxy is None:
+                    _, protocol = await loop.create_connection(
+                        lambda: _Connection(loop),
+                        self._host,
+                        self._port,
+                        ssl=self._ssl,
+                        server_hostname=self._host if self._tls else None,
+                    )
+                else:
+                    sock = await self._tunnel(loop, self._proxy)
+                    _, protocol = await loop.create_connection(
+                        lambda: _Connection(loop),
+                        sock=sock,
+                        ssl=self._ssl,
+                        server_hostname=self._host,
+                    )
         except TimeoutError:
-            raise UpstreamTimeout(f"connecting to {self._host}:{self._port} timed out") from None
+            if sock is not None:
+                sock.close()
+            raise UpstreamConnectTimeout(
+                f"connecting to {self._host}:{self._port} timed out"
+            ) from None
         except OSError as exc:
+            if sock is not None:
+                sock.close()
             raise UpstreamConnectError(
                 f"cannot connect to {self._host}:{self._port}: {exc}"
             ) from exc
+        except UpstreamConnectError:
+            if sock is not None:
+                sock.close()
+            raise
         return protocol
+
+    async def _tunnel(self, loop: asyncio.AbstractEventLoop, proxy: ProxyConfig) -> socket.socket:
+        """A socket through `proxy` to the upstream (HTTP CONNECT), ready for TLS."""
+        infos = await loop.getaddrinfo(proxy.host, proxy.port, type=socket.SOCK_STREAM)
+        sock: socket.socket | None = None
+        error: OSError | None = None
+        for family, kind, proto, _, address in infos:
+            candidate = socket.socket(family, kind, proto)
+            candidate.setblocking(False)
+            try:
+                await loop.sock_connect(candidate, address)
+            except OSError as exc:
+                candidate.close()
+                error = exc
+                continue
+            sock = candidate
+            break
+        if sock is None:
+            raise UpstreamConnectError(
+                f"cannot connect to the proxy {proxy.host}:{proxy.port}: {error}"
+            )
+        try:
+            authority = f"{self._host}:{self._port}".encode("idna")
+            head = b"CONNECT " + authority + b" HTTP/1.1\r\nhost: " + authority + b"\r\n"
+            if proxy.authorization is not None:
+                head += b"proxy-authorization: " + proxy.authorization + b"\r\n"
+            await loop.sock_sendall(sock, head + b"\r\n")
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                data = await loop.sock_recv(sock, 4096)
+                if not data:
+                    raise UpstreamConnectError("the proxy closed the connection during CONNECT")
+                answer += data
+                if len(answer) > _MAX_PROXY_HEAD:
+                    raise UpstreamConnectError("the proxy's answer to CONNECT is too long")
+            status_line = answer.split(b"\r\n", 1)[0]
+            fields = status_line.split(b" ", 2)
+            status = int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else 0
+            if status == 407:
+                raise UpstreamConnectError(
+                    "the proxy refused its credentials (407): check HTTPS_PROXY's user:password"
+                )
+            if not 200 <= status < 300:
+                raise UpstreamConnectError(
+                    f"the proxy refused the tunnel to {self._host}:{self._port}: "
+                    f"{status_line.decode('latin-1', 'replace')}"
+                )
+            if not answer.endswith(b"\r\n\r\n"):
+                # The upstream speaks only after our TLS hello: anything more is wrong.
+                raise UpstreamConnectError("the proxy sent bytes after its CONNECT answer")
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def _release(self, conn: _Connection, *, reusable: bool) -> None:
         self._slots.release()

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from starlette.routing import BaseRoute
 
-from gateway.routes import admin, credit, health, stripe_webhook
+from gateway.routes import admin, credit, health, residency, stripe_webhook
 
 
 def all_routes() -> list[BaseRoute]:
     """Every route the app serves itself."""
-    return [*health.routes, *credit.routes, *admin.routes, *stripe_webhook.routes]
+    return [
+        *health.routes,
+        *credit.routes,
+        *admin.routes,
+        *residency.routes,
+        *stripe_webhook.routes,
+    ]

@@ -32,6 +32,7 @@ def test_streamed_chat_gets_include_usage_and_keeps_other_stream_options() -> No
         "temperature": 0.2,
         "stream_options": {"include_obfuscation": False, "include_usage": True},
         "messages": [{"role": "user", "content": "Grüezi"}],
+        "store": False,
     }
     assert b", " not in forwarded and b": " not in forwarded  # compact
 
@@ -50,14 +51,48 @@ def test_streamed_completion_with_usage_false_is_switched_on() -> None:
 
 
 def test_body_identity_when_nothing_changes() -> None:
-    """Unstreamed requests and streams already asking for usage go upstream as the same bytes."""
-    plain = body(model="gpt-4o-mini", messages=[])
+    """Requests that set `store` and need no include_usage go upstream as the same bytes."""
+    plain = body(model="gpt-4o-mini", messages=[], store=False)
     assert parse_request(Operation.CHAT, JSON, plain)[1] is plain
-    asked = body(model="gpt-4o-mini", stream=True, stream_options={"include_usage": True})
+    asked = body(
+        model="gpt-4o-mini", stream=True, stream_options={"include_usage": True}, store=True
+    )
     info, forwarded = parse_request(Operation.CHAT, JSON, asked)
-    assert forwarded is asked and info.client_wants_usage
-    responses = body(model="gpt-4.1", input="hi", stream=True)
+    assert forwarded is asked and info.client_wants_usage and info.store is True
+    responses = body(model="gpt-4.1", input="hi", stream=True, store=False)
     assert parse_request(Operation.RESPONSES, JSON, responses)[1] is responses
+    embedding = body(model="text-embedding-3-small", input="hi")
+    assert parse_request(Operation.EMBEDDING, JSON, embedding)[1] is embedding
+
+
+@pytest.mark.parametrize(
+    ("operation", "raw"),
+    [
+        (Operation.CHAT, b'{"model":"gpt-4o-mini","messages":[]}'),
+        (Operation.RESPONSES, b'{"model":"gpt-4.1","input":"hi"}'),
+        (Operation.RESPONSES, b'{"model":"gpt-4.1","input":"hi","store":null}'),
+        (Operation.RESPONSES, b'  \n{"model":"gpt-4.1","input":"hi"}'),
+        (Operation.CHAT, b'{"model":"gpt-4o-mini","messages":[],"stream":true}'),
+    ],
+)
+def test_store_false_added_where_the_client_did_not_set_it(
+    operation: Operation, raw: bytes
+) -> None:
+    """Chat and Responses without `store` go upstream with `store: false`, once, as valid JSON."""
+    info, forwarded = parse_request(operation, JSON, raw)
+    assert info.store is None
+    assert json.loads(forwarded)["store"] is False
+    assert forwarded.count(b'"store"') == 1
+    assert {
+        k: v for k, v in json.loads(forwarded).items() if k not in ("store", "stream_options")
+    } == {k: v for k, v in json.loads(raw).items() if k != "store"}
+
+
+def test_store_must_be_a_boolean() -> None:
+    """A `store` that is not a boolean is refused, naming the parameter."""
+    with pytest.raises(InvalidRequest) as caught:
+        parse_request(Operation.CHAT, JSON, b'{"model":"gpt-4o-mini","store":"yes"}')
+    assert caught.value.param == "store"
 
 
 @pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b'"model"', b"", b"\xff\xfe{"])
