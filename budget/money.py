@@ -86,8 +86,8 @@ def rappen_to_chf(rappen: int) -> Decimal:
     return Decimal(rappen).scaleb(-2, _EXACT).quantize(_RAPPEN, context=_EXACT)
 
 
-def with_uplift(micros: int, percent: Decimal) -> int:
-    """`micros` plus `percent` % (an upstream's price uplift), rounded UP to whole micro-USD."""
+def with_uplift(amount_usd: Decimal, percent: Decimal) -> Decimal:
+    """`amount_usd` plus `percent` % (an upstream's price uplift), exactly (no rounding here)."""
     if not percent:
-        return micros
-    return -((-micros * (100 * 10**6 + int(percent.scaleb(6, _EXACT)))) // (100 * 10**6))
+        return amount_usd
+    return _EXACT.multiply(amount_usd, _EXACT.add(Decimal(100), percent)).scaleb(-2, _EXACT)

@@ -29,7 +29,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from budget.estimate import estimate_usage
-from budget.money import with_uplift
+from budget.money import cost_to_micros, with_uplift
 from budget.operations import Operation, match_endpoint
 from budget.pricing import PriceBook, UnpricedModel
 from budget.request import InvalidRequest, RequestInfo, parse_request
@@ -175,13 +175,15 @@ class Pricing:
         if self.fallback is None and self.prices.resolve(model) is None:
             raise model_not_priced(model)
 
-    def cost_micros(self, usage: Usage) -> int:
+    def cost_micros(self, usage: Usage, uplift_percent: Decimal = Decimal(0)) -> int:
+        """The cost of `usage` plus an upstream's uplift, rounded up once."""
         try:
-            return self.prices.cost_micros(usage)
+            cost = self.prices.cost_usd(usage)
         except UnpricedModel:
             if self.fallback is None:
                 raise
-            return self.prices.cost_micros(replace(usage, model=self.fallback))
+            cost = self.prices.cost_usd(replace(usage, model=self.fallback))
+        return cost_to_micros(with_uplift(cost, uplift_percent))
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,11 +297,10 @@ class MeteringMiddleware:
             info, default_max_output_tokens=settings.default_max_output_tokens
         )
         try:
-            estimate_micros = pricing.cost_micros(estimate)
+            # Held at the dearest upstream the request may go to.
+            estimate_micros = pricing.cost_micros(estimate, route.max_uplift)
         except UnpricedModel:
             raise model_not_priced(info.model) from None
-        # Held at the dearest upstream the request may go to.
-        estimate_micros = with_uplift(estimate_micros, route.max_uplift)
         hold = await self._gate(services, practice_id, request_id, estimate_micros)
         scope["state"][UPSTREAM_ROUTE] = route
         return _Admitted(hold, info, forward, estimate, caller.device_id, route)
@@ -447,7 +448,7 @@ class MeteringMiddleware:
             pricing = Pricing(services.settings)
             try:
                 # Priced at the upstream that answered (its uplift), once.
-                cost = with_uplift(pricing.cost_micros(usage), watch.uplift)
+                cost = pricing.cost_micros(usage, watch.uplift)
             except UnpricedModel:
                 # Checked before forwarding; a model name the upstream
                 # answered with that has no price is charged at the estimate.
