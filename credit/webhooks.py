@@ -42,6 +42,12 @@ from credit.ledger import (
     settle_pending,
     stripe_object_filter,
 )
+from credit.licenses import (
+    FINAL_SUBSCRIPTION_STATUSES,
+    LicenseWrite,
+    practice_of_subscription,
+    write_license,
+)
 from credit.money import InvalidAmount, chf_to_rappen, parse_chf, parse_usd, refund_share_micros
 from credit.money import usd_to_micros as _usd_to_micros
 from credit.policy import ERROR_CODES, Reason
@@ -654,9 +660,6 @@ def _subscription_fields(sub: Mapping[str, Any]) -> tuple[str | None, int | None
     return (str(lookup_key) if lookup_key else None), start, end
 
 
-# Subscription statuses Stripe never moves a subscription out of.
-_FINAL_SUBSCRIPTION_STATUSES = ("canceled", "incomplete_expired")
-_FINAL_SQL = ", ".join(f"'{status}'" for status in _FINAL_SUBSCRIPTION_STATUSES)
 STALE_EVENT = "stale_event"
 
 
@@ -673,57 +676,34 @@ async def process_subscription_event(
     Stripe does not deliver events in order and retries old deliveries, so
     the row keeps the `created` time of the event it last applied
     (`stripe_event_created`) and an older event changes nothing: it is
-    handled, with reason `stale_event`. An event as old as the stored one
-    applies (a retry of the same event writes the same state), except that
-    it cannot move a canceled or expired subscription back to a live status:
-    Stripe never does, so at equal times the final status is the newer one.
-    A NULL on either side (a row the admin route, CLI or demo wrote, an
-    event without `created`) never blocks; the database decides, in the
-    upsert itself.
+    handled, with reason `stale_event` (the ordering rule is
+    `credit.licenses`', in its one upsert).
     """
     sub_id = normalize_stripe_id(sub.get("id"), "sub_")
     if sub_id is None:
         return HandlerResult(handled=False, reason="invalid_subscription")
-    existing = await conn.fetchval(
-        "SELECT practice_id FROM licenses WHERE subscription_id = ?", sub_id
-    )
+    existing = await practice_of_subscription(conn, sub_id)
     practice_id = _metadata(sub).get("practice_id") or existing
     if not practice_id:
         log.warning("subscription event for an unknown practice ignored")
         return HandlerResult(handled=False, reason="unknown_practice")
     status = str(sub.get("status") or "")
-    if deleted and status not in _FINAL_SUBSCRIPTION_STATUSES:
+    if deleted and status not in FINAL_SUBSCRIPTION_STATUSES:
         status = "canceled"
     lookup_key, start, end = _subscription_fields(sub)
-    changed = await conn.execute(
-        "INSERT INTO licenses (subscription_id, practice_id, customer_id, status, lookup_key, "
-        "current_period_start, current_period_end, stripe_event_created, updated_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-        "ON CONFLICT (subscription_id) DO UPDATE SET practice_id = excluded.practice_id, "
-        "customer_id = COALESCE(excluded.customer_id, licenses.customer_id), "
-        "status = excluded.status, "
-        "lookup_key = COALESCE(excluded.lookup_key, licenses.lookup_key), "
-        "current_period_start = COALESCE(excluded.current_period_start, "
-        "licenses.current_period_start), "
-        "current_period_end = COALESCE(excluded.current_period_end, licenses.current_period_end), "
-        "stripe_event_created = COALESCE(excluded.stripe_event_created, "
-        "licenses.stripe_event_created), "
-        "updated_at = excluded.updated_at "
-        "WHERE licenses.stripe_event_created IS NULL "
-        "OR excluded.stripe_event_created IS NULL "
-        "OR excluded.stripe_event_created > licenses.stripe_event_created "
-        "OR (excluded.stripe_event_created = licenses.stripe_event_created "
-        f"AND (COALESCE(licenses.status, '') NOT IN ({_FINAL_SQL}) "
-        f"OR excluded.status IN ({_FINAL_SQL})))",
-        sub_id,
-        str(practice_id),
-        normalize_stripe_id(sub.get("customer"), "cus_"),
-        status,
-        lookup_key,
-        start,
-        end,
-        event_created,
-        now,
+    changed = await write_license(
+        conn,
+        LicenseWrite(
+            subscription_id=sub_id,
+            practice_id=str(practice_id),
+            customer_id=normalize_stripe_id(sub.get("customer"), "cus_"),
+            status=status,
+            lookup_key=lookup_key,
+            period_start=start,
+            period_end=end,
+            stripe_event_created=event_created,
+        ),
+        now=now,
     )
     if not changed:
         log.info("out-of-order subscription event ignored (the license holds a newer state)")
@@ -821,11 +801,9 @@ class WebhookHandler:
                     return entry.practice_id
             elif event_type in _SUBSCRIPTION_EVENTS:
                 sub_id = normalize_stripe_id(obj.get("id"), "sub_")
-                value = await conn.fetchval(
-                    "SELECT practice_id FROM licenses WHERE subscription_id = ?", sub_id
-                )
+                value = None if sub_id is None else await practice_of_subscription(conn, sub_id)
                 if value:
-                    return str(value)
+                    return value
         return f"stripe-event:{event_id}"
 
     async def handle(self, payload: bytes, signature: str | None) -> dict[str, Any]:

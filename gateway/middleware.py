@@ -57,7 +57,8 @@ from gateway.proxy import (
 from gateway.routing import Route
 from gateway.services import Services
 from gateway.settings import Settings
-from gateway.storage.metering import BudgetState, Hold
+from gateway.storage.budget_state import BudgetState
+from gateway.storage.holds import Hold
 
 if TYPE_CHECKING:
     from credit.autotopup import AutoTopupOutcome

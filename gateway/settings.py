@@ -127,7 +127,7 @@ class Settings:
     default_max_output_tokens: int = 1024
     hold_ttl_seconds: int = 900
     period_grace_seconds: int = 172_800
-    # Budget leases (gateway/storage/metering.py): a gate may hold this many
+    # Budget leases (gateway/storage/leases.py): a gate may hold this many
     # times its estimate, while a practice has at least four times that left,
     # and admit the instance's next requests against it for up to
     # gate_lease_seconds without asking the database. 0 or 1: no leases.

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import logging
 import re
 from collections.abc import AsyncIterator, Sequence
@@ -63,7 +62,8 @@ from typing import Any
 
 import asyncpg
 
-from credit.ports import DatabaseUnavailable, Row, UniqueViolation
+from credit.ports import Connection, DatabaseUnavailable, Row, UniqueViolation
+from gateway.storage.engine import lock_number
 
 log = logging.getLogger("aza.storage.postgres")
 
@@ -94,10 +94,8 @@ def _set_failed(done: asyncio.Future[None], error: BaseException) -> None:
         done.exception()
 
 
-def advisory_key(name: str) -> int:
-    """A stable signed 64-bit lock key for `name` (the same in every gateway process)."""
-    digest = hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
+# The advisory lock key of a lock name (the same in every gateway process).
+advisory_key = lock_number
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
@@ -173,6 +171,7 @@ class PostgresDatabase:
     """A pool of asyncpg connections; transactions lock per practice in the database."""
 
     dialect = "postgresql"
+    has_gate_functions = True  # migration 004's aza_reserve and aza_settle
 
     def __init__(
         self,
@@ -435,6 +434,19 @@ class PostgresDatabase:
     async def read(self) -> AsyncIterator[_PgConnection]:
         async with self._acquire() as conn:
             yield _PgConnection(conn)
+
+    # -- what the metering store asks of an engine (gateway.storage.engine) --------
+
+    def lock_number(self, name: str) -> int:
+        return advisory_key(name)
+
+    async def lock_also(self, conn: Connection, name: str) -> None:
+        await conn.execute("SELECT pg_advisory_xact_lock(?)", advisory_key(name))
+
+    async def vacuum(self, table: str) -> bool:
+        async with self.read() as conn:  # VACUUM cannot run inside a transaction
+            await conn.execute(f"VACUUM {table}")
+        return True
 
     async def executescript(self, script: str) -> None:
         async with self._acquire() as conn:

@@ -73,7 +73,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from credit.ports import DatabaseUnavailable, Row, UniqueViolation
+from credit.ports import Connection, DatabaseUnavailable, Row, UniqueViolation
 
 log = logging.getLogger("aza.storage.sqlite")
 
@@ -228,6 +228,7 @@ class SqliteDatabase:
     """One writer connection (transactions queued, group commit), one reader, WAL mode."""
 
     dialect = "sqlite"
+    has_gate_functions = False  # SQLite has no stored functions
 
     def __init__(
         self,
@@ -589,6 +590,18 @@ class SqliteDatabase:
         # Statements run to completion without yielding to the loop, so
         # concurrent readers never interleave on this connection.
         yield _SqliteConnection(self._reader)
+
+    # -- what the metering store asks of an engine (gateway.storage.engine) --------
+
+    def lock_number(self, name: str) -> int:
+        raise NotImplementedError("SQLite has no numbered locks (and no gate functions)")
+
+    async def lock_also(self, conn: Connection, name: str) -> None:
+        """Nothing to take: a write transaction holds the database's one write lock."""
+
+    async def vacuum(self, table: str) -> bool:
+        """False: SQLite reuses the space of deleted rows by itself."""
+        return False
 
     async def executescript(self, script: str) -> None:
         """Run a script of DDL (used for the migrations bookkeeping table)."""

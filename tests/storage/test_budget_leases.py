@@ -21,7 +21,9 @@ from budget.pricing import PlanBook
 from budget.snapshot import LEASE_FLOOR_FACTOR
 from budget.usage import Usage
 from gateway.storage import AnyDatabase
-from gateway.storage.metering import MAX_LEASE_SCALE, Hold, MeteringStore
+from gateway.storage.holds import Hold
+from gateway.storage.leases import MAX_LEASE_SCALE
+from gateway.storage.metering import MeteringStore
 
 USD = 1_000_000
 DAY = 86_400
@@ -331,7 +333,7 @@ async def test_leases_double_while_they_go_fast_up_to_the_cap(
     holds = []
     for i in range(300):
         holds.append(await gate(store, p, f"r{i}"))
-        await until(lambda: not store._leasing, "the lease placed ahead")
+        await until(lambda: not store.leases._leasing, "the lease placed ahead")
     rows = await hold_rows(db)
     sizes = [rows[hold_id] // EST for hold_id in sorted(rows)]  # ids count up: placing order
     assert sizes[:6] == [K, 2 * K, 4 * K, 8 * K, 16 * K, MAX_LEASE_SCALE * K]
@@ -371,7 +373,7 @@ async def test_too_little_left_for_a_lease_this_size_halves_the_next(
     holds = [await gate(store, p, f"r{i}") for i in range(K // 2 + 1)]
     await until(lambda: store.lease_counts["placed"] == 2, "the lease placed ahead (2K)")
     await licensed(store, clock)  # this instance changed the license: its leases close
-    await until(lambda: not store._background, "the leases' rest to go back")
+    await until(lambda: not store.leases._background, "the leases' rest to go back")
     assert sum((await hold_rows(db)).values()) == len(holds) * EST
     state = await store.state(p)
     assert state.license is not None and state.period is not None
@@ -426,7 +428,8 @@ async def test_closing_the_store_waits_for_an_unreachable_database_only_so_long(
     """A give-back that cannot reach the database does not hold up shutdown; its row expires."""
     p = await licensed(store, clock)
     hold = await gate(store, p, "r0")
-    store.retry_seconds = 60.0
+    assert store.leases is not None
+    store.leases.retry_seconds = 60.0
     await db.close()  # the database goes away under the store
     loop = asyncio.get_running_loop()
     started = loop.time()

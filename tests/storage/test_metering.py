@@ -10,7 +10,8 @@ from budget.operations import Operation
 from budget.pricing import PlanBook
 from budget.usage import Usage
 from gateway.storage import AnyDatabase
-from gateway.storage.metering import MeteringStore, hash_key
+from gateway.storage.keys import hash_key
+from gateway.storage.metering import MeteringStore
 
 USD = 1_000_000  # micro-USD per USD
 

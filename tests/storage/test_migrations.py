@@ -43,13 +43,19 @@ async def test_holds_in_flight_survive_the_clustered_holds_table(tmp_path: Path)
     try:
         now = int(time.time())
         metering = MeteringStore(db, plans=PlanBook.load(CONFIG_DIR / "plans.toml"))
-        await metering.upsert_license(
-            subscription_id="sub_old",
-            practice_id="prac_old",
-            lookup_key="aza_basic_monthly",
-            period_start=now - 60,
-            period_end=now + 86_400,
-        )
+        # The license as schema 1 has it (the license store writes columns of later ones).
+        async with db.transaction() as conn:
+            await conn.execute(
+                "INSERT INTO licenses (subscription_id, practice_id, status, lookup_key, "
+                "current_period_start, current_period_end, updated_at) "
+                "VALUES (?, ?, 'active', ?, ?, ?, ?)",
+                "sub_old",
+                "prac_old",
+                "aza_basic_monthly",
+                now - 60,
+                now + 86_400,
+                now,
+            )
         reservation = await metering.reserve("prac_old", request_id="req_old", estimate_micros=5)
         assert reservation.hold is not None
 

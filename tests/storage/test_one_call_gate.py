@@ -156,9 +156,9 @@ async def script(db: PostgresDatabase, *, one_call: bool, seed: int) -> list[obj
     seen.append(("end", state.snapshot, await holds(db)))
     if one_call:
         # Most gates were single calls; without them this test would prove nothing.
-        assert store.one_call_gates["answered"] > 20
+        assert store.one_call.counts["answered"] > 20
     else:
-        assert not store.one_call_gates
+        assert store.one_call is None
     assert list(await store.totals_mismatches()) == []
     return seen
 
@@ -186,13 +186,13 @@ async def test_a_new_month_is_not_charged_to_the_old_one() -> None:
         assert first.hold is not None
         await store.settle(first.hold, chat(), cost_micros=20 * USD, device_id=None)
         blocked = await store.reserve("p", request_id="b", estimate_micros=USD)
-        assert blocked.hold is None and store.one_call_gates == {"answered": 1}
+        assert blocked.hold is None and store.one_call.counts == {"answered": 1}
         clock.now = START + 2 * DAY  # the license's own period is over
         again = await store.reserve("p", request_id="c", estimate_micros=USD)
         assert again.hold is not None
         assert again.state.period is not None and again.state.period != first.hold.period
         assert again.state.snapshot.used_micros == 0
-        assert store.one_call_gates == {"answered": 1, "deferred": 1}
+        assert store.one_call.counts == {"answered": 1, "deferred": 1}
         assert await holds(db) == 1
 
 
@@ -209,7 +209,7 @@ async def test_an_expired_license_gets_no_hold_from_the_call() -> None:
         late = await store.reserve("p", request_id="b", estimate_micros=USD)
         assert late.hold is None
         assert late.state.problem is LicenseProblem.EXPIRED
-        assert store.one_call_gates == {"deferred": 1}
+        assert store.one_call.counts == {"deferred": 1}
         assert await holds(db) == 0
 
 
@@ -227,7 +227,7 @@ async def test_a_changed_plan_applies_at_the_next_gate() -> None:
         upgraded = await store.reserve("p", request_id="c", estimate_micros=USD)
         assert upgraded.hold is not None
         assert upgraded.hold.budget_micros > 20 * USD
-        assert store.one_call_gates == {"answered": 1, "deferred": 1}
+        assert store.one_call.counts == {"answered": 1, "deferred": 1}
 
 
 async def test_a_second_settle_of_a_request_charges_nothing() -> None:
@@ -236,7 +236,7 @@ async def test_a_second_settle_of_a_request_charges_nothing() -> None:
         await license_for(store)
         await store.reserve("p", request_id="warm", estimate_micros=0)
         res = await store.reserve("p", request_id="a", estimate_micros=USD)
-        assert res.hold is not None and store.one_call_gates == {"answered": 1}
+        assert res.hold is not None and store.one_call.counts == {"answered": 1}
         once = await store.settle(res.hold, chat(), cost_micros=USD, device_id=None)
         twice = await store.settle(res.hold, chat(), cost_micros=USD, device_id=None)
         assert once.event_id is not None and twice.event_id is None
@@ -263,7 +263,7 @@ async def test_two_instances_racing_admit_exactly_the_budget() -> None:
         )
         admitted = [r.hold for r in results if r.hold is not None]
         assert len(admitted) == 20 and all(h.amount_micros == USD for h in admitted)
-        assert one.one_call_gates["answered"] + other.one_call_gates["answered"] == 60
+        assert one.one_call.counts["answered"] + other.one_call.counts["answered"] == 60
         assert await holds(db) == 20
 
 
@@ -278,7 +278,7 @@ async def test_a_lone_gate_leaves_its_connection_durable() -> None:
             for request_id in ("a", "b", "c"):
                 res = await store.reserve("p", request_id=request_id, estimate_micros=USD)
                 assert res.hold is not None
-            assert store.one_call_gates == {"answered": 2}
+            assert store.one_call.counts == {"answered": 2}
             async with small.read() as conn:
                 assert await conn.fetchval("SHOW synchronous_commit") == "on"
         finally:
@@ -300,7 +300,7 @@ async def test_settles_batched_together_split_budget_then_credit_in_order() -> N
         done = await asyncio.gather(
             *(store.settle(h, chat(), cost_micros=USD, device_id=None) for h in holds)
         )
-        assert store._settles.batches > 0  # they did meet
+        assert store.one_call.settles.batches > 0  # they did meet
         assert sum(d.charged_budget_micros for d in done) == 20 * USD
         assert sum(d.charged_credit_micros for d in done) == 5 * USD
         state = await store.state("p")
@@ -319,7 +319,7 @@ async def test_each_call_of_a_batch_keeps_its_own_arguments_and_answer() -> None
         reservations = await asyncio.gather(
             *(store.reserve("p", request_id=r, estimate_micros=e) for r, e in estimates.items())
         )
-        assert store._gates.batches > 0 and store.one_call_gates["deferred"] == 0
+        assert store.one_call.gates.batches > 0 and store.one_call.counts["deferred"] == 0
         holds = [r.hold for r in reservations if r.hold is not None]
         assert {h.request_id: h.amount_micros for h in holds} == estimates
         async with db.read() as conn:
@@ -335,7 +335,7 @@ async def test_each_call_of_a_batch_keeps_its_own_arguments_and_answer() -> None
                 for h in holds
             )
         )
-        assert store._settles.batches > 0
+        assert store.one_call.settles.batches > 0
         assert [d.cost_micros for d in done] == [costs[h.request_id] for h in holds]
         assert all(d.charged_budget_micros == d.cost_micros for d in done)
         async with db.read() as conn:
@@ -387,7 +387,7 @@ async def test_gates_racing_settles_never_admit_past_the_budget() -> None:
         assert len(admitted) == 20
         state = await one.state("p")
         assert state.snapshot.used_micros == 20 * USD and state.snapshot.held_micros == 0
-        assert one.one_call_gates["deferred"] == other.one_call_gates["deferred"] == 0
+        assert one.one_call.counts["deferred"] == other.one_call.counts["deferred"] == 0
         assert list(await one.totals_mismatches()) == []
 
 
@@ -403,7 +403,7 @@ async def test_transaction_gates_and_single_call_gates_exclude_each_other() -> N
             first = await warm_store.reserve(practice, request_id=f"w{round_}", estimate_micros=0)
             assert first.hold is not None
             await warm_store.release(first.hold)
-            before = warm_store.one_call_gates["answered"]
+            before = warm_store.one_call.counts["answered"]
             results = await asyncio.gather(
                 *(
                     (warm_store if i % 2 else cold_store).reserve(
@@ -413,6 +413,6 @@ async def test_transaction_gates_and_single_call_gates_exclude_each_other() -> N
                 )
             )
             assert sum(r.hold is not None for r in results) == 20, practice
-            assert warm_store.one_call_gates["answered"] - before == 30
-            assert cold_store.one_call_gates["answered"] < 30  # some went the transaction way
+            assert warm_store.one_call.counts["answered"] - before == 30
+            assert cold_store.one_call.counts["answered"] < 30  # some went the transaction way
         assert await holds(db) == 80

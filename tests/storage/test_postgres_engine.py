@@ -533,7 +533,7 @@ async def test_store_bursts_admit_exactly_the_budget(
     in groups, or as batches of single calls that met on the same practice.
     After each practice's first gate, every gate was answered by a call.
     """
-    if store._one_call:
+    if store.one_call is not None:
         for practice in ("p1", "p2"):  # the first gate of a practice is a transaction
             assert (
                 await store.reserve(practice, request_id=f"w{practice}", estimate_micros=0)
@@ -563,11 +563,11 @@ async def test_store_bursts_admit_exactly_the_budget(
     by_practice = {p: {e["x"] for e in events if e["practice_id"] == p} for p in ("p1", "p2")}
     assert by_practice["p1"].isdisjoint(by_practice["p2"])  # groups never mix practices
     assert len(events) == 40 and len(by_practice["p1"]) + len(by_practice["p2"]) < 40
-    if store._one_call:
-        assert store.one_call_gates == {"answered": 120}
-        assert store._gates.batches > 0 and store._settles.batches > 0
+    if store.one_call is not None:
+        assert store.one_call.counts == {"answered": 120}
+        assert store.one_call.gates.batches > 0 and store.one_call.settles.batches > 0
     else:
-        assert not store.one_call_gates
+        assert store.one_call is None
 
 
 async def test_a_settle_rolled_back_with_its_group_is_retried_and_written_once(

@@ -30,7 +30,7 @@
 -- under READ COMMITTED, so the reads after a lock see everything committed
 -- before it was granted.
 --
--- The gateway's Python code stays the judge (gateway/storage/metering.py):
+-- The gateway's Python code stays the judge (gateway/storage/one_call.py):
 -- aza_reserve places a hold only for the license and period the caller saw
 -- last time (passed in) and with the arithmetic of budget.snapshot.admit;
 -- the caller checks the returned state with the Python rules and, when they

@@ -3,7 +3,7 @@
 -- A gate may now place a lease: one hold of several requests' estimates
 -- (p_lease), placed only while at least p_lease_floor is available, which
 -- the gateway then admits its next requests of the practice against without
--- a round trip (gateway/storage/metering.py, _Lease). Each of those requests
+-- a round trip (gateway/storage/leases.py, Lease). Each of those requests
 -- settles its own share: aza_settle takes p_hold_micro_usd off the hold and
 -- deletes it when nothing is left, instead of deleting it whole. For a hold
 -- of one request the share is the whole hold, so nothing changes there.
