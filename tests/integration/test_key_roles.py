@@ -13,7 +13,8 @@ import pytest
 from gateway.keys import KeyRole
 from gateway.settings import Secret
 from gateway.storage import migrate
-from gateway.storage.metering import MeteringStore, hash_key
+from gateway.storage.keys import hash_key
+from gateway.storage.metering import MeteringStore
 from tests.integration.conftest import Gateway, StartGateway
 from tests.storage.test_migrations import sqlite_migrated_to
 
