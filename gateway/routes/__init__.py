@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from starlette.routing import BaseRoute
 
-from gateway.routes import admin, credit, health, residency, stripe_webhook
+from gateway.routes import admin, credit, health, residency, stripe_webhook, usage
 
 
 def all_routes() -> list[BaseRoute]:
@@ -12,6 +12,7 @@ def all_routes() -> list[BaseRoute]:
     return [
         *health.routes,
         *credit.routes,
+        *usage.routes,
         *admin.routes,
         *residency.routes,
         *stripe_webhook.routes,
