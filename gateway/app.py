@@ -30,7 +30,7 @@ from gateway.middleware import MeteringMiddleware, RequestContextMiddleware
 from gateway.proxy import Proxy
 from gateway.residency import Residency
 from gateway.routes import all_routes
-from gateway.services import Services, build_credit, build_router
+from gateway.services import Services, build_alerts, build_credit, build_router
 from gateway.settings import Settings
 from gateway.storage import AnyDatabase, open_database
 from gateway.storage.metering import MeteringStore
@@ -100,6 +100,7 @@ def create_app(
             practices=await ResidencyStore(db).load_all(),
         )
         router = build_router(settings)
+        alerts, dispatcher = build_alerts(settings, db)
         current = Services(
             settings=settings,
             db=db,
@@ -113,11 +114,14 @@ def create_app(
             residency=residency,
             metrics=metrics,
             credit=credit,
+            alerts=alerts,
+            dispatcher=dispatcher,
         )
         holder["services"] = current
         app.state.services = current
         background = [
-            asyncio.create_task(current.maintenance_loop(maintenance_interval), name="maintenance")
+            asyncio.create_task(current.maintenance_loop(maintenance_interval), name="maintenance"),
+            asyncio.create_task(dispatcher.run(), name="alerts"),
         ]
         background.append(
             asyncio.create_task(
@@ -136,6 +140,7 @@ def create_app(
             await current.drain()
             await metering.aclose()
             await router.aclose()
+            await dispatcher.webhooks.aclose()
             if stripe is not None:
                 await stripe.aclose()
             if database is None:

@@ -445,6 +445,7 @@ class MeteringMiddleware:
             if not 200 <= watch.status < 300:
                 await metering.release(hold)
                 return
+            await _ensure_alert_marks(services, hold)
             usage = _usage_of(admitted.info, admitted.estimate, watch)
             pricing = Pricing(services.settings)
             try:
@@ -478,6 +479,17 @@ class MeteringMiddleware:
             log.exception("settling request %s failed; its hold expires by itself", hold.request_id)
         finally:
             metrics.holds_in_flight.dec()
+
+
+async def _ensure_alert_marks(services: Services, hold: Hold) -> None:
+    """The period's budget alert marks, before the settle that may cross one (once here)."""
+    alerts = services.alerts
+    if alerts.marked(hold.practice_id, hold.period.start, hold.budget_micros):
+        return
+    try:
+        await alerts.ensure_marks(hold.practice_id, hold.period.start, hold.budget_micros)
+    except Exception:
+        log.exception("writing the alert marks of practice %s failed", hold.practice_id)
 
 
 def _usage_of(info: RequestInfo, estimate: Usage, watch: _Watch) -> Usage:

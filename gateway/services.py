@@ -21,6 +21,8 @@ import httpx
 
 from credit.service import CreditPolicy, CreditService
 from credit.stripe_port import StripeClientAdapter
+from gateway.alerts.delivery import AlertDispatcher, SmtpConfig, SmtpMailer, WebhookSender
+from gateway.alerts.store import AlertStore
 from gateway.auth import Authenticator
 from gateway.metrics import GatewayMetrics
 from gateway.residency import Residency
@@ -105,6 +107,26 @@ def build_credit(
     return CreditService(db, stripe=stripe, policy=policy), stripe
 
 
+def build_alerts(settings: Settings, db: AnyDatabase) -> tuple[AlertStore, AlertDispatcher]:
+    """The alert store and its delivery worker (email off without AZA_SMTP_URL and
+    AZA_ALERT_FROM; close `dispatcher.webhooks` at shutdown)."""
+    store = AlertStore(db, default_language=settings.user_language)
+    mailer = None
+    if settings.smtp_url and settings.alert_from:
+        config = SmtpConfig.from_url(settings.smtp_url.reveal())
+        mailer = SmtpMailer(config, sender=settings.alert_from)
+    dispatcher = AlertDispatcher(
+        store,
+        mailer=mailer,
+        webhooks=WebhookSender(allow_private=settings.alert_webhook_allow_private),
+        poll_seconds=settings.alert_poll_seconds,
+        retry_base_seconds=settings.alert_retry_base_seconds,
+        retry_max_seconds=settings.alert_retry_max_seconds,
+        max_attempts=settings.alert_max_attempts,
+    )
+    return store, dispatcher
+
+
 @dataclass
 class Services:
     """Everything a request needs, shared by all requests of one app."""
@@ -117,6 +139,8 @@ class Services:
     residency: Residency
     metrics: GatewayMetrics
     credit: CreditService
+    alerts: AlertStore
+    dispatcher: AlertDispatcher
     clock: Callable[[], float] = time.monotonic
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     _topups_in_flight: set[str] = field(default_factory=set)

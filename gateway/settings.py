@@ -136,6 +136,20 @@ class Settings:
     # In-memory cache of key → practice lookups; a revoked key stops working
     # within this many seconds on every instance.
     auth_cache_seconds: float = 30.0
+    # Alerts (gateway/alerts/): email needs both AZA_SMTP_URL and AZA_ALERT_FROM,
+    # else email alerts are off (webhooks and the budget route's banner still work).
+    smtp_url: Secret = Secret("")
+    alert_from: str = ""
+    # Webhooks to http:// and to loopback, private or link-local addresses
+    # (tests, in-house receivers); off: https to public addresses only.
+    alert_webhook_allow_private: bool = False
+    alert_poll_seconds: float = 5.0
+    alert_retry_base_seconds: float = 30.0
+    alert_retry_max_seconds: float = 3600.0
+    alert_max_attempts: int = 12
+    # Per-key and per-device rate limits count requests and tokens in fixed
+    # windows of this many seconds (requests_per_minute is per window).
+    rate_limit_window_seconds: float = 60.0
     log_level: str = "info"
     # uvicorn's per-request access log (AZA_ACCESS_LOG=1). Off by default: a
     # log line and a write per request cost more CPU than the gateway's own
@@ -189,6 +203,9 @@ class Settings:
         if language not in ("de", "en"):
             raise ConfigError(f"AZA_USER_LANGUAGE must be de or en, not {language!r}")
         credit = CreditConfig.from_mapping(defaults.get("credit", {}))
+        smtp_url = env.get("AZA_SMTP_URL", "")
+        if smtp_url and not smtp_url.startswith(("smtp://", "smtp+starttls://", "smtps://")):
+            raise ConfigError("AZA_SMTP_URL must start with smtp://, smtp+starttls:// or smtps://")
         try:
             ZoneInfo(credit.month_timezone)
         except (ZoneInfoNotFoundError, ValueError):
@@ -257,6 +274,12 @@ class Settings:
             gate_lease_seconds=float(
                 env.get("AZA_GATE_LEASE_SECONDS", budget.get("gate_lease_seconds", 1.0))
             ),
+            smtp_url=Secret(env.get("AZA_SMTP_URL", "")),
+            alert_from=env.get("AZA_ALERT_FROM", ""),
+            alert_webhook_allow_private=_flag(env, "AZA_ALERT_WEBHOOK_ALLOW_PRIVATE", False),
+            alert_poll_seconds=float(env.get("AZA_ALERT_POLL_SECONDS", 5.0)),
+            alert_retry_base_seconds=float(env.get("AZA_ALERT_RETRY_BASE_SECONDS", 30.0)),
+            alert_max_attempts=_int(env, "AZA_ALERT_MAX_ATTEMPTS", 12),
             log_level=env.get("AZA_LOG_LEVEL", "info"),
             access_log=_flag(env, "AZA_ACCESS_LOG", False),
             prices=PriceBook.load(folder / "prices.toml"),

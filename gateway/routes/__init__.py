@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from starlette.routing import BaseRoute
 
-from gateway.routes import admin, credit, health, residency, stripe_webhook, usage
+from gateway.routes import admin, alerts, credit, health, residency, stripe_webhook, usage
 
 
 def all_routes() -> list[BaseRoute]:
@@ -13,6 +13,7 @@ def all_routes() -> list[BaseRoute]:
         *health.routes,
         *credit.routes,
         *usage.routes,
+        *alerts.routes,
         *admin.routes,
         *residency.routes,
         *stripe_webhook.routes,

@@ -53,6 +53,9 @@ async def budget(request: Request) -> Response:
     }
     if state.problem is not None:
         payload["error_code"] = state.problem.value
+    # Alerts of this period a client app can show as a banner before the hard stop.
+    period_start = state.period.start if state.period else None
+    payload["alerts_pending"] = await services_of(request).alerts.pending(practice_id, period_start)
     return ok(payload)
 
 
