@@ -22,8 +22,14 @@ from gateway.alerts.signing import new_webhook_secret
 from gateway.alerts.store import AlertSettings
 from gateway.alerts.targets import TargetRefused, check_target
 from gateway.errors import unprocessable
-from gateway.routes.common import decimal_field, endpoint, json_body, ok, services_of
-from gateway.routes.roles import admin_practice_of
+from gateway.routes.common import (
+    admin_practice_of,
+    decimal_field,
+    endpoint,
+    json_body,
+    ok,
+    services_of,
+)
 
 MAX_THRESHOLDS = 10
 
@@ -124,7 +130,7 @@ async def _updated(
 @endpoint
 async def alerts_get(request: Request) -> Response:
     """GET /v1/ai-credit/alerts: the practice's alert settings (never the webhook secret)."""
-    practice_id = await admin_practice_of(request)
+    _, practice_id = await admin_practice_of(request)
     services = services_of(request)
     current = await services.alerts.settings(practice_id)
     return ok(settings_view(current, email_enabled=services.dispatcher.mailer is not None))
@@ -133,7 +139,7 @@ async def alerts_get(request: Request) -> Response:
 @endpoint
 async def alerts_put(request: Request) -> Response:
     """PUT /v1/ai-credit/alerts: change the named fields; a new webhook_url answers its secret."""
-    practice_id = await admin_practice_of(request)
+    _, practice_id = await admin_practice_of(request)
     services = services_of(request)
     data = await json_body(request)
     current = await services.alerts.settings(practice_id)

@@ -250,7 +250,7 @@ async def test_bad_alert_settings_are_refused_and_change_nothing(
     start_gateway: StartGateway,
 ) -> None:
     """A loopback webhook (operator has not allowed private ones), a bad percent, language or
-    email: 422 in the OpenAI shape, the settings as they were."""
+    email: 422 in the OpenAI shape, the settings as they were; a client key gets 403."""
     async with start_gateway() as gateway:
         before = await put_alerts(gateway, {"email": "praxis@example.test", "language": "it"})
         assert before["email_enabled"] is False  # no AZA_SMTP_URL / AZA_ALERT_FROM
@@ -272,3 +272,11 @@ async def test_bad_alert_settings_are_refused_and_change_nothing(
             assert after.json() == before
             unauthenticated = await http.get("/v1/ai-credit/alerts")
             assert unauthenticated.status_code == 401
+            client_key = {"authorization": f"Bearer {gateway.client_key}"}
+            for method in ("GET", "PUT"):
+                refused = await http.request(
+                    method, "/v1/ai-credit/alerts", json={"email": None}, headers=client_key
+                )
+                assert refused.status_code == 403
+                assert refused.json()["error"]["code"] == "admin_key_required"
+            assert (await http.get("/v1/ai-credit/alerts", headers=auth)).json() == before
