@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from decimal import Decimal
 from types import MappingProxyType
 
+from budget.audio import billed_seconds
 from budget.operations import Operation
 from budget.request import CHARS_PER_TOKEN, RequestInfo
 from budget.usage import Usage
@@ -63,6 +64,7 @@ def estimate_usage(info: RequestInfo, *, default_max_output_tokens: int) -> Usag
             info.model,
             input_tokens=input_tokens,
             output_tokens=max_output * max(1, info.choices),
+            service_tier=info.service_tier,
             estimated=True,
         )
     if op in (Operation.EMBEDDING, Operation.MODERATION):
@@ -70,7 +72,10 @@ def estimate_usage(info: RequestInfo, *, default_max_output_tokens: int) -> Usag
     if op is Operation.SPEECH:
         return Usage(op, info.model, characters=info.characters, estimated=True)
     if op in (Operation.TRANSCRIPTION, Operation.TRANSLATION):
-        seconds = info.audio_seconds if info.audio_seconds is not None else UNKNOWN_AUDIO_SECONDS
+        audio = info.audio_seconds
+        seconds = (
+            billed_seconds(audio, measured=True) if audio is not None else UNKNOWN_AUDIO_SECONDS
+        )
         return Usage(op, info.model, audio_seconds=seconds, estimated=True)
     # Images: per-image prices use images/size/quality, token-priced models
     # (gpt-image-1) the prompt and the output tokens of each image.

@@ -39,24 +39,47 @@ _TOKEN_OPERATIONS = frozenset(
 )
 
 
+# Service tiers with prices of their own; any other tier a response names
+# ("default", "auto", "scale") is billed at the model's standard prices.
+PRICED_TIERS = frozenset({"priority", "flex", "batch"})
+
+
 @dataclass(frozen=True, slots=True)
 class ModelPrice:
-    """Prices of one model in USD: per 1M tokens, per audio minute, per 1M characters, per image.
+    """Prices of one model in USD: per 1M tokens (by modality), per audio minute,
+    per 1M characters, per image; and the prices of its service tiers.
 
-    per_image is keyed "quality:size", e.g. "hd:1024x1792".
+    per_image is keyed "quality:size", e.g. "hd:1024x1792". `tiers` holds a
+    complete price per tier ("priority", "flex", "batch"): the tier's table
+    in prices.toml names the prices that differ, the rest are the model's.
+    `source` and `as_of` say where and when the figures were read.
     """
 
     input_per_1m: Decimal | None = None
     cached_input_per_1m: Decimal | None = None
     output_per_1m: Decimal | None = None
+    audio_input_per_1m: Decimal | None = None
+    cached_audio_input_per_1m: Decimal | None = None
+    audio_output_per_1m: Decimal | None = None
+    image_input_per_1m: Decimal | None = None
+    image_output_per_1m: Decimal | None = None
     per_audio_minute: Decimal | None = None
     per_1m_characters: Decimal | None = None
     per_image: Mapping[str, Decimal] = field(default_factory=lambda: MappingProxyType({}))
+    tiers: Mapping[str, ModelPrice] = field(default_factory=lambda: MappingProxyType({}))
+    source: str | None = None
+    as_of: str | None = None
 
     @property
     def has_token_prices(self) -> bool:
         """True when the model is priced per token."""
         return self.input_per_1m is not None or self.output_per_1m is not None
+
+    def at_tier(self, tier: str | None) -> ModelPrice | None:
+        """The prices at service tier `tier`; None when that tier has no prices here."""
+        if tier is None or tier not in PRICED_TIERS:
+            return self
+        return self.tiers.get(tier)
 
 
 class UnpricedModel(Exception):
@@ -84,27 +107,76 @@ _SCALAR_PRICES = (
     "input_per_1m",
     "cached_input_per_1m",
     "output_per_1m",
+    "audio_input_per_1m",
+    "cached_audio_input_per_1m",
+    "audio_output_per_1m",
+    "image_input_per_1m",
+    "image_output_per_1m",
     "per_audio_minute",
     "per_1m_characters",
 )
+_TEXT_KEYS = ("source", "as_of", "retired")
+
+
+def _scalars(name: str, entry: Mapping[str, Any]) -> dict[str, Decimal]:
+    return {
+        key: _price(entry[key], f"models.{name}.{key}") for key in _SCALAR_PRICES if key in entry
+    }
 
 
 def _model_price(name: str, entry: Any) -> ModelPrice:
     if not isinstance(entry, Mapping):
         raise ValueError(f"models.{name}: expected a table")
-    unknown = set(entry) - {*_SCALAR_PRICES, "per_image"}
+    unknown = set(entry) - {*_SCALAR_PRICES, *_TEXT_KEYS, *PRICED_TIERS, "per_image"}
     if unknown:
         raise ValueError(f"models.{name}: unknown keys {sorted(unknown)}")
-    scalars = {
-        key: _price(entry[key], f"models.{name}.{key}") for key in _SCALAR_PRICES if key in entry
-    }
+    scalars = _scalars(name, entry)
     images = entry.get("per_image", {})
     if not isinstance(images, Mapping):
         raise ValueError(f"models.{name}.per_image: expected a table")
     per_image = {
         str(key): _price(value, f"models.{name}.per_image.{key}") for key, value in images.items()
     }
-    return ModelPrice(**scalars, per_image=MappingProxyType(per_image))
+    tiers: dict[str, ModelPrice] = {}
+    for tier in sorted(PRICED_TIERS & set(entry)):
+        table = entry[tier]
+        if not isinstance(table, Mapping) or set(table) - set(_SCALAR_PRICES):
+            raise ValueError(f"models.{name}.{tier}: expected a table of prices")
+        tiers[tier] = _with_scalars({**scalars, **_scalars(f"{name}.{tier}", table)})
+    return _with_scalars(
+        scalars,
+        per_image=MappingProxyType(per_image),
+        tiers=MappingProxyType(tiers),
+        source=str(entry["source"]) if "source" in entry else None,
+        as_of=str(entry["as_of"]) if "as_of" in entry else None,
+    )
+
+
+def _with_scalars(
+    scalars: Mapping[str, Decimal],
+    *,
+    per_image: Mapping[str, Decimal] | None = None,
+    tiers: Mapping[str, ModelPrice] | None = None,
+    source: str | None = None,
+    as_of: str | None = None,
+) -> ModelPrice:
+    get = scalars.get
+    return ModelPrice(
+        input_per_1m=get("input_per_1m"),
+        cached_input_per_1m=get("cached_input_per_1m"),
+        output_per_1m=get("output_per_1m"),
+        audio_input_per_1m=get("audio_input_per_1m"),
+        cached_audio_input_per_1m=get("cached_audio_input_per_1m"),
+        audio_output_per_1m=get("audio_output_per_1m"),
+        image_input_per_1m=get("image_input_per_1m"),
+        image_output_per_1m=get("image_output_per_1m"),
+        per_audio_minute=get("per_audio_minute"),
+        per_1m_characters=get("per_1m_characters"),
+        per_image=per_image if per_image is not None else MappingProxyType({}),
+        tiers=tiers if tiers is not None else MappingProxyType({}),
+        source=source,
+        as_of=as_of,
+    )
 
 
 def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -115,16 +187,33 @@ def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
 class PriceBook:
     """Prices of upstream models, by model name."""
 
-    def __init__(self, models: Mapping[str, ModelPrice]) -> None:
+    def __init__(
+        self, models: Mapping[str, ModelPrice], tools: Mapping[str, Decimal] | None = None
+    ) -> None:
         self._models = MappingProxyType(dict(models))
+        self._tools = MappingProxyType(dict(tools or {}))
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> PriceBook:
-        """Build from a parsed prices document: {"models": {name: {price keys: USD}}}."""
+        """Build from a parsed prices document.
+
+        {"models": {name: {price keys: USD, tier: {price keys}}}, "tools": {kind: USD per call}}
+        """
         models = data.get("models", {})
         if not isinstance(models, Mapping):
             raise ValueError("models: expected a table")
-        return cls({str(name): _model_price(name, entry) for name, entry in models.items()})
+        tools = data.get("tools", {})
+        if not isinstance(tools, Mapping):
+            raise ValueError("tools: expected a table")
+        return cls(
+            {str(name): _model_price(name, entry) for name, entry in models.items()},
+            {str(kind): _price(fee, f"tools.{kind}") for kind, fee in tools.items()},
+        )
+
+    @property
+    def tools(self) -> Mapping[str, Decimal]:
+        """Per-call fees of built-in tools in USD, by price kind."""
+        return self._tools
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> PriceBook:
@@ -152,18 +241,39 @@ class PriceBook:
         """Exact cost of `usage` in USD; raises UnpricedModel when a needed price is missing.
 
         Token usage is billed per token wherever the model has token prices
-        (chat, embeddings, and images/audio that report tokens); otherwise
-        audio per minute, speech per character, images per image. A usage of
-        nothing costs 0 whether or not the model is priced.
+        (chat, embeddings, and images/audio/speech that report tokens), each
+        modality at its own rate, at the service tier the usage names;
+        otherwise audio per minute, speech per character, images per image.
+        Built-in tool calls add their per-call fee. A usage of nothing costs 0
+        whether or not the model is priced.
         """
         if not _uses_anything(usage):
             return Decimal(0)
-        price = self.resolve(usage.model)
-        if price is None:
+        base = self.resolve(usage.model)
+        if base is None:
             raise UnpricedModel(usage.model)
+        price = base.at_tier(usage.service_tier)
+        if price is None:
+            raise UnpricedModel(usage.model, f"no {usage.service_tier} tier prices")
+        return _COST.add(self._usage_cost(usage, price), self._tool_cost(usage))
+
+    def _tool_cost(self, usage: Usage) -> Decimal:
+        total = Decimal(0)
+        for kind, calls in usage.tool_calls.items():
+            if calls:
+                fee = self._tools.get(kind)
+                if fee is None:
+                    raise UnpricedModel(usage.model, f"no per-call price for tool {kind!r}")
+                total = _COST.add(total, _COST.multiply(Decimal(calls), fee))
+        return total
+
+    @staticmethod
+    def _usage_cost(usage: Usage, price: ModelPrice) -> Decimal:
         op = usage.operation
         if op in _TOKEN_OPERATIONS or (usage.has_tokens and price.has_token_prices):
             return _token_cost(usage, price)
+        if not (usage.audio_seconds or usage.characters or usage.images):
+            return Decimal(0)  # tool calls only
         if op in (Operation.TRANSCRIPTION, Operation.TRANSLATION):
             per_minute = _needed(price.per_audio_minute, usage.model, "per_audio_minute")
             # Multiply first: the division is then exact whenever the cost
@@ -194,6 +304,7 @@ def _uses_anything(usage: Usage) -> bool:
         or usage.audio_seconds
         or usage.characters
         or usage.images
+        or any(usage.tool_calls.values())
     )
 
 
@@ -204,18 +315,43 @@ def _needed(price: Decimal | None, model: str, kind: str) -> Decimal:
 
 
 def _token_cost(usage: Usage, price: ModelPrice) -> Decimal:
-    """Cached input at the cached price (else the input price), the rest of input at the
-    input price, output (reasoning tokens included) at the output price; USD."""
+    """Each kind of token at its own rate, in USD.
+
+    Input: cached text at the cached price (else the input price), cached
+    audio at the cached audio price (else the audio price), the rest of the
+    audio at the audio price, images at the image input price, the remaining
+    text at the input price. Output: audio at the audio output price, images
+    at the image output price (else the output price: an image model's output
+    price is its image price), the rest (reasoning included) at the output price.
+    Audio and image tokens never fall back to text rates.
+    """
     cached = min(usage.cached_input_tokens, usage.input_tokens)
-    uncached = usage.input_tokens - cached
-    cached_per_1m = price.cached_input_per_1m
-    if cached_per_1m is None:
-        cached_per_1m = price.input_per_1m
+    cached_audio = min(usage.cached_audio_input_tokens, cached, usage.audio_input_tokens)
+    audio_in = usage.audio_input_tokens - cached_audio
+    image_in = usage.image_input_tokens
+    text_in = max(0, usage.input_tokens - cached - audio_in - image_in)
+    audio_out = min(usage.audio_output_tokens, usage.output_tokens)
+    image_out = min(usage.image_output_tokens, usage.output_tokens - audio_out)
+    text_out = usage.output_tokens - audio_out - image_out
+    cached_text_per_1m = price.cached_input_per_1m
+    if cached_text_per_1m is None:
+        cached_text_per_1m = price.input_per_1m
+    cached_audio_per_1m = price.cached_audio_input_per_1m
+    if cached_audio_per_1m is None:
+        cached_audio_per_1m = price.audio_input_per_1m
+    image_out_per_1m = price.image_output_per_1m
+    if image_out_per_1m is None:
+        image_out_per_1m = price.output_per_1m
     total = Decimal(0)
     for tokens, per_1m, kind in (
-        (uncached, price.input_per_1m, "input_per_1m"),
-        (cached, cached_per_1m, "input_per_1m"),
-        (usage.output_tokens, price.output_per_1m, "output_per_1m"),
+        (text_in, price.input_per_1m, "input_per_1m"),
+        (cached - cached_audio, cached_text_per_1m, "input_per_1m"),
+        (audio_in, price.audio_input_per_1m, "audio_input_per_1m"),
+        (cached_audio, cached_audio_per_1m, "audio_input_per_1m"),
+        (image_in, price.image_input_per_1m, "image_input_per_1m"),
+        (text_out, price.output_per_1m, "output_per_1m"),
+        (audio_out, price.audio_output_per_1m, "audio_output_per_1m"),
+        (image_out, image_out_per_1m, "image_output_per_1m"),
     ):
         if tokens:
             rate = _needed(per_1m, usage.model, kind)

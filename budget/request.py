@@ -20,6 +20,9 @@ from budget.operations import AUDIO_UPLOADS, STORE_DEFAULTED, USAGE_INJECTED, Op
 
 # About four characters of English or German text make one token.
 CHARS_PER_TOKEN = 4
+# Transcription/translation answers that are plain text and carry no usage:
+# billed from the upload's own length, so that length must be readable.
+UNMETERED_AUDIO_FORMATS = frozenset({"text", "srt", "vtt"})
 
 
 class InvalidRequest(Exception):
@@ -58,6 +61,9 @@ class RequestInfo:
     choices: int = 1
     # The client's own `store` (None: not set; the body forwarded says false).
     store: bool | None = None
+    response_format: str | None = None
+    service_tier: str | None = None
+    web_search_preview: bool = False
 
 
 # The model OpenAI uses for a moderation request that names none.
@@ -90,8 +96,10 @@ def parse_request(
         raise InvalidRequest("stream_options must be an object", param="stream_options")
     client_wants_usage = bool(stream_options and stream_options.get("include_usage") is True)
     store = _optional_bool(data, "store")
+    service_tier = _optional_str(data, "service_tier")
 
     max_output_tokens: int | None = None
+    web_search_preview = False
     choices = 1
     input_chars = 0
     characters = 0
@@ -111,12 +119,16 @@ def parse_request(
     elif operation is Operation.RESPONSES:
         max_output_tokens = _optional_count(data, "max_output_tokens")
         input_chars = _text_chars(data.get("input")) + _text_chars(data.get("instructions"))
+        web_search_preview = _uses_web_search_preview(data.get("tools"))
     elif operation in (Operation.EMBEDDING, Operation.MODERATION):
         input_chars = _text_chars(data.get("input"))
     elif operation is Operation.SPEECH:
+        # gpt-4o-mini-tts reads the instructions too: they count as input.
         text = data.get("input")
-        characters = len(text) if isinstance(text, str) else 0
-        input_chars = characters + _text_chars(data.get("instructions"))
+        input_chars = (len(text) if isinstance(text, str) else 0) + _text_chars(
+            data.get("instructions")
+        )
+        characters = input_chars
     elif operation is Operation.IMAGE:
         images = _optional_count(data, "n", minimum=1) or 1
         input_chars = _text_chars(data.get("prompt"))
@@ -136,6 +148,8 @@ def parse_request(
         image_quality=image_quality,
         choices=choices,
         store=store,
+        service_tier=service_tier,
+        web_search_preview=web_search_preview,
     )
     add_store = store is None and operation in STORE_DEFAULTED
     if operation in USAGE_INJECTED and stream and not client_wants_usage:
@@ -152,6 +166,16 @@ def parse_request(
             data["store"] = False
             body = _compact_json(data)
     return info, body
+
+
+def _uses_web_search_preview(tools: Any) -> bool:
+    """True when a Responses request's tools name the preview web search tool."""
+    if not isinstance(tools, list):
+        return False
+    return any(
+        isinstance(tool, dict) and str(tool.get("type", "")).startswith("web_search_preview")
+        for tool in tools
+    )
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
@@ -230,12 +254,25 @@ def _parse_audio_upload(operation: Operation, content_type: str, body: bytes) ->
     stream_text = fields.get("stream", "false").strip().lower()
     if stream_text not in ("true", "false"):
         raise InvalidRequest("stream must be a boolean", param="stream")
+    response_format = fields.get("response_format", "json").strip() or "json"
+    seconds = None if file_data is None else audio_duration_seconds(file_data)
+    if seconds is None and file_data is not None and response_format in UNMETERED_AUDIO_FORMATS:
+        # Nothing would tell what to bill: these answers carry no usage.
+        raise InvalidRequest(
+            "The length of the uploaded audio could not be read, and "
+            f"response_format '{response_format}' reports no usage to bill from. Send the "
+            "audio as flac, m4a, mp3, mp4, mpeg, mpga, oga, ogg, opus, wav or webm, or ask "
+            "for response_format 'json'.",
+            param="file",
+            code="audio_duration_unreadable",
+        )
     return RequestInfo(
         operation=operation,
         model=model,
         stream=stream_text == "true",
         input_chars=len(fields.get("prompt", "")),
-        audio_seconds=None if file_data is None else audio_duration_seconds(file_data),
+        audio_seconds=seconds,
+        response_format=response_format,
     )
 
 

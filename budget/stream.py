@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from decimal import Decimal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
+from budget.audio import billed_seconds
 from budget.estimate import UNKNOWN_AUDIO_SECONDS, input_tokens_estimate
 from budget.operations import AUDIO_UPLOADS, USAGE_INJECTED, Operation
 from budget.request import RequestInfo
-from budget.response import exact_json, usage_tokens
+from budget.response import exact_json, usage_of_object, usage_tokens
 from budget.usage import Usage
 
 # The blank line that ends a server-sent event, with either line ending.
@@ -91,19 +92,25 @@ class StreamTap:
         one token per content event.
         """
         info = self.info
-        audio = info.audio_seconds
-        if info.operation in AUDIO_UPLOADS and audio is None:
-            audio = UNKNOWN_AUDIO_SECONDS
+        if info.operation in AUDIO_UPLOADS:
+            # Billed by time when no token usage came: never at text-token rates.
+            audio = info.audio_seconds
+            seconds = (
+                UNKNOWN_AUDIO_SECONDS if audio is None else billed_seconds(audio, measured=True)
+            )
+            return Usage(info.operation, info.model, audio_seconds=seconds, estimated=True)
+        if info.operation is Operation.SPEECH:
+            return Usage(info.operation, info.model, characters=info.characters, estimated=True)
         return Usage(
             info.operation,
             info.model,
             input_tokens=input_tokens_estimate(info.input_chars),
             output_tokens=self._content_events,
-            audio_seconds=audio or Decimal(0),
             characters=info.characters,
             images=info.images,
             image_size=info.image_size,
             image_quality=info.image_quality,
+            service_tier=info.service_tier,
             estimated=True,
         )
 
@@ -146,9 +153,11 @@ class ChatStreamTap(StreamTap):
             self._content_events += 1
             return True
         model = data.get("model")
+        tier = data.get("service_tier")
         self._usage = Usage(
             self.info.operation,
             model if isinstance(model, str) and model else self.info.model,
+            service_tier=tier if isinstance(tier, str) and tier else None,
             **usage_tokens(self.info.operation, usage),
         )
         choices = data.get("choices")
@@ -158,11 +167,65 @@ class ChatStreamTap(StreamTap):
         return self.info.client_wants_usage
 
 
+def _model_of(holder: Mapping[str, Any], info: RequestInfo) -> str:
+    model = holder.get("model")
+    return model if isinstance(model, str) and model else info.model
+
+
+def _responses_usage(info: RequestInfo, data: Mapping[str, Any]) -> Usage | None:
+    response = data.get("response")
+    if not isinstance(response, dict):
+        return None
+    return usage_of_object(info, _model_of(response, info), response)
+
+
+def _top_level_usage(info: RequestInfo, data: Mapping[str, Any]) -> Usage | None:
+    """Usage at the top of the event (transcript.text.done, speech.audio.done)."""
+    usage = data.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    return Usage(info.operation, _model_of(data, info), **usage_tokens(info.operation, usage))
+
+
+def _image_usage(info: RequestInfo, data: Mapping[str, Any]) -> Usage | None:
+    """One finished image of a streamed image request, with its token usage."""
+    usage = data.get("usage")
+    size, quality = data.get("size"), data.get("quality")
+    image = Usage(
+        info.operation,
+        info.model,
+        images=1,
+        image_size=size if isinstance(size, str) else info.image_size,
+        image_quality=quality if isinstance(quality, str) else info.image_quality,
+    )
+    if not isinstance(usage, dict):
+        return image
+    return replace(image, **usage_tokens(info.operation, usage))
+
+
+def _added(total: Usage | None, more: Usage) -> Usage:
+    """Two images' usage as one."""
+    if total is None:
+        return more
+    return replace(
+        total,
+        images=total.images + more.images,
+        input_tokens=total.input_tokens + more.input_tokens,
+        cached_input_tokens=total.cached_input_tokens + more.cached_input_tokens,
+        output_tokens=total.output_tokens + more.output_tokens,
+        image_input_tokens=total.image_input_tokens + more.image_input_tokens,
+        image_output_tokens=total.image_output_tokens + more.image_output_tokens,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class _EventKinds:
-    final: re.Pattern[bytes]  # the event that carries usage
+    final: re.Pattern[bytes]  # an event that carries usage
     content: re.Pattern[bytes]  # an event of produced output
-    usage_under: str | None  # key of the object holding "usage" ("response"), None: top level
+    read: Callable[[RequestInfo, Mapping[str, Any]], Usage | None]
+    # True: every final event is one more item (images), its usage added up;
+    # False: the first final event ends the stream's metering.
+    each_adds: bool = False
 
 
 def _type_pattern(*types: str) -> re.Pattern[bytes]:
@@ -173,20 +236,32 @@ def _type_pattern(*types: str) -> re.Pattern[bytes]:
 _RESPONSES_EVENTS = _EventKinds(
     final=_type_pattern("response.completed", "response.incomplete", "response.failed"),
     content=_type_pattern("response.output_text.delta"),
-    usage_under="response",
+    read=_responses_usage,
 )
 _TRANSCRIPT_EVENTS = _EventKinds(
     final=_type_pattern("transcript.text.done"),
     content=_type_pattern("transcript.text.delta"),
-    usage_under=None,
+    read=_top_level_usage,
+)
+_SPEECH_EVENTS = _EventKinds(
+    final=_type_pattern("speech.audio.done"),
+    content=_type_pattern("speech.audio.delta"),
+    read=_top_level_usage,
+)
+_IMAGE_EVENTS = _EventKinds(
+    final=_type_pattern("image_generation.completed", "image_edit.completed"),
+    content=_type_pattern("image_generation.partial_image", "image_edit.partial_image"),
+    read=_image_usage,
+    each_adds=True,
 )
 
 
 class TypedEventStreamTap(StreamTap):
-    """Streams of typed events (Responses API, audio transcripts): bytes pass untouched.
+    """Streams of typed events (Responses, transcripts, speech, images): bytes pass untouched.
 
-    Only the final event (`response.completed` / `.incomplete` / `.failed`, or
-    `transcript.text.done`) is JSON-parsed for usage.
+    Only a final event (`response.completed` / `.incomplete` / `.failed`,
+    `transcript.text.done`, `speech.audio.done`, `image_generation.completed`)
+    is JSON-parsed for usage.
     """
 
     def __init__(self, info: RequestInfo, kinds: _EventKinds) -> None:
@@ -203,28 +278,16 @@ class TypedEventStreamTap(StreamTap):
         data = _event_json(event)
         if data is None:
             return True
+        usage = kinds.read(self.info, data)
+        if kinds.each_adds:
+            if usage is not None:
+                self._usage = _added(self._usage, usage)
+            self.completed = True
+            return True
         self.completed = True
-        holder = data.get(kinds.usage_under) if kinds.usage_under else data
-        if not isinstance(holder, dict):
-            return True
-        usage = holder.get("usage")
-        if not isinstance(usage, dict):
-            return True
-        model = holder.get("model")
-        self._usage = Usage(
-            self.info.operation,
-            model if isinstance(model, str) and model else self.info.model,
-            audio_seconds=self.info.audio_seconds or Decimal(0),
-            **usage_tokens(self.info.operation, usage),
-        )
+        if usage is not None and self._usage is None:
+            self._usage = usage
         return True
-
-
-class _RequestUsageStreamTap(StreamTap):
-    """Streams whose usage the request tells (speech characters): bytes pass untouched."""
-
-    def usage(self) -> Usage | None:
-        return Usage(self.info.operation, self.info.model, characters=self.info.characters)
 
 
 def stream_tap_for(info: RequestInfo) -> StreamTap:
@@ -236,5 +299,7 @@ def stream_tap_for(info: RequestInfo) -> StreamTap:
     if info.operation in AUDIO_UPLOADS:
         return TypedEventStreamTap(info, _TRANSCRIPT_EVENTS)
     if info.operation is Operation.SPEECH:
-        return _RequestUsageStreamTap(info)
+        return TypedEventStreamTap(info, _SPEECH_EVENTS)
+    if info.operation is Operation.IMAGE:
+        return TypedEventStreamTap(info, _IMAGE_EVENTS)
     return StreamTap(info)

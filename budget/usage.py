@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from decimal import Decimal
+from types import MappingProxyType
 
 from budget.operations import Operation
+
+_NO_TOOL_CALLS: Mapping[str, int] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
 class Usage:
     """What one request used: tokens, audio seconds, speech characters or images.
 
+    Token counts: `input_tokens`, `cached_input_tokens` and `output_tokens` are
+    totals over every modality; the audio and image counts are the parts of
+    them in that modality (`cached_audio_input_tokens` is part of both cached
+    and audio input). `service_tier` is the tier that served the request
+    (None: default); `tool_calls` counts calls of built-in tools billed per
+    call, by price kind ("web_search", "file_search", "code_interpreter").
+
     `estimated` is True when the figures were not read from the upstream's own
-    usage report (a hold, or a stream that ended without usage).
+    usage report (a hold, a stream that ended without usage, a length read from
+    the upload); `source` says the same as text, as the usage event records it.
     """
 
     operation: Operation
@@ -28,6 +40,18 @@ class Usage:
     image_size: str | None = None
     image_quality: str | None = None
     estimated: bool = False
+    audio_input_tokens: int = 0
+    cached_audio_input_tokens: int = 0
+    audio_output_tokens: int = 0
+    image_input_tokens: int = 0
+    image_output_tokens: int = 0
+    service_tier: str | None = None
+    tool_calls: Mapping[str, int] = field(default_factory=lambda: _NO_TOOL_CALLS)
+
+    @property
+    def source(self) -> str:
+        """Where the figures come from: "reported" (by the upstream) or "estimated"."""
+        return "estimated" if self.estimated else "reported"
 
     @property
     def total_tokens(self) -> int:

@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from budget.estimate import estimate_usage
 from budget.money import cost_to_micros, with_uplift
-from budget.operations import Operation, match_endpoint
+from budget.operations import AUDIO_UPLOADS, Operation, match_endpoint
 from budget.pricing import PriceBook, UnpricedModel
 from budget.request import InvalidRequest, RequestInfo, parse_request
 from budget.response import usage_from_response
@@ -171,10 +171,25 @@ class Pricing:
             settings.fallback_model if settings.unpriced_model_policy == "fallback" else None
         )
 
-    def check(self, model: str) -> None:
-        """Refuse a model without a price (policy reject) before anything is forwarded."""
-        if self.fallback is None and self.prices.resolve(model) is None:
-            raise model_not_priced(model)
+    def check(self, model: str, service_tier: str | None = None) -> None:
+        """Refuse a model, or a tier of it, without a price before anything is forwarded.
+
+        A missing model is refused under the reject policy only; a service tier
+        asked for that has no prices is refused under both (the fallback model's
+        tier prices are not this model's).
+        """
+        price = self.prices.resolve(model)
+        if price is None:
+            if self.fallback is None:
+                raise model_not_priced(model)
+            return
+        if price.at_tier(service_tier) is None:
+            raise bad_request(
+                f"The model '{model}' has no '{service_tier}' service tier prices "
+                "configured at this gateway.",
+                code="service_tier_not_priced",
+                param="service_tier",
+            )
 
     def cost_micros(self, usage: Usage, uplift_percent: Decimal = Decimal(0)) -> int:
         """The cost of `usage` plus an upstream's uplift, rounded up once."""
@@ -280,10 +295,15 @@ class MeteringMiddleware:
         practice_id = require_practice(caller)
         body = await read_bounded_body(scope, receive, settings.max_request_body_bytes)
         scope["state"][BODY_CHECKED] = True
+        content_type = Headers(scope=scope).get("content-type", "")
         try:
-            info, forward = parse_request(
-                operation, Headers(scope=scope).get("content-type", ""), body
-            )
+            if operation in AUDIO_UPLOADS:
+                # Reading an upload's length walks its container: off the loop.
+                info, forward = await asyncio.to_thread(
+                    parse_request, operation, content_type, body
+                )
+            else:
+                info, forward = parse_request(operation, content_type, body)
         except InvalidRequest as exc:
             raise bad_request(exc.message, code=exc.code, param=exc.param) from None
         residency = services.residency
@@ -293,7 +313,7 @@ class MeteringMiddleware:
         if not route.upstreams:
             raise no_upstream_serves(route)
         pricing = Pricing(settings)
-        pricing.check(info.model)
+        pricing.check(info.model, info.service_tier)
         estimate = estimate_usage(
             info, default_max_output_tokens=settings.default_max_output_tokens
         )

@@ -31,10 +31,10 @@ from urllib.parse import parse_qs
 
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from gateway.demo import answers, media
+from gateway.demo import answers, audio, media
 from gateway.demo.answers import Answer, Streamed
 from gateway.demo.sse import EventStream, dumps, sse_data
 
@@ -214,20 +214,29 @@ class FakeAzureOpenAI:
             upload = form.get("file")
             if not isinstance(upload, UploadFile):
                 return _azure_error(400, "invalid_request", "file is required")
-            audio = await upload.read()
+            data = await upload.read()
             fmt = str(form.get("response_format") or "json")
             named = str(form.get("model") or "")
+            prompt = str(form.get("prompt") or "")
+            stream = str(form.get("stream") or "false").lower() == "true"
         if deployment is None:
             if named not in self.deployments:
                 return _deployment_not_found()
             deployment = named
         task = "translate" if operation.startswith("audio/translations") else "transcribe"
-        result = media.audio_text(
-            audio, model=self.deployments[deployment], response_format=fmt, task=task
+        result = audio.answer(
+            data,
+            model=self.deployments[deployment],
+            response_format=fmt,
+            task=task,
+            prompt=prompt,
+            stream=stream,
         )
-        if isinstance(result, str):
-            return PlainTextResponse(result)
-        return JSONResponse(result)
+        if isinstance(result, audio.Refused):
+            return _azure_error(result.status, "invalid_request", "Invalid audio file")
+        if isinstance(result, audio.PlainText):
+            return Response(result.body, media_type=result.media_type)
+        return self._respond(result)
 
     def _respond(self, answer: Answer) -> Response:
         if isinstance(answer, Streamed):

@@ -17,11 +17,11 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
-from gateway.demo import answers, media
+from gateway.demo import answers, audio, media
 from gateway.demo.answers import Answer, Streamed, error_body
 from gateway.demo.sse import EventStream, dumps
 
@@ -166,13 +166,20 @@ class FakeUpstream:
             upload = form.get("file")
             if not isinstance(upload, UploadFile):
                 return _error(400, error_body("file is required", type="invalid_request_error"))
-            audio = await upload.read()
-            model = str(form.get("model") or "whisper-1")
-            fmt = str(form.get("response_format") or "json")
-        body = media.audio_text(audio, model=model, response_format=fmt, task=task)
-        if isinstance(body, str):
-            return PlainTextResponse(body)
-        return JSONResponse(body)
+            data = await upload.read()
+            got = audio.answer(
+                data,
+                model=str(form.get("model") or "whisper-1"),
+                response_format=str(form.get("response_format") or "json"),
+                task=task,
+                prompt=str(form.get("prompt") or ""),
+                stream=str(form.get("stream") or "false").lower() == "true",
+            )
+        if isinstance(got, audio.Refused):
+            return _error(got.status, got.body)
+        if isinstance(got, audio.PlainText):
+            return Response(got.body, media_type=got.media_type)
+        return self.respond(got)
 
     async def _transcriptions(self, request: Request) -> Response:
         return await self._audio_text(request, task="transcribe")

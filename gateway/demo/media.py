@@ -1,4 +1,4 @@
-"""What the fake upstream answers to embeddings, audio, images, moderations and models.
+"""What the fake upstream answers to embeddings, speech, images, moderations and models.
 
 Pure functions from a parsed request to OpenAI's wire format, deterministic
 for a given input (embedding vectors are seeded by the text, the image is one
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import math
 import random
 import struct
@@ -18,7 +17,6 @@ from typing import Any
 
 from gateway.demo.answers import CREATED, error_body, tokens_for
 
-TRANSCRIPT = "Dies ist eine Transkription des AzA-Demo-Upstreams."
 MODELS = (
     "gpt-4o-mini",
     "gpt-4o",
@@ -64,55 +62,6 @@ def embeddings(payload: Mapping[str, Any]) -> dict[str, Any]:
         "model": model,
         "usage": {"prompt_tokens": total, "total_tokens": total},
     }
-
-
-def audio_text(audio: bytes, *, model: str, response_format: str, task: str) -> Any:
-    """`POST /v1/audio/{transcriptions,translations}`: the JSON body, or a str for `text`.
-
-    `task` is "transcribe" or "translate"; whisper-1 transcriptions report
-    usage in seconds, the newer transcription models in tokens.
-    """
-    seconds = audio_seconds(audio)
-    text = TRANSCRIPT
-    if response_format == "text":
-        return text + "\n"
-    if response_format == "verbose_json":
-        return {
-            "task": task,
-            "language": "german",
-            "duration": seconds,
-            "text": text,
-            "segments": [
-                {
-                    "id": 0,
-                    "seek": 0,
-                    "start": 0.0,
-                    "end": seconds,
-                    "text": text,
-                    "tokens": [],
-                    "temperature": 0.0,
-                    "avg_logprob": -0.1,
-                    "compression_ratio": 1.0,
-                    "no_speech_prob": 0.0,
-                }
-            ],
-            "usage": {"type": "duration", "seconds": math.ceil(seconds)},
-        }
-    body: dict[str, Any] = {"text": text}
-    if task == "transcribe":
-        if model == "whisper-1":
-            body["usage"] = {"type": "duration", "seconds": math.ceil(seconds)}
-        else:
-            prompt = max(1, round(seconds * 10))
-            out = tokens_for(text)
-            body["usage"] = {
-                "type": "tokens",
-                "input_tokens": prompt,
-                "input_token_details": {"text_tokens": 0, "audio_tokens": prompt},
-                "output_tokens": out,
-                "total_tokens": prompt + out,
-            }
-    return body
 
 
 def speech(payload: Mapping[str, Any]) -> bytes:
@@ -180,16 +129,3 @@ def _vector(text: str, dimensions: int) -> list[float]:
     values = [rng.uniform(-1.0, 1.0) for _ in range(dimensions)]
     norm = math.sqrt(sum(v * v for v in values)) or 1.0
     return [v / norm for v in values]
-
-
-def audio_seconds(audio: bytes) -> float:
-    """The audio's duration: read from its headers, else one second per 16 kB."""
-    try:
-        import mutagen
-
-        info = mutagen.File(io.BytesIO(audio))
-        if info is not None and getattr(info, "info", None) is not None:
-            return round(float(info.info.length), 3)
-    except Exception:  # any unreadable upload falls back to the size rule
-        pass
-    return round(len(audio) / 16_000, 3)

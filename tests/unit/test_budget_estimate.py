@@ -33,9 +33,11 @@ def test_embedding_and_moderation_estimate_no_output() -> None:
 
 
 def test_audio_estimate_uses_duration_or_ten_minutes() -> None:
-    """Transcription holds the file's duration, or 600 s when it could not be read."""
+    """Transcription holds the file's duration to the second, or 600 s when it is unreadable."""
     known = RequestInfo(Operation.TRANSCRIPTION, "whisper-1", audio_seconds=Decimal("1.5"))
-    assert estimate_usage(known, default_max_output_tokens=1).audio_seconds == Decimal("1.5")
+    assert estimate_usage(known, default_max_output_tokens=1).audio_seconds == Decimal(2)
+    short = RequestInfo(Operation.TRANSCRIPTION, "whisper-1", audio_seconds=Decimal("0.2"))
+    assert estimate_usage(short, default_max_output_tokens=1).audio_seconds == Decimal(1)
     unknown = RequestInfo(Operation.TRANSLATION, "whisper-1")
     usage = estimate_usage(unknown, default_max_output_tokens=1)
     assert usage.audio_seconds == 600

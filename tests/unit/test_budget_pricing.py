@@ -1,5 +1,6 @@
 """Pricing usage from config/prices.toml, and plan budgets from config/plans.toml."""
 
+from dataclasses import replace
 from decimal import Decimal
 
 import pytest
@@ -163,3 +164,88 @@ def test_plan_budgets_in_micros() -> None:
     assert PlanBook.from_mapping(
         {"plans": {"x": {"monthly_budget_usd": "0.5"}}}
     ).monthly_budget_micros("x") == (500_000)
+
+
+MODALITIES = PriceBook.from_mapping(
+    {
+        "models": {
+            "m": {
+                "input_per_1m": "1",
+                "cached_input_per_1m": "0.5",
+                "output_per_1m": "4",
+                "audio_input_per_1m": "40",
+                "cached_audio_input_per_1m": "2.5",
+                "audio_output_per_1m": "80",
+                "image_input_per_1m": "10",
+                "priority": {"input_per_1m": "2", "output_per_1m": "8"},
+                "flex": {"input_per_1m": "0.5"},
+            },
+            "text-only": {"input_per_1m": "1", "output_per_1m": "4"},
+        },
+        "tools": {"web_search": "0.01", "code_interpreter": "0.03"},
+    }
+)
+
+
+def test_each_modality_at_its_own_rate() -> None:
+    """1000 in = 100 cached text + 50 cached audio + 250 audio + 100 image + 500 text; 300 out
+    = 200 audio + 100 text: 500x1 + 100x0.5 + 50x2.5 + 250x40 + 100x10 + 100x4 + 200x80."""
+    usage = Usage(
+        Operation.CHAT,
+        "m",
+        input_tokens=1000,
+        cached_input_tokens=150,
+        cached_audio_input_tokens=50,
+        audio_input_tokens=300,
+        image_input_tokens=100,
+        output_tokens=300,
+        audio_output_tokens=200,
+    )
+    expected = Decimal(500 + 50 + 125 + 10_000 + 1000 + 400 + 16_000) / 1_000_000
+    assert MODALITIES.cost_usd(usage) == expected
+
+
+def test_audio_tokens_never_fall_back_to_text_rates() -> None:
+    """A model without audio prices cannot price audio tokens: refused, not billed as text."""
+    usage = Usage(Operation.CHAT, "text-only", input_tokens=100, audio_input_tokens=50)
+    with pytest.raises(UnpricedModel):
+        MODALITIES.cost_usd(usage)
+
+
+def test_service_tier_prices() -> None:
+    """priority doubles what it names; flex changes input only; default and scale are standard;
+    a tier without prices is refused."""
+    base = Usage(Operation.RESPONSES, "m", input_tokens=1000, output_tokens=1000)
+    assert MODALITIES.cost_usd(base) == Decimal("0.005")
+    assert MODALITIES.cost_usd(replace(base, service_tier="priority")) == Decimal("0.010")
+    assert MODALITIES.cost_usd(replace(base, service_tier="flex")) == Decimal("0.0045")
+    assert MODALITIES.cost_usd(replace(base, service_tier="default")) == Decimal("0.005")
+    assert MODALITIES.cost_usd(replace(base, service_tier="scale")) == Decimal("0.005")
+    with pytest.raises(UnpricedModel):
+        MODALITIES.cost_usd(replace(base, service_tier="batch"))
+
+
+def test_tool_calls_are_their_own_price_kind() -> None:
+    """2 web searches x 0.01 + 1 container x 0.03 on top of the tokens; unknown tools refused."""
+    usage = Usage(
+        Operation.RESPONSES,
+        "m",
+        input_tokens=1000,
+        tool_calls={"web_search": 2, "code_interpreter": 1},
+    )
+    assert MODALITIES.cost_usd(usage) == Decimal("0.001") + Decimal("0.05")
+    with pytest.raises(UnpricedModel):
+        MODALITIES.cost_usd(replace(usage, tool_calls={"file_search": 1}))
+
+
+def test_token_billed_transcription() -> None:
+    """gpt-4o-transcribe 217 audio + 7 text in, 13 out: 217x6 + 7x2.5 + 13x10 per 1M."""
+    usage = Usage(
+        Operation.TRANSCRIPTION,
+        "gpt-4o-transcribe",
+        input_tokens=224,
+        audio_input_tokens=217,
+        output_tokens=13,
+    )
+    assert PRICES.cost_usd(usage) == Decimal("0.0014495")
+    assert PRICES.cost_micros(usage) == 1450

@@ -222,10 +222,28 @@ def test_transcription_reads_wav_duration_exactly() -> None:
 
 
 def test_translation_of_unreadable_audio_has_no_duration() -> None:
-    """A file mutagen cannot read gives audio_seconds None; stream=true is read."""
+    """An unreadable file gives audio_seconds None (json answers report usage); stream is read."""
     content_type, raw = multipart({"model": "whisper-1", "stream": "true"}, b"not audio at all")
     info, _ = parse_request(Operation.TRANSLATION, content_type, raw)
-    assert info.audio_seconds is None and info.stream
+    assert info.audio_seconds is None and info.stream and info.response_format == "json"
+
+
+@pytest.mark.parametrize("response_format", ["text", "srt", "vtt"])
+def test_unreadable_audio_without_usage_to_come_is_refused(response_format: str) -> None:
+    """text/srt/vtt answers carry no usage: an unreadable upload cannot be billed, so refused."""
+    content_type, raw = multipart(
+        {"model": "whisper-1", "response_format": response_format}, b"not audio at all"
+    )
+    with pytest.raises(InvalidRequest) as caught:
+        parse_request(Operation.TRANSCRIPTION, content_type, raw)
+    assert (caught.value.code, caught.value.param) == ("audio_duration_unreadable", "file")
+
+
+def test_speech_instructions_count_as_input() -> None:
+    """gpt-4o-mini-tts reads its instructions: 6 input + 12 instruction characters."""
+    raw = body(model="gpt-4o-mini-tts", input="Grüezi", instructions="Sprich ruhig", voice="a")
+    info, _ = parse_request(Operation.SPEECH, JSON, raw)
+    assert info.characters == info.input_chars == 18
 
 
 def test_multipart_errors() -> None:

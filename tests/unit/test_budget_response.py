@@ -90,21 +90,23 @@ def test_transcription_duration_and_token_usage() -> None:
         "gpt-4o-transcribe",
         input_tokens=14,
         output_tokens=45,
-        audio_seconds=Decimal("3.2"),
+        audio_input_tokens=14,
     )
 
 
 def test_text_transcription_uses_file_duration() -> None:
-    """A text/srt answer is charged the file's duration as exact usage; none without it."""
+    """A text/srt answer is charged the file's duration to the second, as an estimate."""
     request = info(Operation.TRANSLATION, "whisper-1", audio_seconds=Decimal("1.5"))
     usage = usage_from_response(request, b"1\n00:00:00,000 --> 00:00:01,500\nHallo\n")
-    assert usage == Usage(Operation.TRANSLATION, "whisper-1", audio_seconds=Decimal("1.5"))
-    assert usage is not None and not usage.estimated
+    assert usage == Usage(
+        Operation.TRANSLATION, "whisper-1", audio_seconds=Decimal(2), estimated=True
+    )
+    assert usage is not None and usage.source == "estimated"
     assert usage_from_response(info(Operation.TRANSLATION, "whisper-1"), b"Hallo") is None
 
 
 def test_speech_counts_request_characters() -> None:
-    """Speech is charged the request's characters; the audio body is ignored."""
+    """Speech is charged the request's characters (what tts-1 bills); the audio body is ignored."""
     usage = usage_from_response(info(Operation.SPEECH, "tts-1", characters=42), b"\xff\xfb\x90")
     assert usage == Usage(Operation.SPEECH, "tts-1", characters=42)
 
