@@ -125,6 +125,19 @@ class StripePort(Protocol):
     async def retrieve_setup_intent(self, setup_intent_id: str) -> SetupIntentResult: ...
 
 
+def signature_matches(payload: str, header: str, secret: str, *, tolerance_seconds: int) -> bool:
+    """Whether a webhook's `Stripe-Signature` header signs `payload` with `secret`.
+
+    Stripe's scheme (HMAC-SHA256 over the timestamp and the raw body), with
+    the timestamp at most `tolerance_seconds` old; a malformed header does not match.
+    """
+    try:
+        stripe.WebhookSignature.verify_header(payload, header, secret, tolerance=tolerance_seconds)
+    except stripe.SignatureVerificationError:
+        return False
+    return True
+
+
 def checkout_params(request: CheckoutRequest) -> dict[str, Any]:
     """Stripe's Checkout Session parameters for `request`."""
     metadata = dict(request.metadata)

@@ -13,12 +13,14 @@ import httpx
 import pytest
 import respx
 
+from credit import card_setup, subscriptions
 from credit.config import CreditDefaults
 from credit.errors import CreditError, WebhookSignatureError
 from credit.ledger import EventType, Status
 from credit.ports import Connection, Database, Row
+from credit.stripe_events import parse_event
 from credit.topup_settings import load_settings
-from credit.webhooks import process_setup_checkout_completed, process_subscription_event
+from credit.webhook_handling import Delivery
 
 from .helpers import (
     PRACTICE,
@@ -478,13 +480,16 @@ async def test_setup_stripe_object_pm_normalized_not_json(db: Database) -> None:
         id = "pm_stripe_obj"
 
     async with db.transaction(lock=PRACTICE) as conn:
-        r = await process_setup_checkout_completed(
+        session = setup_session(
+            "cs_setup_obj", "cus_obj", {"id": "seti_obj", "payment_method": _FakePm()}
+        )
+        r = await card_setup.checkout_completed(
             conn,
-            setup_session(
-                "cs_setup_obj", "cus_obj", {"id": "seti_obj", "payment_method": _FakePm()}
+            Delivery(
+                event=parse_event("evt_obj", "checkout.session.completed", None, session),
+                now=int(time.time()),
+                config=CreditDefaults(),
             ),
-            config=CreditDefaults(),
-            now=int(time.time()),
         )
     assert r.auto_topup_enabled is True
     assert (await _settings(db)).default_payment_method_id == "pm_stripe_obj"
@@ -752,8 +757,13 @@ async def test_same_event_twice_is_idempotent(db: Database) -> None:
     # The handler itself, again with the same event (as if its id had not been recorded).
     sub = json.loads(body)["data"]["object"]
     async with db.transaction(lock="prac_sub") as conn:
-        again = await process_subscription_event(
-            conn, sub, deleted=False, now=int(time.time()), event_created=T
+        again = await subscriptions.subscription_event(
+            conn,
+            Delivery(
+                event=parse_event("evt_again", "customer.subscription.updated", T, sub),
+                now=int(time.time()),
+                config=CreditDefaults(),
+            ),
         )
     assert (again.handled, again.reason) == (True, None)
     assert await license_state(db) == after_delivery
