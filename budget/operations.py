@@ -31,10 +31,13 @@ class Operation(StrEnum):
     MODERATION = "moderation"
     # Forwarded for an authenticated caller, never billed.
     MODELS = "models"
+    # Content kept upstream (stored chat completions): forwarded, never billed,
+    # and only where storage is allowed (zero retention refuses it otherwise).
+    STORED_CONTENT = "stored_content"
 
 
 # Operations that are forwarded without a hold or a usage event.
-UNMETERED = frozenset({Operation.MODELS})
+UNMETERED = frozenset({Operation.MODELS, Operation.STORED_CONTENT})
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +91,12 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("POST", "/v1/moderations", Operation.MODERATION),
     Endpoint("GET", "/v1/models", Operation.MODELS),
     Endpoint("GET", "/v1/models/{model}", Operation.MODELS),
+    # Stored chat completions (OpenAI keeps them when `store` is true).
+    Endpoint("GET", "/v1/chat/completions", Operation.STORED_CONTENT),
+    Endpoint("GET", "/v1/chat/completions/{completion_id}", Operation.STORED_CONTENT),
+    Endpoint("POST", "/v1/chat/completions/{completion_id}", Operation.STORED_CONTENT),
+    Endpoint("DELETE", "/v1/chat/completions/{completion_id}", Operation.STORED_CONTENT),
+    Endpoint("GET", "/v1/chat/completions/{completion_id}/messages", Operation.STORED_CONTENT),
 )
 
 # Static paths are found with one dict lookup (the hot path); templated

@@ -154,6 +154,18 @@ def store_not_allowed(practice_id: str) -> GatewayError:
     )
 
 
+def stored_content_refused() -> GatewayError:
+    return GatewayError(
+        403,
+        "This gateway keeps no content at the upstream (zero retention): routes that read "
+        "or change stored content (stored chat completions) are refused. An operator may "
+        "allow them with AZA_UPSTREAM_STORE=allow, or for one practice on "
+        'PUT /v1/admin/practices/{id}/regions with {"store": "allow"}.',
+        type="permission_error",
+        code="stored_content_disabled",
+    )
+
+
 def model_not_priced(model: str) -> GatewayError:
     return bad_request(
         f"The model '{model}' has no price configured at this gateway.",
@@ -271,8 +283,15 @@ class MeteringMiddleware:
         except ClientGone:
             return
         if admitted is None:
-            # Model listing: authenticated, not metered.
+            # Model listing and stored content: authenticated, not metered.
             practice_id = caller.practice_id
+            if endpoint.operation is Operation.STORED_CONTENT and not (
+                services.residency.store_allowed(practice_id)
+                if practice_id
+                else services.settings.upstream_store_allowed
+            ):
+                await stored_content_refused().send(send, request_id)
+                return
             state[UPSTREAM_ROUTE] = services.router.route(
                 None,
                 services.residency.regions_for(practice_id) if practice_id else None,

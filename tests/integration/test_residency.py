@@ -343,3 +343,22 @@ async def test_regions_route_validates_and_reads_back(residency: Residency) -> N
             url, headers={"authorization": f"Bearer {residency.gateway.key}"}
         )
         assert practice_key.status_code == 403
+
+
+async def test_stored_completions_routes_are_refused_unless_allowed(residency: Residency) -> None:
+    """Listing or reading stored completions is a 403 by default; allowed, it is forwarded."""
+    await residency.pin({"regions": ["eu"]})
+    client = residency.gateway.client()
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        await client.chat.completions.list()
+    body = refused.value.body
+    assert isinstance(body, dict) and body["code"] == "stored_content_disabled"
+    assert "AZA_UPSTREAM_STORE=allow" in body["message"]
+    with pytest.raises(openai.PermissionDeniedError):
+        await client.chat.completions.messages.list("chatcmpl-abc")
+    assert residency.eu.requests == 0
+    await residency.pin({"store": "allow"})
+    with pytest.raises(openai.APIStatusError):
+        await client.chat.completions.retrieve("chatcmpl-abc")  # the fake keeps nothing
+    assert residency.eu.paths == ["/v1/chat/completions/chatcmpl-abc"]
+    assert await residency.gateway.events() == []

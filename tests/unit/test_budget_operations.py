@@ -10,7 +10,7 @@ def test_static_paths_match_their_operation() -> None:
     assert chat.endpoint.metered and dict(chat.params) == {}
     audio = match_endpoint("POST", "/v1/audio/transcriptions")
     assert audio is not None and audio.endpoint.operation is Operation.TRANSCRIPTION
-    assert match_endpoint("GET", "/v1/chat/completions") is None
+    assert match_endpoint("PUT", "/v1/chat/completions") is None
     assert match_endpoint("POST", "/v1/chat/completions/") is None
     assert match_endpoint("POST", "/v1/unknown") is None
 
@@ -33,4 +33,18 @@ def test_routes_are_derived_from_the_table() -> None:
     routes = methods_by_template()
     assert sum(len(methods) for methods in routes.values()) == len(ENDPOINTS)
     assert len({(e.method, e.template) for e in ENDPOINTS}) == len(ENDPOINTS)
-    assert routes["/v1/chat/completions"] == ["POST"]
+    assert routes["/v1/chat/completions"] == ["POST", "GET"]
+
+
+def test_stored_completions_are_unmetered_stored_content() -> None:
+    """Listing and reading stored chat completions: stored content, no hold, no usage event."""
+    for method, path in (
+        ("GET", "/v1/chat/completions"),
+        ("GET", "/v1/chat/completions/chatcmpl-1"),
+        ("POST", "/v1/chat/completions/chatcmpl-1"),
+        ("DELETE", "/v1/chat/completions/chatcmpl-1"),
+        ("GET", "/v1/chat/completions/chatcmpl-1/messages"),
+    ):
+        found = match_endpoint(method, path)
+        assert found is not None and found.endpoint.operation is Operation.STORED_CONTENT
+        assert not found.endpoint.metered

@@ -197,3 +197,12 @@ def test_circuit_breaker_opens_and_half_opens() -> None:
     breaker.success()
     breaker.failure(130.0)
     assert breaker.available(130.0)
+
+
+def test_the_shipped_example_file_is_valid() -> None:
+    """config/upstreams.example.toml reads, given its secrets."""
+    from config import CONFIG_DIR
+
+    env = {"AZURE_OPENAI_KEY_CH": "a", "OPENAI_EU_KEY": "b"}
+    names = [u.name for u in load_upstreams(CONFIG_DIR / "upstreams.example.toml", env)]
+    assert names == ["azure-ch", "openai-eu"]
