@@ -168,7 +168,11 @@ async def test_unknown_paths_are_404_in_the_openai_shape(
     with pytest.raises(openai.NotFoundError) as caught:
         await client.get("/no-such-thing", cast_to=object)
     assert_openai_shape(caught.value.response.json())
-    for method, path in (("POST", "/v1/files"), ("GET", "/v1/chat/completions/abc"), ("GET", "/x")):
+    for method, path in (
+        ("POST", "/v1/files"),
+        ("GET", "/v1/chat/completions/abc/extra"),
+        ("GET", "/x"),
+    ):
         response = await http.request(method, path, content=b"{}")
         assert response.status_code in (404, 405), (method, path)
         assert_openai_shape(response.json())
