@@ -87,6 +87,7 @@ def estimate_usage(info: RequestInfo, *, default_max_output_tokens: int) -> Usag
         info.model,
         input_tokens=input_tokens,
         output_tokens=per_image * images,
+        image_output_tokens=per_image * images,
         images=images,
         image_size=info.image_size,
         image_quality=info.image_quality,

@@ -28,6 +28,8 @@ class Operation(StrEnum):
     TRANSLATION = "translation"
     SPEECH = "speech"
     IMAGE = "image"
+    IMAGE_EDIT = "image_edit"
+    IMAGE_VARIATION = "image_variation"
     MODERATION = "moderation"
     # Forwarded for an authenticated caller, never billed.
     MODELS = "models"
@@ -88,6 +90,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("POST", "/v1/audio/translations", Operation.TRANSLATION),
     Endpoint("POST", "/v1/audio/speech", Operation.SPEECH),
     Endpoint("POST", "/v1/images/generations", Operation.IMAGE),
+    Endpoint("POST", "/v1/images/edits", Operation.IMAGE_EDIT),
+    Endpoint("POST", "/v1/images/variations", Operation.IMAGE_VARIATION),
     Endpoint("POST", "/v1/moderations", Operation.MODERATION),
     Endpoint("GET", "/v1/models", Operation.MODELS),
     Endpoint("GET", "/v1/models/{model}", Operation.MODELS),
@@ -141,6 +145,10 @@ def methods_by_template() -> dict[str, list[str]]:
 
 # Operations whose request is a multipart audio upload.
 AUDIO_UPLOADS = frozenset({Operation.TRANSCRIPTION, Operation.TRANSLATION})
+# Operations that make images (priced per image, or by tokens for gpt-image models).
+IMAGE_OPERATIONS = frozenset({Operation.IMAGE, Operation.IMAGE_EDIT, Operation.IMAGE_VARIATION})
+# Operations whose request is a multipart image upload.
+IMAGE_UPLOADS = frozenset({Operation.IMAGE_EDIT, Operation.IMAGE_VARIATION})
 # Operations whose streamed request gets `stream_options.include_usage`.
 USAGE_INJECTED = frozenset({Operation.CHAT, Operation.COMPLETION})
 # Operations OpenAI may keep content of upstream (`store`): sent `store: false`

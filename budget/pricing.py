@@ -16,7 +16,7 @@ from types import MappingProxyType
 from typing import Any
 
 from budget.money import cost_to_micros, usd_to_micros
-from budget.operations import Operation
+from budget.operations import IMAGE_OPERATIONS, Operation
 from budget.usage import Usage
 
 _PER_MILLION = Decimal(1_000_000)
@@ -69,6 +69,8 @@ class ModelPrice:
     tiers: Mapping[str, ModelPrice] = field(default_factory=lambda: MappingProxyType({}))
     source: str | None = None
     as_of: str | None = None
+    # The built-in tool this model calls once per request (search-preview models).
+    tool_calls_per_request: str | None = None
 
     @property
     def has_token_prices(self) -> bool:
@@ -115,7 +117,7 @@ _SCALAR_PRICES = (
     "per_audio_minute",
     "per_1m_characters",
 )
-_TEXT_KEYS = ("source", "as_of", "retired")
+_TEXT_KEYS = ("source", "as_of", "retired", "tool_calls_per_request")
 
 
 def _scalars(name: str, entry: Mapping[str, Any]) -> dict[str, Decimal]:
@@ -149,6 +151,9 @@ def _model_price(name: str, entry: Any) -> ModelPrice:
         tiers=MappingProxyType(tiers),
         source=str(entry["source"]) if "source" in entry else None,
         as_of=str(entry["as_of"]) if "as_of" in entry else None,
+        tool_calls_per_request=(
+            str(entry["tool_calls_per_request"]) if "tool_calls_per_request" in entry else None
+        ),
     )
 
 
@@ -159,6 +164,7 @@ def _with_scalars(
     tiers: Mapping[str, ModelPrice] | None = None,
     source: str | None = None,
     as_of: str | None = None,
+    tool_calls_per_request: str | None = None,
 ) -> ModelPrice:
     get = scalars.get
     return ModelPrice(
@@ -176,6 +182,7 @@ def _with_scalars(
         tiers=tiers if tiers is not None else MappingProxyType({}),
         source=source,
         as_of=as_of,
+        tool_calls_per_request=tool_calls_per_request,
     )
 
 
@@ -255,11 +262,15 @@ class PriceBook:
         price = base.at_tier(usage.service_tier)
         if price is None:
             raise UnpricedModel(usage.model, f"no {usage.service_tier} tier prices")
-        return _COST.add(self._usage_cost(usage, price), self._tool_cost(usage))
+        return _COST.add(self._usage_cost(usage, price), self._tool_cost(usage, base))
 
-    def _tool_cost(self, usage: Usage) -> Decimal:
+    def _tool_cost(self, usage: Usage, price: ModelPrice) -> Decimal:
+        calls_by_kind = dict(usage.tool_calls)
+        per_request = price.tool_calls_per_request
+        if per_request is not None and usage.operation is Operation.CHAT:
+            calls_by_kind[per_request] = calls_by_kind.get(per_request, 0) + 1
         total = Decimal(0)
-        for kind, calls in usage.tool_calls.items():
+        for kind, calls in calls_by_kind.items():
             if calls:
                 fee = self._tools.get(kind)
                 if fee is None:
@@ -284,7 +295,7 @@ class PriceBook:
         if op is Operation.SPEECH:
             per_1m = _needed(price.per_1m_characters, usage.model, "per_1m_characters")
             return _COST.divide(_COST.multiply(Decimal(usage.characters), per_1m), _PER_MILLION)
-        if op is Operation.IMAGE:
+        if op in IMAGE_OPERATIONS:
             key = f"{usage.image_quality or 'standard'}:{usage.image_size or '1024x1024'}"
             per_image = price.per_image.get(key)
             if per_image is None:

@@ -16,7 +16,13 @@ from typing import Any
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from budget.audio import audio_duration_seconds
-from budget.operations import AUDIO_UPLOADS, STORE_DEFAULTED, USAGE_INJECTED, Operation
+from budget.operations import (
+    AUDIO_UPLOADS,
+    IMAGE_UPLOADS,
+    STORE_DEFAULTED,
+    USAGE_INJECTED,
+    Operation,
+)
 
 # About four characters of English or German text make one token.
 CHARS_PER_TOKEN = 4
@@ -84,6 +90,8 @@ def parse_request(
     """
     if operation in AUDIO_UPLOADS:
         return _parse_audio_upload(operation, content_type, body), body
+    if operation in IMAGE_UPLOADS:
+        return _parse_image_upload(operation, content_type, body), body
     data = _json_object(body)
     model = data.get("model")
     if model is None and operation is Operation.MODERATION:
@@ -273,6 +281,31 @@ def _parse_audio_upload(operation: Operation, content_type: str, body: bytes) ->
         input_chars=len(fields.get("prompt", "")),
         audio_seconds=seconds,
         response_format=response_format,
+    )
+
+
+# The image model OpenAI uses for an edit or variation that names none.
+DEFAULT_IMAGE_UPLOAD_MODEL = "dall-e-2"
+
+
+def _parse_image_upload(operation: Operation, content_type: str, body: bytes) -> RequestInfo:
+    """An image edit or variation: its text fields (the images are forwarded untouched)."""
+    fields, _ = _multipart_fields(content_type, body)
+    model = fields.get("model") or DEFAULT_IMAGE_UPLOAD_MODEL
+    stream_text = fields.get("stream", "false").strip().lower()
+    if stream_text not in ("true", "false"):
+        raise InvalidRequest("stream must be a boolean", param="stream")
+    n_text = fields.get("n", "1").strip() or "1"
+    if not n_text.isdigit() or int(n_text) < 1:
+        raise InvalidRequest("n must be an integer of at least 1", param="n")
+    return RequestInfo(
+        operation=operation,
+        model=model,
+        stream=stream_text == "true",
+        input_chars=len(fields.get("prompt", "")),
+        images=int(n_text),
+        image_size=fields.get("size") or "1024x1024",
+        image_quality=fields.get("quality") or "standard",
     )
 
 

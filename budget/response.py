@@ -10,7 +10,7 @@ from types import MappingProxyType
 from typing import Any, TypedDict
 
 from budget.audio import billed_seconds
-from budget.operations import AUDIO_UPLOADS, Operation
+from budget.operations import AUDIO_UPLOADS, IMAGE_OPERATIONS, Operation
 from budget.request import RequestInfo
 from budget.usage import Usage
 
@@ -43,7 +43,7 @@ def usage_of_object(info: RequestInfo, model: str, data: Mapping[str, Any]) -> U
     """Usage of a response object (also a stream's final one); None when it reports none."""
     op = info.operation
     usage = data.get("usage")
-    if op is Operation.IMAGE:
+    if op in IMAGE_OPERATIONS:
         items = data.get("data")
         image_usage = Usage(
             op,
@@ -166,7 +166,7 @@ def usage_tokens(op: Operation, usage: Mapping[str, Any]) -> _TokenCounts:
     output_tokens = _count(usage, "output_tokens")
     audio_output = output_tokens if op is Operation.SPEECH else 0
     image_output = 0
-    if op is Operation.IMAGE:
+    if op in IMAGE_OPERATIONS:
         out_details = usage.get("output_tokens_details")
         if isinstance(out_details, dict) and "image_tokens" in out_details:
             image_output = _count(out_details, "image_tokens")

@@ -9,7 +9,7 @@ from typing import Any
 
 from budget.audio import billed_seconds
 from budget.estimate import UNKNOWN_AUDIO_SECONDS, input_tokens_estimate
-from budget.operations import AUDIO_UPLOADS, USAGE_INJECTED, Operation
+from budget.operations import AUDIO_UPLOADS, IMAGE_OPERATIONS, USAGE_INJECTED, Operation
 from budget.request import RequestInfo
 from budget.response import exact_json, usage_of_object, usage_tokens
 from budget.usage import Usage
@@ -300,6 +300,6 @@ def stream_tap_for(info: RequestInfo) -> StreamTap:
         return TypedEventStreamTap(info, _TRANSCRIPT_EVENTS)
     if info.operation is Operation.SPEECH:
         return TypedEventStreamTap(info, _SPEECH_EVENTS)
-    if info.operation is Operation.IMAGE:
+    if info.operation in IMAGE_OPERATIONS:
         return TypedEventStreamTap(info, _IMAGE_EVENTS)
     return StreamTap(info)

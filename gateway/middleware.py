@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from budget.estimate import estimate_usage
 from budget.money import cost_to_micros, with_uplift
-from budget.operations import AUDIO_UPLOADS, Operation, match_endpoint
+from budget.operations import AUDIO_UPLOADS, IMAGE_UPLOADS, Operation, match_endpoint
 from budget.pricing import PriceBook, UnpricedModel
 from budget.request import InvalidRequest, RequestInfo, parse_request
 from budget.response import usage_from_response
@@ -316,8 +316,9 @@ class MeteringMiddleware:
         scope["state"][BODY_CHECKED] = True
         content_type = Headers(scope=scope).get("content-type", "")
         try:
-            if operation in AUDIO_UPLOADS:
-                # Reading an upload's length walks its container: off the loop.
+            if operation in AUDIO_UPLOADS or operation in IMAGE_UPLOADS:
+                # Reading an upload's length walks its container, and image
+                # uploads are large multipart bodies: off the loop.
                 info, forward = await asyncio.to_thread(
                     parse_request, operation, content_type, body
                 )

@@ -10,6 +10,7 @@ for it with `stream_options.include_usage`, as OpenAI does.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import math
 from collections.abc import Mapping
@@ -80,19 +81,47 @@ def answer_text(payload: Mapping[str, Any]) -> tuple[str, int, str]:
 # -- chat and completions ---------------------------------------------------
 
 
-def _chat_usage(prompt: int, completion: int, cached_tokens: int) -> dict[str, Any]:
+def _chat_usage(
+    prompt: int, completion: int, cached_tokens: int, audio_in: int = 0, audio_out: int = 0
+) -> dict[str, Any]:
     return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": min(cached_tokens, prompt), "audio_tokens": 0},
+        "prompt_tokens": prompt + audio_in,
+        "completion_tokens": completion + audio_out,
+        "total_tokens": prompt + audio_in + completion + audio_out,
+        "prompt_tokens_details": {
+            "cached_tokens": min(cached_tokens, prompt),
+            "audio_tokens": audio_in,
+        },
         "completion_tokens_details": {
             "reasoning_tokens": 0,
-            "audio_tokens": 0,
+            "audio_tokens": audio_out,
             "accepted_prediction_tokens": 0,
             "rejected_prediction_tokens": 0,
         },
     }
+
+
+# The fake's audio tokens: per input_audio part, and per output text token
+# spoken (audio takes about 8 tokens per token of its transcript).
+AUDIO_TOKENS_PER_INPUT_PART = 120
+AUDIO_TOKENS_PER_SPOKEN_TOKEN = 8
+FAKE_AUDIO = base64.b64encode(b"RIFF fake wav audio").decode()
+
+
+def served_tier(payload: Mapping[str, Any]) -> str:
+    """The tier that serves a request: the one asked for, "default" for auto or none."""
+    tier = payload.get("service_tier")
+    return tier if tier in ("priority", "flex", "scale") else "default"
+
+
+def _input_audio_parts(messages: Any) -> int:
+    count = 0
+    for message in messages if isinstance(messages, list) else []:
+        content = message.get("content") if isinstance(message, Mapping) else None
+        for part in content if isinstance(content, list) else []:
+            if isinstance(part, Mapping) and part.get("type") == "input_audio":
+                count += 1
+    return count
 
 
 def chat_completion(
@@ -106,7 +135,25 @@ def chat_completion(
     prompt = tokens_for("".join(text_of(m.get("content")) for m in payload.get("messages", [])))
     text, completion, finish = answer_text(payload)
     ident = "chatcmpl-" + hashlib.sha256(text.encode() + str(prompt).encode()).hexdigest()[:24]
-    usage = _chat_usage(prompt, completion, cached_tokens)
+    speaks = "audio" in (payload.get("modalities") or [])
+    audio_in = AUDIO_TOKENS_PER_INPUT_PART * _input_audio_parts(payload.get("messages"))
+    audio_out = completion * AUDIO_TOKENS_PER_SPOKEN_TOKEN if speaks else 0
+    usage = _chat_usage(prompt, completion, cached_tokens, audio_in, audio_out)
+    tier = served_tier(payload)
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": text,
+        "refusal": None,
+        "annotations": [],
+    }
+    if speaks:
+        message["content"] = None
+        message["audio"] = {
+            "id": "audio_fake",
+            "data": FAKE_AUDIO,
+            "expires_at": CREATED + 3600,
+            "transcript": text,
+        }
     if not payload.get("stream"):
         return {
             "id": ident,
@@ -116,18 +163,13 @@ def chat_completion(
             "choices": [
                 {
                     "index": 0,
-                    "message": {
-                        "role": "assistant",
-                        "content": text,
-                        "refusal": None,
-                        "annotations": [],
-                    },
+                    "message": message,
                     "logprobs": None,
                     "finish_reason": finish,
                 }
             ],
             "usage": usage,
-            "service_tier": "default",
+            "service_tier": tier,
             "system_fingerprint": "fp_fake",
         }
     include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
@@ -136,7 +178,7 @@ def chat_completion(
         "object": "chat.completion.chunk",
         "created": CREATED,
         "model": model,
-        "service_tier": "default",
+        "service_tier": tier,
         "system_fingerprint": "fp_fake",
     }
 
@@ -152,7 +194,13 @@ def chat_completion(
         return sse_data(body)
 
     chunks = [chunk({"role": "assistant", "content": "", "refusal": None}, None)]
-    chunks += [chunk({"content": word}, None) for word in words(text)]
+    if speaks:
+        chunks += [
+            chunk({"audio": {"id": "audio_fake", "transcript": word}}, None) for word in words(text)
+        ]
+        chunks.append(chunk({"audio": {"id": "audio_fake", "data": FAKE_AUDIO}}, None))
+    else:
+        chunks += [chunk({"content": word}, None) for word in words(text)]
     chunks.append(chunk({}, finish))
     if include_usage and not omit_usage:
         chunks.append(sse_data({**base, "choices": [], "usage": usage}))
@@ -183,6 +231,45 @@ def completion(payload: Mapping[str, Any]) -> Answer:
 # -- responses --------------------------------------------------------------
 
 
+def _tool_call_items(tools: Any, ident: str) -> list[dict[str, Any]]:
+    """One output item per built-in tool the request offers, as if the model called each."""
+    items: list[dict[str, Any]] = []
+    for index, tool in enumerate(tools if isinstance(tools, list) else []):
+        kind = tool.get("type") if isinstance(tool, Mapping) else None
+        item_id = f"{ident}_{index}"
+        if isinstance(kind, str) and kind.startswith("web_search"):
+            items.append(
+                {
+                    "id": "ws_" + item_id,
+                    "type": "web_search_call",
+                    "status": "completed",
+                    "action": {"type": "search", "query": "AzA"},
+                }
+            )
+        elif kind == "file_search":
+            items.append(
+                {
+                    "id": "fs_" + item_id,
+                    "type": "file_search_call",
+                    "status": "completed",
+                    "queries": ["AzA"],
+                    "results": None,
+                }
+            )
+        elif kind == "code_interpreter":
+            items.append(
+                {
+                    "id": "ci_" + item_id,
+                    "type": "code_interpreter_call",
+                    "status": "completed",
+                    "code": "print(1)",
+                    "container_id": "cntr_fake_1",
+                    "outputs": None,
+                }
+            )
+    return items
+
+
 def response(payload: Mapping[str, Any], *, cached_tokens: int = 0) -> Answer:
     """`POST /v1/responses`: one response, or its named events when `stream` is set."""
     model = payload.get("model", "gpt-4o-mini")
@@ -203,6 +290,7 @@ def response(payload: Mapping[str, Any], *, cached_tokens: int = 0) -> Answer:
     }
     ident = "resp_" + hashlib.sha256(input_text.encode()).hexdigest()[:24]
     message_id = "msg_" + ident[5:]
+    tool_items = _tool_call_items(payload.get("tools"), ident)
     part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
     item = {
         "id": message_id,
@@ -230,10 +318,11 @@ def response(payload: Mapping[str, Any], *, cached_tokens: int = 0) -> Answer:
             "top_p": 1.0,
             "text": {"format": {"type": "text"}},
             "usage": usage if with_usage else None,
+            "service_tier": served_tier(payload),
         }
 
     if not payload.get("stream"):
-        return body("completed", [item], True)
+        return body("completed", [*tool_items, item], True)
     where = {"item_id": message_id, "output_index": 0, "content_index": 0}
     events: list[dict[str, Any]] = [
         {"type": "response.created", "response": body("in_progress", [], False)},
@@ -253,7 +342,7 @@ def response(payload: Mapping[str, Any], *, cached_tokens: int = 0) -> Answer:
         {"type": "response.output_text.done", **where, "text": text, "logprobs": []},
         {"type": "response.content_part.done", **where, "part": part},
         {"type": "response.output_item.done", "output_index": 0, "item": item},
-        {"type": "response.completed", "response": body("completed", [item], True)},
+        {"type": "response.completed", "response": body("completed", [*tool_items, item], True)},
     ]
     return Streamed(
         [

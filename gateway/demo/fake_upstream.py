@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
-from gateway.demo import answers, audio, media
+from gateway.demo import answers, audio, images, media
 from gateway.demo.answers import Answer, Streamed, error_body
 from gateway.demo.sse import EventStream, dumps
 
@@ -86,7 +86,12 @@ class FakeUpstream:
                 Route("/v1/audio/transcriptions", self._transcriptions, methods=["POST"]),
                 Route("/v1/audio/translations", self._translations, methods=["POST"]),
                 Route("/v1/audio/speech", self._speech, methods=["POST"]),
-                self._json_route("/v1/images/generations", media.images),
+                self._json_route(
+                    "/v1/images/generations",
+                    lambda body: images.answer(body, kind="generation"),
+                ),
+                Route("/v1/images/edits", self._image_upload, methods=["POST"]),
+                Route("/v1/images/variations", self._image_upload, methods=["POST"]),
                 self._json_route("/v1/moderations", media.moderations),
                 Route("/v1/models", self._models, methods=["GET"]),
                 Route("/v1/models/{model:path}", self._model, methods=["GET"]),
@@ -181,6 +186,20 @@ class FakeUpstream:
             return Response(got.body, media_type=got.media_type)
         return self.respond(got)
 
+    async def _image_upload(self, request: Request) -> Response:
+        """`POST /v1/images/edits` and `/v1/images/variations` (multipart)."""
+        kind = "edit" if request.url.path.endswith("/edits") else "variation"
+        async with request.form() as form:
+            uploads = [
+                value
+                for key, value in form.multi_items()
+                if key in ("image", "image[]") and isinstance(value, UploadFile)
+            ]
+            if not uploads:
+                return _error(400, error_body("image is required", type="invalid_request_error"))
+            fields = {key: value for key, value in form.items() if isinstance(value, str)}
+        return self.respond(images.answer(fields, kind=kind, input_images=len(uploads)))
+
     async def _transcriptions(self, request: Request) -> Response:
         return await self._audio_text(request, task="transcribe")
 
@@ -188,7 +207,10 @@ class FakeUpstream:
         return await self._audio_text(request, task="translate")
 
     async def _speech(self, request: Request) -> Response:
-        return Response(media.speech(await request.json()), media_type="audio/mpeg")
+        payload = await request.json()
+        if payload.get("stream_format") == "sse":
+            return self.respond(Streamed(media.speech_events(payload)))
+        return Response(media.speech(payload), media_type="audio/mpeg")
 
     async def _models(self, request: Request) -> Response:
         return JSONResponse(media.models())

@@ -15,7 +15,9 @@ import struct
 from collections.abc import Mapping
 from typing import Any
 
+from gateway.demo import images as image_answers
 from gateway.demo.answers import CREATED, error_body, tokens_for
+from gateway.demo.sse import sse_event
 
 MODELS = (
     "gpt-4o-mini",
@@ -29,10 +31,6 @@ MODELS = (
     "omni-moderation-latest",
 )
 _EMBEDDING_DIMENSIONS = {"text-embedding-3-large": 3072}
-# One 1x1 transparent PNG: the image every image request gets.
-_PNG = base64.b64decode(
-    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII="
-)
 
 
 def embeddings(payload: Mapping[str, Any]) -> dict[str, Any]:
@@ -64,29 +62,36 @@ def embeddings(payload: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def speech_events(payload: Mapping[str, Any]) -> list[bytes]:
+    """`POST /v1/audio/speech` with `stream_format: "sse"`: audio deltas, then the usage.
+
+    Token-billed models (gpt-4o-mini-tts) report input tokens (the input and
+    the instructions) and audio output tokens (about 8 per token of text).
+    """
+    text = str(payload.get("input", ""))
+    spoken = str(payload.get("instructions") or "") + text
+    audio = base64.b64encode(speech(payload)).decode()
+    out = tokens_for(text) * 8
+    usage = {
+        "input_tokens": tokens_for(spoken),
+        "output_tokens": out,
+        "total_tokens": tokens_for(spoken) + out,
+    }
+    return [
+        sse_event("speech.audio.delta", {"type": "speech.audio.delta", "audio": audio}),
+        sse_event("speech.audio.done", {"type": "speech.audio.done", "usage": usage}),
+    ]
+
+
 def speech(payload: Mapping[str, Any]) -> bytes:
     """`POST /v1/audio/speech`: an MPEG frame header, then filler in proportion to the text."""
     text = str(payload.get("input", ""))
     return b"\xff\xfb\x90\x64" + hashlib.sha256(text.encode()).digest() * (1 + len(text) // 8)
 
 
-def images(payload: Mapping[str, Any]) -> dict[str, Any]:
-    """`POST /v1/images/generations`: `n` PNGs; gpt-image-1 reports token usage."""
-    count = int(payload.get("n") or 1)
-    body: dict[str, Any] = {
-        "created": CREATED,
-        "data": [{"b64_json": base64.b64encode(_PNG).decode()} for _ in range(count)],
-    }
-    if payload.get("model") == "gpt-image-1":
-        prompt = tokens_for(str(payload.get("prompt", "")))
-        out = 272 * count
-        body["usage"] = {
-            "input_tokens": prompt,
-            "input_tokens_details": {"text_tokens": prompt, "image_tokens": 0},
-            "output_tokens": out,
-            "total_tokens": prompt + out,
-        }
-    return body
+def images(payload: Mapping[str, Any]) -> Any:
+    """`POST /v1/images/generations` (see gateway.demo.images)."""
+    return image_answers.answer(payload, kind="generation")
 
 
 def moderations(payload: Mapping[str, Any]) -> dict[str, Any]:

@@ -98,6 +98,7 @@ def test_token_priced_images_use_tokens() -> None:
         "gpt-image-1",
         input_tokens=50,
         output_tokens=4160,
+        image_output_tokens=4160,
         images=1,
         image_size="1024x1024",
         image_quality="high",
