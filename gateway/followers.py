@@ -122,7 +122,8 @@ class Follower:
             if handled >= self.batch:
                 continue  # more may be due at once
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.tick_seconds)
+                async with asyncio.timeout(self.tick_seconds):
+                    await self._wake.wait()
             self._wake.clear()
 
     async def run_once(self) -> int:
