@@ -234,14 +234,18 @@ class PriceBook:
 
     def resolve(self, model: str) -> ModelPrice | None:
         """Price of `model`: exact name, else without a -YYYY-MM-DD date, else without -MMDD."""
+        name = self.resolved_name(model)
+        return None if name is None else self._models[name]
+
+    def resolved_name(self, model: str) -> str | None:
+        """The price entry `model` is priced by (see `resolve`), or None."""
         for candidate in (
             model,
             _DATE_SUFFIX.sub("", model),
             _MMDD_SUFFIX.sub("", model),
         ):
-            price = self._models.get(candidate)
-            if price is not None:
-                return price
+            if candidate in self._models:
+                return candidate
         return None
 
     def cost_usd(self, usage: Usage) -> Decimal:

@@ -19,6 +19,7 @@ from gateway.keys import NEW_KEY_ROLES, KeyRole
 from gateway.settings import ConfigError, Settings
 from gateway.storage import AnyDatabase, migrate, open_database
 from gateway.storage.metering import MeteringStore
+from gateway.storage.price_watch import PriceWatch
 
 T = TypeVar("T")
 
@@ -84,7 +85,42 @@ def _parser() -> argparse.ArgumentParser:
     role_key.add_argument("role", choices=[role.value for role in NEW_KEY_ROLES])
     revoke_key = key_commands.add_parser("revoke", help="revoke a key by its printed prefix")
     revoke_key.add_argument("prefix", help="the key's prefix (aza_ and 6 characters) or hash")
+    prices = commands.add_parser("prices", help="check the price list against what is used")
+    prices_commands = prices.add_subparsers(dest="action", required=True, metavar="ACTION")
+    check = prices_commands.add_parser(
+        "check",
+        help="models seen in usage or refused as unpriced during the last N days, and "
+        "the price entry each resolves to (exit status 1 when one has none)",
+    )
+    check.add_argument("--days", type=int, default=30, help="how far back to look (default 30)")
     return parser
+
+
+async def _prices_check(settings: Settings, args: argparse.Namespace) -> int:
+    if args.days < 1:
+        print("--days must be at least 1", file=sys.stderr)
+        return 2
+
+    async def action(store: MeteringStore, db: AnyDatabase) -> int:
+        seen = await PriceWatch(db).models_seen(args.days)
+        book = settings.prices
+        rows = [("model", "events", "refused", "priced as")]
+        unpriced = 0
+        for model in seen:
+            entry = book.resolved_name(model.model)
+            if entry is None:
+                unpriced += 1
+            rows.append((model.model, str(model.events), str(model.refusals), entry or "-"))
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        for row in rows:
+            print(f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]}")
+        print(
+            f"{len(seen)} models in the last {args.days} days, {unpriced} without a price",
+            file=sys.stderr,
+        )
+        return 1 if unpriced else 0
+
+    return await _with_store(settings, action)
 
 
 async def _with_store(
@@ -292,6 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(_key_revoke(settings, args))
         if command == "key" and args.action == "role":
             return _run(_key_role(settings, args))
+        if command == "prices" and args.action == "check":
+            return _run(_prices_check(settings, args))
     except KeyboardInterrupt:
         return 0
     raise AssertionError(f"unhandled command {command}")

@@ -59,6 +59,7 @@ from gateway.services import Services
 from gateway.settings import Settings
 from gateway.storage.budget_state import BudgetState
 from gateway.storage.holds import Hold
+from gateway.storage.price_watch import PriceWatch
 
 if TYPE_CHECKING:
     from credit.autotopup import AutoTopupOutcome
@@ -333,7 +334,12 @@ class MeteringMiddleware:
         if not route.upstreams:
             raise no_upstream_serves(route)
         pricing = Pricing(settings)
-        pricing.check(info.model, info.service_tier)
+        try:
+            pricing.check(info.model, info.service_tier)
+        except GatewayError:
+            # Off the admitted path: only refusals pay for this write.
+            await _record_refusal(services, info.model)
+            raise
         estimate = estimate_usage(
             info, default_max_output_tokens=settings.default_max_output_tokens
         )
@@ -341,6 +347,7 @@ class MeteringMiddleware:
             # Held at the dearest upstream the request may go to.
             estimate_micros = pricing.cost_micros(estimate, route.max_uplift)
         except UnpricedModel:
+            await _record_refusal(services, info.model)
             raise model_not_priced(info.model) from None
         hold = await self._gate(services, practice_id, request_id, estimate_micros)
         scope["state"][UPSTREAM_ROUTE] = route
@@ -530,6 +537,14 @@ async def _ensure_alert_marks(services: Services, hold: Hold) -> None:
         await alerts.ensure_marks(hold.practice_id, hold.period.start, hold.budget_micros)
     except Exception:
         log.exception("writing the alert marks of practice %s failed", hold.practice_id)
+
+
+async def _record_refusal(services: Services, model: str) -> None:
+    """Count an unpriced refusal for `aza-gateway prices check`; never fails the request."""
+    try:
+        await PriceWatch(services.db).record_refusal(model)
+    except Exception:
+        log.exception("could not record the unpriced refusal of %s", model)
 
 
 def _usage_of(info: RequestInfo, estimate: Usage, watch: _Watch) -> Usage:
