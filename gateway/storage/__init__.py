@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from importlib import resources
 
@@ -59,13 +60,25 @@ async def open_database(
     return db
 
 
+# A migration applies a PostgreSQL function by including its one file, as psql
+# would (`\ir ../../functions/aza_settle.sql`); each file says CREATE OR
+# REPLACE, so a later migration that includes it again brings a changed
+# function to databases made before the change.
+_INCLUDE = re.compile(r"^\\ir \.\./\.\./functions/(\w+\.sql)[ \t]*$", re.MULTILINE)
+
+
+def _with_includes(script: str) -> str:
+    functions = resources.files("gateway.storage") / "functions"
+    return _INCLUDE.sub(lambda m: (functions / m.group(1)).read_text(encoding="utf-8"), script)
+
+
 def _migration_files(dialect: str) -> list[tuple[int, str]]:
     folder = resources.files("gateway.storage") / "migrations" / dialect
     found = []
     for entry in folder.iterdir():
         if entry.name.endswith(".sql"):
             version = int(entry.name.split("_", 1)[0])
-            found.append((version, entry.read_text(encoding="utf-8")))
+            found.append((version, _with_includes(entry.read_text(encoding="utf-8"))))
     return sorted(found)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -123,3 +124,26 @@ async def test_licenses_from_before_the_event_time_column_keep_their_values(
         assert tuple(row) == ("prac_old", "past_due", "aza_pro_monthly", 10, 20, 5, None)
     finally:
         await db.close()
+
+
+def test_each_postgresql_function_is_defined_in_one_file() -> None:
+    """A function is written once: in its own file that migrations include, or in one migration.
+
+    Migration 004 defined the gate and the settle and 005 defined them again
+    in full; now both include `functions/<name>.sql`, the one definition.
+    """
+    storage = Path(__file__).resolve().parents[2] / "gateway" / "storage"
+    defines = re.compile(r"CREATE\s+(?:OR\s+REPLACE\s+)?FUNCTION\s+(\w+)", re.IGNORECASE)
+    where: dict[str, list[str]] = {}
+    files = [*sorted((storage / "migrations").glob("*/*.sql")), *(storage / "functions").glob("*")]
+    for path in files:
+        for name in set(defines.findall(path.read_text(encoding="utf-8"))):
+            where.setdefault(name.lower(), []).append(str(path.relative_to(storage)))
+    assert {name: paths for name, paths in where.items() if len(paths) > 1} == {}
+    for path in (storage / "functions").glob("*"):
+        assert path.suffix == ".sql"
+        assert defines.findall(path.read_text(encoding="utf-8")) == [path.stem], path.name
+    # Each function file is applied by some migration.
+    included = "".join(script for _, script in _migration_files("postgresql"))
+    for path in (storage / "functions").glob("*.sql"):
+        assert path.read_text(encoding="utf-8") in included, path.name
