@@ -44,6 +44,7 @@ from credit.ledger import (
 from credit.money import micros_to_usd, rappen_to_chf
 from credit.policy import ERROR_CODES, Action, AutoTopupFacts, Reason, decide_auto_topup
 from credit.ports import Connection, Database, UniqueViolation
+from credit.receipts import keep_receipt
 from credit.stripe_port import (
     AuthenticationRequired,
     CardDeclined,
@@ -259,6 +260,7 @@ class AutoTopup:
                 "paid_chf": str(settings.topup_amount_chf),
                 "aza_ledger_id": str(ledger_id),
             },
+            receipt_email=email,
             description="AzA KI-Zusatzguthaben (automatisch)",
         )
         return _Charge(ledger_id, key, request, settings.internal_credit_micros)
@@ -291,6 +293,15 @@ class AutoTopup:
                 )
                 entry = await get_entry(conn, ledger_id)
             credited = entry.amount_micros if entry and entry.status == Status.SUCCEEDED else 0
+            if credited and intent.latest_charge_id:
+                await keep_receipt(
+                    self._db,
+                    self._stripe,
+                    practice_id=practice_id,
+                    charge_id=intent.latest_charge_id,
+                    ledger_id=ledger_id,
+                    clock=self._clock,
+                )
             return AutoTopupOutcome(
                 ok=True,
                 charged=True,
@@ -404,6 +415,7 @@ class AutoTopup:
                 "paid_chf": str(rappen_to_chf(paid)),
                 "aza_ledger_id": str(entry.id),
             },
+            receipt_email=entry.customer_email,
             description="AzA KI-Zusatzguthaben (automatisch)",
         )
 

@@ -7,7 +7,7 @@ webhook says it was paid (credit/webhooks.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from credit.config import CreditConfigLike
@@ -59,6 +59,16 @@ def validate_topup_amount(
             "INVALID_TOPUP_AMOUNT",
         )
     return chf
+
+
+def vat_footer(chf: Decimal, config: CreditConfigLike) -> str | None:
+    """The invoice's VAT line: the VAT included in `chf` at the configured rate (Rappen,
+    rounded half up, as Swiss VAT is)."""
+    if config.stripe_tax or config.vat_rate <= 0:
+        return None
+    rate = config.vat_rate
+    vat = (chf * rate / (Decimal(100) + rate)).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
+    return f"Im Betrag von CHF {chf:.2f} enthalten: {rate} % MWST, CHF {vat:.2f}."
 
 
 def _guard_live(mode: Mode) -> None:
@@ -142,8 +152,22 @@ async def create_topup_checkout(
         "internal_credit_usd": str(credit_usd),
         "paid_chf": str(chf),
     }
+    port = _require(stripe)
+    tax_rate_id = None
+    if config.vat_rate > 0 and not config.stripe_tax:
+        try:
+            tax_rate_id = await port.vat_tax_rate(config.vat_rate)
+        except StripeFailure as exc:
+            raise CreditError(
+                503 if isinstance(exc, StripeUnavailable) else 502,
+                "STRIPE_UNAVAILABLE"
+                if isinstance(exc, StripeUnavailable)
+                else "STRIPE_REQUEST_FAILED",
+                f"Stripe refused the VAT tax rate: {exc}",
+                message_user="Die Zahlung konnte nicht vorbereitet werden.",
+            ) from exc
     session = await _create(
-        _require(stripe),
+        port,
         CheckoutRequest(
             mode="payment",
             success_url=success_url or config.topup_success_url,
@@ -154,6 +178,9 @@ async def create_topup_checkout(
             product_name="AzA KI-Zusatzguthaben",
             customer_email=customer_email,
             client_reference_id=practice_id,
+            tax_rate_id=tax_rate_id,
+            automatic_tax=config.stripe_tax,
+            invoice_footer=vat_footer(chf, config),
         ),
     )
     result.update(session_id=session.id, **_urls(session))

@@ -56,6 +56,10 @@ class CreditConfigLike(Protocol):
     def cancel_url(self) -> str: ...
     @property
     def month_timezone(self) -> str: ...
+    @property
+    def vat_rate(self) -> Decimal: ...
+    @property
+    def stripe_tax(self) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,3 +79,5 @@ class CreditDefaults:
     setup_success_url: str = DEFAULT_SETUP_SUCCESS_URL
     cancel_url: str = DEFAULT_CANCEL_URL
     month_timezone: str = DEFAULT_MONTH_TIMEZONE
+    vat_rate: Decimal = Decimal("0")
+    stripe_tax: bool = False

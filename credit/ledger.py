@@ -115,13 +115,15 @@ class LedgerEntry:
     meta: Mapping[str, Any]
     created_at: int
     updated_at: int
+    # The receipt's or invoice's URL Stripe hosts for a paid top-up (migration 011).
+    receipt_url: str | None = None
 
 
 _COLUMNS = (
     "id, practice_id, subscription_id, customer_email, event_type, status, "
     "amount_internal_micro_usd, amount_paid_rappen, currency, stripe_checkout_session_id, "
     "stripe_payment_intent_id, stripe_charge_id, stripe_refund_id, stripe_event_id, "
-    "idempotency_key, meta_json, created_at, updated_at"
+    "idempotency_key, meta_json, created_at, updated_at, receipt_url"
 )
 
 
@@ -148,6 +150,7 @@ def _entry(row: Row) -> LedgerEntry:
         event_id=row["stripe_event_id"],
         idempotency_key=row["idempotency_key"],
         meta=meta if isinstance(meta, dict) else {},
+        receipt_url=row["receipt_url"],
         created_at=int(row["created_at"]),
         updated_at=int(row["updated_at"]),
     )
@@ -400,6 +403,7 @@ def history_item(entry: LedgerEntry) -> dict[str, Any]:
             entry.payment_intent_id or entry.checkout_session_id
         ),
         "failure_reason": entry.meta.get("failure_reason"),
+        "receipt_url": entry.receipt_url,
     }
 
 
@@ -419,3 +423,14 @@ def admin_item(entry: LedgerEntry) -> dict[str, Any]:
         }
     )
     return item
+
+
+async def set_receipt_url(conn: Connection, ledger_id: int, url: str, *, now: int) -> int:
+    """Keep the receipt's (or invoice's) URL of a paid entry; 1 when it was set now."""
+    return await conn.execute(
+        "UPDATE ai_credit_ledger SET receipt_url = ?, updated_at = ? "
+        "WHERE id = ? AND receipt_url IS NULL",
+        url,
+        now,
+        ledger_id,
+    )

@@ -104,6 +104,8 @@ class CheckoutSession:
     setup_intent_id: str | None
     setup_payment_method_id: str | None
     setup_customer_id: str | None
+    # The invoice Checkout made for a paid top-up (invoice_creation), when it did.
+    invoice_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +187,10 @@ def parse_checkout_session(obj: Mapping[str, Any]) -> CheckoutSession:
         setup_intent_id=intent if bare else None,
         setup_payment_method_id=normalize_stripe_id(get(intent, "payment_method"), "pm_"),
         setup_customer_id=normalize_stripe_id(get(intent, "customer"), "cus_"),
+        invoice_id=normalize_stripe_id(
+            get(invoice, "id") if isinstance(invoice := obj.get("invoice"), Mapping) else invoice,
+            "in_",
+        ),
     )
 
 

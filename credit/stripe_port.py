@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Protocol
 
 import stripe
@@ -68,6 +69,8 @@ class PaymentIntentResult:
     customer_id: str | None
     metadata: Mapping[str, str]
     last_error_code: str | None = None
+    # The charge of a paid intent (its receipt_url is the receipt Stripe e-mails).
+    latest_charge_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +102,10 @@ class CheckoutRequest:
     customer_id: str | None = None
     customer_email: str | None = None
     client_reference_id: str | None = None
+    # VAT: a Stripe tax rate (inclusive) on the line, or Stripe Tax computing it.
+    tax_rate_id: str | None = None
+    automatic_tax: bool = False
+    invoice_footer: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +118,8 @@ class PaymentIntentRequest:
     payment_method_id: str = field(repr=False)
     metadata: Mapping[str, str]
     description: str
+    # Stripe e-mails its receipt of the charge here (the license's e-mail).
+    receipt_email: str | None = None
 
 
 class StripePort(Protocol):
@@ -123,6 +132,21 @@ class StripePort(Protocol):
     async def retrieve_payment_intent(self, payment_intent_id: str) -> PaymentIntentResult: ...
 
     async def retrieve_setup_intent(self, setup_intent_id: str) -> SetupIntentResult: ...
+
+    async def vat_tax_rate(self, percentage: Decimal) -> str:
+        """The id of an inclusive Swiss VAT tax rate of `percentage` (made once, then kept)."""
+        ...
+
+    async def receipt_url(
+        self,
+        *,
+        invoice_id: str | None = None,
+        payment_intent_id: str | None = None,
+        charge_id: str | None = None,
+    ) -> str | None:
+        """The invoice's hosted URL, else the receipt URL of the charge (given, or the
+        payment intent's latest)."""
+        ...
 
 
 def signature_matches(payload: str, header: str, secret: str, *, tolerance_seconds: int) -> bool:
@@ -169,6 +193,16 @@ def checkout_params(request: CheckoutRequest) -> dict[str, Any]:
         # The PaymentIntent carries the same metadata, so its own webhook can
         # be matched (and deduplicated) against the session's.
         params["payment_intent_data"] = {"metadata": metadata}
+        # A paid top-up gets an invoice (Stripe hosts it, and e-mails it with
+        # the receipt) that a practice can book; the ledger keeps its URL.
+        invoice_data: dict[str, Any] = {"metadata": metadata}
+        if request.invoice_footer:
+            invoice_data["footer"] = request.invoice_footer
+        params["invoice_creation"] = {"enabled": True, "invoice_data": invoice_data}
+        if request.automatic_tax:
+            params["automatic_tax"] = {"enabled": True}
+        elif request.tax_rate_id:
+            params["line_items"][0]["tax_rates"] = [request.tax_rate_id]
     else:
         params["currency"] = request.currency
         params["setup_intent_data"] = {"metadata": metadata}
@@ -197,6 +231,10 @@ def payment_intent_result(obj: Mapping[str, Any]) -> PaymentIntentResult:
         last_error_code=(last_error.get("decline_code") or last_error.get("code"))
         if isinstance(last_error, Mapping)
         else None,
+        latest_charge_id=normalize_stripe_id(
+            charge.get("id") if isinstance(charge := obj.get("latest_charge"), Mapping) else charge,
+            "ch_",
+        ),
     )
 
 
@@ -233,6 +271,7 @@ class StripeClientAdapter:
     ) -> None:
         # The key lives only inside the client; this object's repr shows none of it.
         self._http = stripe.HTTPXClient(timeout=timeout_seconds)
+        self._tax_rates: dict[Decimal, str] = {}
         self._client = stripe.StripeClient(
             api_key,
             http_client=self._http,
@@ -268,6 +307,8 @@ class StripeClientAdapter:
             "description": request.description,
             "metadata": dict(request.metadata),
         }
+        if request.receipt_email:
+            params["receipt_email"] = request.receipt_email
         try:
             intent = await self._client.v1.payment_intents.create_async(
                 params, {"idempotency_key": idempotency_key}
@@ -296,3 +337,50 @@ class StripeClientAdapter:
             payment_method_id=normalize_stripe_id(intent.get("payment_method"), "pm_"),
             metadata=_str_map(intent.get("metadata")),
         )
+
+    async def vat_tax_rate(self, percentage: Decimal) -> str:
+        known = self._tax_rates.get(percentage)
+        if known is not None:
+            return known
+        params: Any = {
+            "display_name": "MWST",
+            "description": f"Mehrwertsteuer {percentage} %",
+            "percentage": str(percentage),
+            "inclusive": True,
+            "country": "CH",
+            "jurisdiction": "CH",
+            "tax_type": "vat",
+        }
+        try:
+            rate = await self._client.v1.tax_rates.create_async(
+                params, {"idempotency_key": f"aza-vat-ch-{percentage}"}
+            )
+        except stripe.StripeError as exc:
+            raise _translate(exc) from exc
+        self._tax_rates[percentage] = str(rate.id)
+        return str(rate.id)
+
+    async def receipt_url(
+        self,
+        *,
+        invoice_id: str | None = None,
+        payment_intent_id: str | None = None,
+        charge_id: str | None = None,
+    ) -> str | None:
+        try:
+            if invoice_id:
+                invoice = (await self._client.v1.invoices.retrieve_async(invoice_id)).to_dict()
+                url = invoice.get("hosted_invoice_url")
+                if isinstance(url, str) and url:
+                    return url
+            if charge_id is None and payment_intent_id:
+                intent = await self._client.v1.payment_intents.retrieve_async(payment_intent_id)
+                charge_id = payment_intent_result(intent.to_dict()).latest_charge_id
+            if charge_id:
+                charge = (await self._client.v1.charges.retrieve_async(charge_id)).to_dict()
+                url = charge.get("receipt_url")
+                if isinstance(url, str) and url:
+                    return url
+        except stripe.StripeError as exc:
+            raise _translate(exc) from exc
+        return None

@@ -29,7 +29,16 @@ from credit.config import CreditConfigLike
 from credit.errors import CreditError, WebhookSignatureError
 from credit.licenses import practice_of_subscription
 from credit.ports import Database, UniqueViolation
-from credit.stripe_events import Charge, StripeEvent, Subscription, get, parse_event
+from credit.receipts import keep_receipt
+from credit.stripe_events import (
+    Charge,
+    CheckoutSession,
+    PaymentIntent,
+    StripeEvent,
+    Subscription,
+    get,
+    parse_event,
+)
 from credit.stripe_port import (
     SetupIntentResult,
     StripePort,
@@ -155,6 +164,30 @@ class WebhookHandler:
                     return value
         return f"stripe-event:{event.id}"
 
+    async def _keep_receipt(self, event: StripeEvent) -> None:
+        """After a paid top-up is credited: its invoice's or receipt's URL into its entry."""
+        obj = event.object
+        if event.practice_id is None or event.purpose not in (PURPOSE_TOPUP, PURPOSE_AUTO_TOPUP):
+            return
+        if isinstance(obj, CheckoutSession):
+            await keep_receipt(
+                self._db,
+                self._stripe,
+                practice_id=event.practice_id,
+                checkout_session_id=obj.id,
+                payment_intent_id=obj.payment_intent_id,
+                invoice_id=obj.invoice_id,
+                clock=self._clock,
+            )
+        elif isinstance(obj, PaymentIntent):
+            await keep_receipt(
+                self._db,
+                self._stripe,
+                practice_id=event.practice_id,
+                payment_intent_id=obj.id,
+                clock=self._clock,
+            )
+
     async def handle(self, payload: bytes, signature: str | None) -> dict[str, Any]:
         event = self._verify(payload, signature)
         retrieved = await self._prefetch(event)
@@ -187,6 +220,8 @@ class WebhookHandler:
                 if attempt:
                     raise
                 continue
+            if result.credited:
+                await self._keep_receipt(event)
             return {
                 **answer,
                 "duplicate": False,

@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from budget.pricing import PlanBook, PriceBook
 from config import CONFIG_DIR
+from gateway.messages import LANGUAGES, Language
 
 if TYPE_CHECKING:
     from gateway.upstreams_config import UpstreamConfig
@@ -88,6 +89,11 @@ class CreditConfig:
     setup_success_url: str = "https://aza-medwork.ch/ki-topup-setup-success/"
     cancel_url: str = "https://aza-medwork.ch"
     month_timezone: str = "Europe/Zurich"  # the auto top-up limit's calendar month
+    # VAT in percent included in every top-up's CHF price (8.1: Swiss standard
+    # rate), shown on the Checkout invoice and receipts; 0: none. With
+    # stripe_tax, Stripe Tax computes it instead (the operator enables it in Stripe).
+    vat_rate: Decimal = Decimal("0")
+    stripe_tax: bool = False
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> CreditConfig:
@@ -123,7 +129,7 @@ class Settings:
     max_request_body_bytes: int = 26_738_688
     unpriced_model_policy: Literal["reject", "fallback"] = "reject"
     fallback_model: str = "gpt-4o"
-    user_language: Literal["de", "en"] = "de"
+    user_language: Language = "de"
     default_max_output_tokens: int = 1024
     hold_ttl_seconds: int = 900
     period_grace_seconds: int = 172_800
@@ -155,6 +161,13 @@ class Settings:
     # log line and a write per request cost more CPU than the gateway's own
     # work on a short request, and /metrics already counts requests.
     access_log: bool = False
+    # The console's session cookies are signed with this (AZA_CONSOLE_SECRET);
+    # empty: a random secret per process (sign-ins end at a restart, and
+    # several instances need one secret of their own to share sessions).
+    console_secret: Secret = Secret("")
+    # Where people reach the gateway (AZA_PUBLIC_URL, e.g. https://ai.praxis.ch):
+    # Stripe Checkout returns there; by default the console's own request URL.
+    public_url: str | None = None
     prices: PriceBook = field(default_factory=lambda: PriceBook.load(CONFIG_DIR / "prices.toml"))
     plans: PlanBook = field(default_factory=lambda: PlanBook.load(CONFIG_DIR / "plans.toml"))
     credit: CreditConfig = field(default_factory=CreditConfig)
@@ -200,12 +213,16 @@ class Settings:
         if synchronous not in ("NORMAL", "FULL"):
             raise ConfigError(f"AZA_SQLITE_SYNCHRONOUS must be NORMAL or FULL, not {synchronous!r}")
         language = env.get("AZA_USER_LANGUAGE", gw.get("user_language", "de"))
-        if language not in ("de", "en"):
-            raise ConfigError(f"AZA_USER_LANGUAGE must be de or en, not {language!r}")
+        if language not in LANGUAGES:
+            raise ConfigError(f"AZA_USER_LANGUAGE must be de, fr, it or en, not {language!r}")
         credit = CreditConfig.from_mapping(defaults.get("credit", {}))
         smtp_url = env.get("AZA_SMTP_URL", "")
         if smtp_url and not smtp_url.startswith(("smtp://", "smtp+starttls://", "smtps://")):
             raise ConfigError("AZA_SMTP_URL must start with smtp://, smtp+starttls:// or smtps://")
+        if not Decimal(0) <= credit.vat_rate < Decimal(100):
+            raise ConfigError(
+                f"[credit] vat_rate must be a percent from 0 to 100, not {credit.vat_rate}"
+            )
         try:
             ZoneInfo(credit.month_timezone)
         except (ZoneInfoNotFoundError, ValueError):
@@ -282,6 +299,8 @@ class Settings:
             alert_max_attempts=_int(env, "AZA_ALERT_MAX_ATTEMPTS", 12),
             log_level=env.get("AZA_LOG_LEVEL", "info"),
             access_log=_flag(env, "AZA_ACCESS_LOG", False),
+            console_secret=Secret(env.get("AZA_CONSOLE_SECRET", "")),
+            public_url=(env.get("AZA_PUBLIC_URL") or "").rstrip("/") or None,
             prices=PriceBook.load(folder / "prices.toml"),
             plans=PlanBook.load(folder / "plans.toml"),
             credit=credit,

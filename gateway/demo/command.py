@@ -1,15 +1,19 @@
 """`aza-gateway demo`: the whole gateway on one port, with a built-in fake upstream.
 
 An embedded SQLite database in a temporary folder, one demo practice with an
-active license for the current month and a fresh gateway key, and the fake
-OpenAI upstream (gateway.demo.fake_upstream) served under `/_fake-upstream` on
-the same port, reached by the gateway over real loopback HTTP like the real
-OpenAI API would be. Nothing outside the temporary folder is written.
+active license for the current month, a client key and an admin key, the
+fake OpenAI upstream (gateway.demo.fake_upstream) served under
+`/_fake-upstream` and the Stripe stand-in (gateway.demo.stripe_standin) under
+`/_stripe` on the same port, both reached by the gateway over real loopback
+HTTP like the real APIs would be. The console at /console/ can buy credit,
+save a card and top up automatically against the stand-in. Nothing outside
+the temporary folder is written, and no money moves.
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import sys
 import tempfile
 import time
@@ -22,6 +26,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from budget.license import calendar_month
 from gateway.app import create_app
 from gateway.demo.fake_upstream import FAKE_UPSTREAM_KEY, FakeUpstream
+from gateway.demo.stripe_standin import StripeStandIn
+from gateway.keys import KeyRole
 from gateway.settings import Secret, Settings
 from gateway.storage import open_database
 from gateway.storage.metering import MeteringStore
@@ -29,23 +35,31 @@ from gateway.storage.metering import MeteringStore
 DEMO_PRACTICE = "demo-practice"
 DEMO_PLAN = "aza_basic_monthly"
 FAKE_PREFIX = "/_fake-upstream"
+STRIPE_PREFIX = "/_stripe"
+# The stand-in's key: a test-mode key, so nothing could ever be charged with it.
+DEMO_STRIPE_KEY = "sk_test_aza_demo_standin"
 
 
 class _WithFakeUpstream:
-    """Dispatch `/_fake-upstream/…` to the fake upstream and everything else to the gateway."""
+    """Dispatch `/_fake-upstream/…` to the fake upstream, `/_stripe/…` to the Stripe
+    stand-in (when given) and everything else to the gateway."""
 
-    def __init__(self, gateway: ASGIApp, fake: ASGIApp) -> None:
+    def __init__(self, gateway: ASGIApp, fake: ASGIApp, stripe: ASGIApp | None = None) -> None:
         self.gateway = gateway
-        self.fake = fake
+        self.mounts = [(FAKE_PREFIX, fake)]
+        if stripe is not None:
+            self.mounts.append((STRIPE_PREFIX, stripe))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
-        if scope["type"] == "http" and path.startswith(FAKE_PREFIX + "/"):
-            inner = dict(scope)
-            inner["path"] = path[len(FAKE_PREFIX) :]
-            inner["raw_path"] = inner["path"].encode()
-            await self.fake(inner, receive, send)
-            return
+        if scope["type"] == "http":
+            for prefix, app in self.mounts:
+                if path.startswith(prefix + "/"):
+                    inner = dict(scope)
+                    inner["path"] = path[len(prefix) :]
+                    inner["raw_path"] = inner["path"].encode()
+                    await app(inner, receive, send)
+                    return
         await self.gateway(scope, receive, send)
 
 
@@ -54,17 +68,34 @@ def _connect_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
-def demo_settings(base: Settings, *, host: str, port: int, database_url: str) -> Settings:
-    """`base` pointed at the built-in fake upstream and the demo database; no Stripe."""
+def demo_settings(
+    base: Settings, *, host: str, port: int, database_url: str, webhook_secret: str
+) -> Settings:
+    """`base` pointed at the built-in fake upstream, the Stripe stand-in and the demo
+    database; top-ups are real calls to the stand-in (not a dry run)."""
+    root = f"http://{_connect_host(host)}:{port}"
     return replace(
         base,
-        upstream_base_url=f"http://{_connect_host(host)}:{port}{FAKE_PREFIX}/v1",
+        upstream_base_url=f"{root}{FAKE_PREFIX}/v1",
         upstream_api_key=Secret(FAKE_UPSTREAM_KEY),
         upstream_timeout_seconds=30.0,
         database_url=database_url,
-        stripe_secret_key=Secret(""),
-        stripe_webhook_secret=Secret(""),
-        auto_topup_enabled=False,
+        stripe_secret_key=Secret(DEMO_STRIPE_KEY),
+        stripe_webhook_secret=Secret(webhook_secret),
+        stripe_api_base=root + STRIPE_PREFIX,
+        topup_dry_run=False,
+        topup_allow_live=False,
+        auto_topup_enabled=True,
+    )
+
+
+def stripe_standin_for(settings: Settings, *, host: str, port: int) -> StripeStandIn:
+    """The stand-in serving `settings`' Stripe calls, sending webhooks to this gateway."""
+    root = f"http://{_connect_host(host)}:{port}"
+    return StripeStandIn(
+        webhook_secret=settings.stripe_webhook_secret.reveal(),
+        webhook_url=root + "/v1/stripe/webhook",
+        base_url=root + STRIPE_PREFIX,
     )
 
 
@@ -82,7 +113,11 @@ async def run_demo(base: Settings, *, host: str, port: int, out: TextIO = sys.st
     """Serve the demo until interrupted."""
     with tempfile.TemporaryDirectory(prefix="aza-demo-") as folder:
         settings = demo_settings(
-            base, host=host, port=port, database_url=f"sqlite:///{folder}/demo.sqlite"
+            base,
+            host=host,
+            port=port,
+            database_url=f"sqlite:///{folder}/demo.sqlite",
+            webhook_secret="whsec_" + secrets.token_urlsafe(24),
         )
         db = await open_database(settings.database_url)
         try:
@@ -97,8 +132,15 @@ async def run_demo(base: Settings, *, host: str, port: int, out: TextIO = sys.st
                 period_end=period.end,
                 customer_email="demo@example.invalid",
             )
-            key = await metering.create_key(DEMO_PRACTICE, label="demo")
-            app = _WithFakeUpstream(create_app(settings, database=db), FakeUpstream())
+            key = await metering.create_key(DEMO_PRACTICE, label="demo device")
+            admin_key = await metering.create_key(
+                DEMO_PRACTICE, label="demo admin", role=KeyRole.ADMIN
+            )
+            app = _WithFakeUpstream(
+                create_app(settings, database=db),
+                FakeUpstream(),
+                stripe_standin_for(settings, host=host, port=port).app,
+            )
             config = uvicorn.Config(
                 app, host=host, port=port, log_level="warning", ws="none", lifespan="on"
             )
@@ -118,6 +160,9 @@ async def run_demo(base: Settings, *, host: str, port: int, out: TextIO = sys.st
                 f"Demo practice: {DEMO_PRACTICE} "
                 f"(plan {DEMO_PLAN}, {budget_usd:g} USD this month)\n"
                 f"Gateway key: {key}\n"
+                f"Admin key: {admin_key}\n"
+                f"Console: http://{_connect_host(host)}:{port}/console/ "
+                "(sign in with the admin key; payments go to a local Stripe stand-in)\n"
                 "\nPoint the official openai Python SDK at it:\n\n"
                 f"{instructions(base_url, key)}\n"
                 "\nPress Ctrl+C to stop.",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from starlette.routing import BaseRoute
 
+from gateway.console import routes as console
 from gateway.routes import admin, alerts, credit, health, residency, stripe_webhook, usage
 
 
@@ -17,4 +18,5 @@ def all_routes() -> list[BaseRoute]:
         *admin.routes,
         *residency.routes,
         *stripe_webhook.routes,
+        *console.routes,
     ]

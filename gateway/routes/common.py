@@ -16,9 +16,11 @@ from starlette.responses import JSONResponse, Response
 from credit.ports import DatabaseUnavailable
 from gateway.auth import Caller, require_admin, require_practice
 from gateway.errors import GatewayError, bad_request, forbidden, unavailable, unprocessable
+from gateway.messages import credit_user_message
 
 if TYPE_CHECKING:
     from gateway.services import Services
+    from gateway.settings import Settings
 
 log = logging.getLogger("aza.routes")
 
@@ -30,9 +32,20 @@ def services_of(request: Request) -> Services:
     return services
 
 
-def credit_error(exc: Exception) -> GatewayError:
-    """A `credit.service.CreditError` as the client sees it."""
+def credit_error(exc: Exception, settings: Settings | None = None) -> GatewayError:
+    """A `credit.service.CreditError` as the client sees it, `message_user` in the
+    configured language."""
     status = int(getattr(exc, "status", 400))
+    message_user = getattr(exc, "message_user", None)
+    if settings is not None:
+        message_user = credit_user_message(
+            getattr(exc, "error_code", None),
+            getattr(exc, "param", None),
+            settings.user_language,
+            german=message_user,
+            min_chf=settings.credit.min_topup_chf,
+            max_chf=settings.credit.max_topup_chf,
+        )
     return GatewayError(
         status,
         str(getattr(exc, "message", None) or exc),
@@ -40,7 +53,7 @@ def credit_error(exc: Exception) -> GatewayError:
         code=str(getattr(exc, "error_code", "credit_error")).lower(),
         param=getattr(exc, "param", None),
         error_code=getattr(exc, "error_code", None),
-        message_user=getattr(exc, "message_user", None),
+        message_user=message_user,
     )
 
 
@@ -58,7 +71,8 @@ def endpoint(handler: Handler) -> Handler:
         except GatewayError as exc:
             return exc.response(request_id)
         except CreditError as exc:
-            return credit_error(exc).response(request_id)
+            settings = getattr(getattr(request.app.state, "services", None), "settings", None)
+            return credit_error(exc, settings).response(request_id)
         except DatabaseUnavailable:
             log.warning("database unavailable", extra={"request_id": request_id})
             return unavailable().response(request_id)

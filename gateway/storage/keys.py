@@ -83,11 +83,15 @@ class KeyStore:
 
     async def identify_key(self, raw_key: str) -> KeyIdentity | None:
         """The practice and role of a (not revoked) gateway key; None for any other string."""
+        return await self.identify_key_hash(hash_key(raw_key))
+
+    async def identify_key_hash(self, key_hash: str) -> KeyIdentity | None:
+        """Like `identify_key`, by the key's hash (the console's session holds only that)."""
         async with self.db.read() as conn:
             row = await conn.fetchone(
                 "SELECT practice_id, role FROM gateway_keys "
                 "WHERE key_hash = ? AND revoked_at IS NULL",
-                hash_key(raw_key),
+                key_hash,
             )
         if row is None:
             return None

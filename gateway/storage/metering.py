@@ -104,6 +104,7 @@ class MeteringStore:
         self.set_key_role = self.keys.set_key_role
         self.revoke_key = self.keys.revoke_key
         self.identify_key = self.keys.identify_key
+        self.identify_key_hash = self.keys.identify_key_hash
         self.practice_for_key = self.keys.practice_for_key
         self.list_keys = self.keys.list_keys
         self.sweep_expired_holds = self.upkeep.sweep_expired_holds

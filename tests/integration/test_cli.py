@@ -13,6 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -102,13 +103,21 @@ def test_demo_mode_answers_the_sdk_with_the_printed_key(tmp_path: Path) -> None:
     try:
         assert process.stdout is not None
         found: list[str] = []
+        printed: dict[str, str] = {}
 
         def read_key() -> None:
             assert process.stdout is not None
             for line in process.stdout:
-                match = re.match(r"Gateway key: (aza_\S+)", line)
-                if match:
-                    found.append(match.group(1))
+                for name, pattern in (
+                    ("client", r"Gateway key: (aza_\S+)"),
+                    ("admin", r"Admin key: (aza_\S+)"),
+                    ("console", r"Console: (http\S+)"),
+                ):
+                    match = re.match(pattern, line)
+                    if match:
+                        printed[name] = match.group(1)
+                if len(printed) == 3:
+                    found.append(printed["client"])
                     return
 
         reader = threading.Thread(target=read_key, daemon=True)
@@ -123,6 +132,25 @@ def test_demo_mode_answers_the_sdk_with_the_printed_key(tmp_path: Path) -> None:
             )
         assert completion.choices[0].message.content
         assert completion.usage is not None and completion.usage.total_tokens > 0
+
+        # Buying credit through the demo's Stripe stand-in: its checkout page's Pay sends
+        # the signed webhook, and the credit is there.
+        assert printed["console"] == f"http://127.0.0.1:{port}/console/"
+        admin = {"Authorization": f"Bearer {printed['admin']}"}
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=20) as http:
+            assert http.get(printed["console"]).status_code == 200
+            checkout = http.post("/v1/ai-credit/topup/checkout", headers=admin, json={})
+            assert checkout.status_code == 200, checkout.text
+            url = checkout.json()["checkout_url"]
+            assert url.startswith(f"http://127.0.0.1:{port}/_stripe/checkout/cs_")
+            page = http.get(url)
+            assert "CHF 30.00" in page.text
+            paid = http.post(url + "/pay")
+            assert paid.status_code == 303
+            budget = http.get("/v1/ai-credit/budget", headers=admin).json()
+            assert budget["extra_credit_remaining_usd"] == 10.0
+            [entry] = http.get("/v1/ai-credit/history", headers=admin).json()["items"]
+            assert entry["receipt_url"].startswith(f"http://127.0.0.1:{port}/_stripe/receipts/in_")
     finally:
         process.terminate()
         process.wait(timeout=15)

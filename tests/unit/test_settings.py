@@ -43,7 +43,7 @@ def test_an_unknown_month_zone_is_refused_at_start(tmp_path: Path, zone: str) ->
 @pytest.mark.parametrize(
     ("env", "named"),
     [
-        ({"AZA_USER_LANGUAGE": "fr"}, "AZA_USER_LANGUAGE"),
+        ({"AZA_USER_LANGUAGE": "rm"}, "AZA_USER_LANGUAGE"),
         ({"AZA_SQLITE_SYNCHRONOUS": "OFF"}, "AZA_SQLITE_SYNCHRONOUS"),
         ({"AZA_GATE_LEASE_REQUESTS": "many"}, "AZA_GATE_LEASE_REQUESTS"),
     ],

@@ -1,0 +1,1 @@
+"""The practice console at /console/ for a practice's admins (see gateway/console/routes.py)."""
