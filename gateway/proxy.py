@@ -350,7 +350,8 @@ class Proxy:
         if upstreams[0].config.kind == "azure" or len(upstreams) > 1:
             content_type = Headers(scope=scope).get("content-type", "")
         for index, upstream in enumerate(upstreams):
-            now = time.monotonic()
+            # The breaker's clock; the upstream of AZA_UPSTREAM_BASE_URL has no breaker.
+            now = time.monotonic() if upstream.region is not None else 0.0
             final = index == last or tries + 1 >= MAX_TRIES
             if upstream.region is not None and not upstream.breaker.available(now):
                 upstream.stats.error("breaker_open")

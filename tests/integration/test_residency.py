@@ -362,3 +362,69 @@ async def test_stored_completions_routes_are_refused_unless_allowed(residency: R
         await client.chat.completions.retrieve("chatcmpl-abc")  # the fake keeps nothing
     assert residency.eu.paths == ["/v1/chat/completions/chatcmpl-abc"]
     assert await residency.gateway.events() == []
+
+
+async def test_connect_failover_and_the_breaker(
+    start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    """ch-down refuses connections: ch-up answers every request; after 3 failures ch-down is
+    skipped (its breaker open), and each request is charged once."""
+    ch_up = FakeAzureOpenAI(deployments={"mini": "gpt-4o-mini"})
+    async with serve(ch_up) as up_url:
+        path = tmp_path / "upstreams.toml"
+        table = (
+            '[[upstream]]\nname = "{name}"\nkind = "azure"\nbase_url = "{url}"\n'
+            'api_key_env = "K"\napi_version = "2024-10-21"\nregion = "ch"\n'
+            'deployments = {{ "gpt-4o-mini" = "mini" }}\n'
+        )
+        path.write_text(
+            table.format(name="ch-down", url="http://127.0.0.1:9")
+            + table.format(name="ch-up", url=up_url)
+        )
+        async with start_gateway(
+            upstreams=load_upstreams(path, {"K": FAKE_AZURE_KEY}),
+            default_regions=frozenset({"ch"}),
+        ) as gw:
+            client = gw.client()
+            for _ in range(5):
+                await client.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]
+                )
+            assert ch_up.requests == 5
+            assert len(await gw.settled(5)) == 5
+            async with httpx.AsyncClient() as http:
+                metrics = (await http.get(f"{gw.root}/metrics")).text
+    down = 'region="ch",upstream="ch-down"'
+    assert f"aza_gateway_upstream_requests_total{{{down}}} 3.0" in metrics
+    assert f'aza_gateway_upstream_request_errors_total{{kind="connect",{down}}} 3.0' in metrics
+    assert f'aza_gateway_upstream_request_errors_total{{kind="breaker_open",{down}}} 2.0' in metrics
+    assert f"aza_gateway_upstream_breaker_open{{{down}}} 1.0" in metrics
+    assert (
+        'aza_gateway_upstream_response_seconds_count{region="ch",upstream="ch-up"} 5.0' in metrics
+    )
+
+
+async def test_azure_refusing_the_gateway_key_names_its_variable(
+    start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    """Azure's 401 (wrong api-key) becomes the gateway's 502 naming that upstream's api_key_env."""
+    fake = FakeAzureOpenAI(deployments={"mini": "gpt-4o-mini"})
+    async with serve(fake) as url:
+        path = tmp_path / "upstreams.toml"
+        path.write_text(
+            f'[[upstream]]\nname = "ch"\nkind = "azure"\nbase_url = "{url}"\n'
+            'api_key_env = "AZURE_KEY_CH"\napi_version = "2024-10-21"\nregion = "ch"\n'
+            'deployments = { "gpt-4o-mini" = "mini" }\n'
+        )
+        async with start_gateway(
+            upstreams=load_upstreams(path, {"AZURE_KEY_CH": "wrong-key"})
+        ) as gw:
+            with pytest.raises(openai.APIStatusError) as caught:
+                await gw.client().chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]
+                )
+            assert caught.value.status_code == 502
+            body = caught.value.body
+            assert isinstance(body, dict) and body["code"] == "upstream_auth_failed"
+            assert "AZURE_KEY_CH" in body["message"] and "wrong-key" not in body["message"]
+            assert await gw.settled(0) == []
