@@ -167,3 +167,23 @@ def test_serve_writes_the_access_log_only_when_asked(
 ) -> None:
     """`serve` leaves uvicorn's per-request access log off unless AZA_ACCESS_LOG=1."""
     assert Settings.from_env(environ).access_log is expected
+
+
+def test_a_bad_upstreams_file_stops_the_gateway_naming_the_line(tmp_path: Path) -> None:
+    """`serve` with an upstreams file holding an unknown key: exit 2, the file and line named."""
+    upstreams = tmp_path / "upstreams.toml"
+    upstreams.write_text(
+        '[[upstream]]\nname = "eu"\nkind = "openai"\nbase_url = "https://eu.api.openai.com/v1"\n'
+        'api_key_env = "OPENAI_EU_KEY"\nregion = "eu"\nretention = "none"\n'
+    )
+    env = {**os.environ, "AZA_UPSTREAMS_FILE": str(upstreams), "OPENAI_EU_KEY": "sk-eu"}
+    result = subprocess.run(
+        [*_command(), "serve", "--port", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert f"{upstreams}:7: unknown key 'retention'" in result.stderr

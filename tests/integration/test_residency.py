@@ -428,3 +428,29 @@ async def test_azure_refusing_the_gateway_key_names_its_variable(
             assert isinstance(body, dict) and body["code"] == "upstream_auth_failed"
             assert "AZURE_KEY_CH" in body["message"] and "wrong-key" not in body["message"]
             assert await gw.settled(0) == []
+
+
+async def test_azure_v1_scheme(start_gateway: StartGateway, tmp_path: Path) -> None:
+    """A base URL ending in /openai/v1: OpenAI's paths, the deployment as the body's model."""
+    fake = FakeAzureOpenAI(
+        deployments={"mini-v1": "gpt-4o-mini", "embed-v1": "text-embedding-3-small"}
+    )
+    async with serve(fake) as url:
+        path = tmp_path / "upstreams.toml"
+        path.write_text(
+            f'[[upstream]]\nname = "ch-v1"\nkind = "azure"\nbase_url = "{url}/openai/v1"\n'
+            'api_key_env = "K"\nregion = "ch"\n'
+            'deployments = { "gpt-4o-mini" = "mini-v1", "text-embedding-3-small" = "embed-v1" }\n'
+        )
+        async with start_gateway(upstreams=load_upstreams(path, {"K": FAKE_AZURE_KEY})) as gw:
+            client = gw.client()
+            chat = await client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]
+            )
+            assert chat.model == "gpt-4o-mini"
+            await client.embeddings.create(model="text-embedding-3-small", input="x")
+            assert fake.paths == ["/openai/v1/chat/completions", "/openai/v1/embeddings"]
+            assert [json_of(body)["model"] for body in fake.bodies] == ["mini-v1", "embed-v1"]
+            assert json_of(fake.bodies[0])["store"] is False
+            events = await gw.settled(2)
+            assert [e["model"] for e in events] == ["gpt-4o-mini", "text-embedding-3-small"]
