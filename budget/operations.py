@@ -36,10 +36,19 @@ class Operation(StrEnum):
     # Content kept upstream (stored chat completions): forwarded, never billed,
     # and only where storage is allowed (zero retention refuses it otherwise).
     STORED_CONTENT = "stored_content"
+    # Files, uploads and batches: answered by the gateway's own handlers
+    # (gateway/files.py, gateway/batches.py), which keep who owns each id;
+    # files cost nothing, a batch is held and charged as a whole.
+    FILES = "files"
+    BATCHES = "batches"
 
 
 # Operations that are forwarded without a hold or a usage event.
-UNMETERED = frozenset({Operation.MODELS, Operation.STORED_CONTENT})
+UNMETERED = frozenset(
+    {Operation.MODELS, Operation.STORED_CONTENT, Operation.FILES, Operation.BATCHES}
+)
+# Operations the gateway answers itself (after authenticating), not the plain proxy.
+OWN_HANDLERS = frozenset({Operation.FILES, Operation.BATCHES})
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +105,19 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("GET", "/v1/models", Operation.MODELS),
     Endpoint("GET", "/v1/models/{model}", Operation.MODELS),
     # Stored chat completions (OpenAI keeps them when `store` is true).
+    Endpoint("POST", "/v1/files", Operation.FILES),
+    Endpoint("GET", "/v1/files", Operation.FILES),
+    Endpoint("GET", "/v1/files/{file_id}", Operation.FILES),
+    Endpoint("DELETE", "/v1/files/{file_id}", Operation.FILES),
+    Endpoint("GET", "/v1/files/{file_id}/content", Operation.FILES),
+    Endpoint("POST", "/v1/uploads", Operation.FILES),
+    Endpoint("POST", "/v1/uploads/{upload_id}/parts", Operation.FILES),
+    Endpoint("POST", "/v1/uploads/{upload_id}/complete", Operation.FILES),
+    Endpoint("POST", "/v1/uploads/{upload_id}/cancel", Operation.FILES),
+    Endpoint("POST", "/v1/batches", Operation.BATCHES),
+    Endpoint("GET", "/v1/batches", Operation.BATCHES),
+    Endpoint("GET", "/v1/batches/{batch_id}", Operation.BATCHES),
+    Endpoint("POST", "/v1/batches/{batch_id}/cancel", Operation.BATCHES),
     Endpoint("GET", "/v1/chat/completions", Operation.STORED_CONTENT),
     Endpoint("GET", "/v1/chat/completions/{completion_id}", Operation.STORED_CONTENT),
     Endpoint("POST", "/v1/chat/completions/{completion_id}", Operation.STORED_CONTENT),

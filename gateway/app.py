@@ -24,6 +24,7 @@ from starlette.routing import Route
 
 from budget.operations import methods_by_template
 from gateway.auth import Authenticator
+from gateway.batches import BatchService, files_and_batches_app
 from gateway.errors import GatewayError, not_found
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import MeteringMiddleware, RequestContextMiddleware
@@ -119,6 +120,9 @@ def create_app(
         )
         holder["services"] = current
         app.state.services = current
+        files_batches = BatchService(current)
+        app.state.files_batches = files_batches
+        files_batches.start()
         background = [
             asyncio.create_task(current.maintenance_loop(maintenance_interval), name="maintenance"),
             asyncio.create_task(dispatcher.run(), name="alerts"),
@@ -137,6 +141,7 @@ def create_app(
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            await files_batches.aclose()
             await current.drain()
             await metering.aclose()
             await router.aclose()
@@ -158,7 +163,12 @@ def create_app(
         routes=[*proxied, *all_routes()],
         middleware=[
             Middleware(RequestContextMiddleware, services=lambda: holder.get("services")),
-            Middleware(MeteringMiddleware, services=services, proxy=proxy),
+            Middleware(
+                MeteringMiddleware,
+                services=services,
+                proxy=proxy,
+                own=files_and_batches_app(),
+            ),
         ],
         exception_handlers={404: _http_error, 405: _http_error},
         lifespan=lifespan,

@@ -105,12 +105,17 @@ class Follower:
         self._wake.set()
 
     async def aclose(self) -> None:
-        """Stop polling. A poll under way is cancelled; its lease runs out by itself."""
+        """Stop polling. A poll under way is cancelled and its lease given up, so that
+        another instance (or this one restarted) takes the job over at once."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            try:
+                await self.jobs.release_all(owner=self.owner)
+            except Exception as exc:
+                log.warning("giving up job leases failed (%s); they run out", type(exc).__name__)
 
     async def _run(self) -> None:
         while True:

@@ -20,7 +20,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import TYPE_CHECKING
@@ -30,7 +30,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from budget.estimate import estimate_usage
 from budget.money import cost_to_micros, with_uplift
-from budget.operations import AUDIO_UPLOADS, IMAGE_UPLOADS, Operation, match_endpoint
+from budget.operations import (
+    AUDIO_UPLOADS,
+    IMAGE_UPLOADS,
+    OWN_HANDLERS,
+    Operation,
+    match_endpoint,
+)
 from budget.pricing import PriceBook, UnpricedModel
 from budget.request import InvalidRequest, RequestInfo, parse_request
 from budget.response import usage_from_response
@@ -39,6 +45,7 @@ from budget.usage import Usage
 from credit.ports import DatabaseUnavailable
 from gateway.auth import Caller, require_practice
 from gateway.errors import GatewayError, bad_request, unavailable
+from gateway.files import CALLER
 from gateway.messages import (
     ACTIONABLE_TOPUP_CODES,
     BUDGET_EXHAUSTED,
@@ -58,7 +65,7 @@ from gateway.routing import Route
 from gateway.services import Services
 from gateway.settings import Settings
 from gateway.storage.budget_state import BudgetState
-from gateway.storage.holds import Hold
+from gateway.storage.holds import Hold, Reservation
 from gateway.storage.price_watch import PriceWatch
 
 if TYPE_CHECKING:
@@ -247,10 +254,19 @@ class MeteringMiddleware:
     request (the proxy answers its own errors). Everything else goes on to `app`.
     """
 
-    def __init__(self, app: ASGIApp, *, services: Callable[[], Services], proxy: ASGIApp) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        services: Callable[[], Services],
+        proxy: ASGIApp,
+        own: ASGIApp | None = None,
+    ) -> None:
         self.app = app
         self.proxy = proxy
         self.services = services
+        # The Files and Batch endpoints' handlers (gateway.batches), given the caller.
+        self.own = own
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -284,6 +300,10 @@ class MeteringMiddleware:
         except ClientGone:
             return
         if admitted is None:
+            if endpoint.operation in OWN_HANDLERS and self.own is not None:
+                state[CALLER] = caller
+                await self.own(scope, receive, send)
+                return
             # Model listing and stored content: authenticated, not metered.
             practice_id = caller.practice_id
             if endpoint.operation is Operation.STORED_CONTENT and not (
@@ -419,51 +439,14 @@ class MeteringMiddleware:
         self, services: Services, practice_id: str, request_id: str, estimate_micros: int
     ) -> Hold:
         """Place the request's hold, topping up once when blocked; else raise 403/429."""
-        metering, metrics = services.metering, services.metrics
-        reservation = await metering.reserve(
-            practice_id, request_id=request_id, estimate_micros=estimate_micros
-        )
-        if reservation.hold is not None:
-            metrics.gate_decisions.labels("admitted").inc()
-            return reservation.hold
-        state = reservation.state
-        language = services.settings.user_language
-        if state.problem is not None:
-            metrics.gate_decisions.labels("license_problem").inc()
-            code = str(state.problem)
-            raise GatewayError(
-                403,
-                developer_message(code),
-                type="permission_error",
-                code=code.lower(),
-                error_code=code,
-                message_user=user_message(code, language),
-            )
-        outcome = await self._auto_topup(services, practice_id, state)
-        if outcome is not None and outcome.charged:
-            reservation = await metering.reserve(
+        metering = services.metering
+
+        async def reserve() -> Reservation:
+            return await metering.reserve(
                 practice_id, request_id=request_id, estimate_micros=estimate_micros
             )
-            if reservation.hold is not None:
-                metrics.gate_decisions.labels("admitted_after_topup").inc()
-                return reservation.hold
-            state = reservation.state
-        metrics.gate_decisions.labels("blocked").inc()
-        error_code = BUDGET_EXHAUSTED
-        if outcome is not None and outcome.error_code in ACTIONABLE_TOPUP_CODES:
-            error_code = outcome.error_code
-        raise GatewayError(
-            429,
-            developer_message(error_code),
-            type="insufficient_quota",
-            code="insufficient_quota",
-            error_code=error_code,
-            message_user=user_message(error_code, language),
-            extra={"budget": state.snapshot.to_dict()},
-            # The official SDKs retry a 429 unless told not to; waiting will
-            # not bring money back.
-            headers={"x-should-retry": "false"},
-        )
+
+        return await gate(services, practice_id, reserve)
 
     @staticmethod
     async def _auto_topup(
@@ -556,3 +539,52 @@ def _usage_of(info: RequestInfo, estimate: Usage, watch: _Watch) -> Usage:
     if watch.completed:
         usage = usage_from_response(info, bytes(watch.kept or b""))
     return usage if usage is not None else estimate
+
+
+async def gate(
+    services: Services, practice_id: str, reserve: Callable[[], Awaitable[Reservation]]
+) -> Hold:
+    """The gate of a request (or a batch): `reserve()` places its hold when the budget
+    admits it; when blocked, one auto top-up and one more try, else 403/429 in the
+    OpenAI shape (`insufficient_quota`, `message_user`, `x-should-retry: false`)."""
+    metrics = services.metrics
+    reservation = await reserve()
+    if reservation.hold is not None:
+        metrics.gate_decisions.labels("admitted").inc()
+        return reservation.hold
+    state = reservation.state
+    language = services.settings.user_language
+    if state.problem is not None:
+        metrics.gate_decisions.labels("license_problem").inc()
+        code = str(state.problem)
+        raise GatewayError(
+            403,
+            developer_message(code),
+            type="permission_error",
+            code=code.lower(),
+            error_code=code,
+            message_user=user_message(code, language),
+        )
+    outcome = await MeteringMiddleware._auto_topup(services, practice_id, state)
+    if outcome is not None and outcome.charged:
+        reservation = await reserve()
+        if reservation.hold is not None:
+            metrics.gate_decisions.labels("admitted_after_topup").inc()
+            return reservation.hold
+        state = reservation.state
+    metrics.gate_decisions.labels("blocked").inc()
+    error_code = BUDGET_EXHAUSTED
+    if outcome is not None and outcome.error_code in ACTIONABLE_TOPUP_CODES:
+        error_code = outcome.error_code
+    raise GatewayError(
+        429,
+        developer_message(error_code),
+        type="insufficient_quota",
+        code="insufficient_quota",
+        error_code=error_code,
+        message_user=user_message(error_code, language),
+        extra={"budget": state.snapshot.to_dict()},
+        # The official SDKs retry a 429 unless told not to; waiting will
+        # not bring money back.
+        headers={"x-should-retry": "false"},
+    )

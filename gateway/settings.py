@@ -132,6 +132,11 @@ class Settings:
     user_language: Language = "de"
     default_max_output_tokens: int = 1024
     hold_ttl_seconds: int = 900
+    # Following upstream jobs (batches): polls back off from min to max seconds.
+    job_poll_min_seconds: float = 5.0
+    job_poll_max_seconds: float = 60.0
+    # POST /v1/files: the largest file accepted (OpenAI's limit: 512 MB).
+    max_file_bytes: int = 512 * 1024 * 1024
     period_grace_seconds: int = 172_800
     # Budget leases (gateway/storage/leases.py): a gate may hold this many
     # times its estimate, while a practice has at least four times that left,
@@ -282,6 +287,9 @@ class Settings:
             hold_ttl_seconds=_int(
                 env, "AZA_HOLD_TTL_SECONDS", int(budget.get("hold_ttl_seconds", 900))
             ),
+            job_poll_min_seconds=float(env.get("AZA_JOB_POLL_MIN_SECONDS", 5.0)),
+            job_poll_max_seconds=float(env.get("AZA_JOB_POLL_MAX_SECONDS", 60.0)),
+            max_file_bytes=_int(env, "AZA_MAX_FILE_BYTES", 512 * 1024 * 1024),
             period_grace_seconds=_int(
                 env, "AZA_PERIOD_GRACE_SECONDS", int(budget.get("period_grace_seconds", 172_800))
             ),

@@ -23,6 +23,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from gateway.demo import answers, audio, images, media
 from gateway.demo.answers import Answer, Streamed, error_body
+from gateway.demo.files_batches import FakeFilesBatches
 from gateway.demo.sse import EventStream, dumps
 
 FAKE_UPSTREAM_KEY = "sk-fake-upstream-key"
@@ -69,8 +70,11 @@ class FakeUpstream:
         self.streams_abandoned = 0
         self.streams_cut = 0
         self.last_chunk_sent_at = 0.0
+        # Files, uploads and batches (gateway/demo/files_batches.py).
+        self.files_batches = FakeFilesBatches()
         self._router = Starlette(
             routes=[
+                *self.files_batches.routes(),
                 self._json_route(
                     "/v1/chat/completions",
                     lambda body: answers.chat_completion(

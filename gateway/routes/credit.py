@@ -61,7 +61,8 @@ async def budget(request: Request) -> Response:
 
 @endpoint
 async def history(request: Request) -> Response:
-    """GET /v1/ai-credit/history: the practice's ledger, Stripe references masked."""
+    """GET /v1/ai-credit/history: the practice's ledger, Stripe references masked, and
+    its batches (`batches`: one entry each, with line count and cost)."""
     _, practice_id = await admin_practice_of(request)
     limit = request.query_params.get("limit", "100")
     if not limit.isdigit() or not 1 <= int(limit) <= 1000:
@@ -69,7 +70,9 @@ async def history(request: Request) -> Response:
             "'limit' must be a whole number from 1 to 1000.", code="invalid_limit", param="limit"
         )
     items = await _credit(request).history(practice_id, limit=int(limit))
-    return ok({"ok": True, "items": items})
+    # Each batch is one entry with its line count and cost (not one per line).
+    batches = await request.app.state.files_batches.store.batches_of(practice_id, limit=int(limit))
+    return ok({"ok": True, "items": items, "batches": [batch.to_dict() for batch in batches]})
 
 
 @endpoint

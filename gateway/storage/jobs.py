@@ -191,6 +191,16 @@ class JobStore:
             )
         return changed > 0
 
+    async def release_all(self, *, owner: str) -> int:
+        """Give up every lease `owner` holds (at shutdown): those jobs are due again now."""
+        async with self.db.transaction() as conn:
+            return await conn.execute(
+                "UPDATE aza_upstream_jobs SET lease_owner = NULL, lease_until = 0 "
+                "WHERE lease_owner = ? AND state = ?",
+                owner,
+                OPEN,
+            )
+
     async def wake(self, kind: str, job_id: str) -> None:
         """Make an open job due now (e.g. after a cancel was asked for)."""
         async with self.db.transaction() as conn:

@@ -97,6 +97,8 @@ class MeteringStore:
             else None
         )
         self.gate: Gate = self.leases or base
+        # The gate without leases: holds of their own (a batch's, kept for hours).
+        self._own_holds: Gate = base
         self.keys = KeyStore(db, clock=clock)
         self.upkeep = Upkeep(db, clock=clock)
         # The keys' and upkeep's operations, as the store's own: callers hold one object.
@@ -168,6 +170,34 @@ class MeteringStore:
         return await self.gate.reserve(
             practice_id, request_id=request_id, estimate_micros=estimate_micros, now=self.now()
         )
+
+    async def reserve_own(
+        self, practice_id: str, *, request_id: str, estimate_micros: int, expires_at: int
+    ) -> Reservation:
+        """Like `reserve`, but a hold row of its own (never a lease's share) that lasts
+        until `expires_at` (unix seconds), and only of the whole estimate: a batch's.
+
+        The gate admits a request while anything is available, holding what is
+        left when that is less than its estimate; a batch must be affordable
+        whole, so such a partial hold is taken back and the batch refused.
+        """
+        reservation = await self._own_holds.reserve(
+            practice_id, request_id=request_id, estimate_micros=estimate_micros, now=self.now()
+        )
+        hold = reservation.hold
+        if hold is not None and hold.amount_micros < estimate_micros:
+            await self._own_holds.release(hold)
+            return Reservation(hold=None, state=reservation.state)
+        if hold is not None:
+            async with self.db.transaction(lock=practice_id) as conn:
+                await conn.execute(
+                    "UPDATE ai_budget_holds SET expires_at = ? WHERE practice_id = ? "
+                    "AND hold_id = ?",
+                    expires_at,
+                    practice_id,
+                    hold.hold_id,
+                )
+        return reservation
 
     async def release(self, hold: Hold) -> bool:
         """Drop a hold without charging (upstream failed). False if it was gone already."""

@@ -1,0 +1,373 @@
+"""The Batch API through the gateway: gated up front at the batch price, charged per line.
+
+`POST /v1/batches` reads the input file (the upstream's content of a file
+the practice owns, streamed line by line), checks every line
+(`budget.batch.BatchEstimator`: JSON, POST to the batch's endpoint, one
+priced model, a body the gateway can meter) and holds the whole estimate at
+the model's batch price through the gate every request passes (403/429 in
+the usual shape when the practice cannot afford it; nothing reaches the
+upstream). A line it cannot meter makes the whole batch a 400 naming the
+line; nothing is held then.
+
+Once the upstream accepted the batch, its ownership, its hold and a job to
+follow it are recorded in one transaction, and the follower
+(`gateway.followers`) polls it, on whichever instance claims it, keeping
+its hold alive while it runs. When it ends (completed, failed, expired,
+cancelled) `poll_batch` reads its output and error files and settles it:
+one usage event per completed line at the batch price (request id
+`batch:<batch_id>:<custom_id>`), the hold released (`BatchStore.settle`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route, Router
+
+from budget.batch import (
+    BATCH_ENDPOINTS,
+    BATCH_TIER,
+    MAX_BATCH_FILE_BYTES,
+    BatchEstimator,
+    InvalidBatchLine,
+    output_line_usage,
+)
+from budget.pricing import UnpricedModel
+from budget.usage import Usage
+from gateway import files
+from gateway.errors import GatewayError, bad_request
+from gateway.files import (
+    FilesUpstream,
+    _Passthrough,
+    _TooLarge,
+    file_too_large,
+    json_of,
+    lines_of,
+    no_such,
+    owned_listing,
+    passthrough,
+    practice_of_scope,
+    service_of,
+)
+from gateway.followers import Again, Done, Follower, PollResult
+from gateway.routes.common import endpoint
+from gateway.storage.batches import BATCH, FILE, BatchRow, BatchStore, ChargedLine
+from gateway.storage.jobs import Job, JobStore
+
+if TYPE_CHECKING:
+    from gateway.services import Services
+
+log = logging.getLogger("aza.gateway.batches")
+
+JOB_KIND = "batch"
+TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+# A batch's hold outlives OpenAI's 24 h completion window by this much at
+# first; the follower keeps it alive for as long as the batch runs.
+_WINDOW_SECONDS = 24 * 3600
+_MARGIN_SECONDS = 3600
+
+
+class BatchService:
+    """What the Files and Batch routes share: the store, the job queue, the upstream clients
+    and the follower (made in the lifespan, closed with `aclose`)."""
+
+    def __init__(self, services: Services) -> None:
+        settings = services.settings
+        self.services = services
+        self.store = BatchStore(services.db, states=services.metering.states)
+        self.jobs = JobStore(services.db)
+        self.upstream = FilesUpstream(services)
+        self.follower = Follower(
+            self.jobs,
+            {JOB_KIND: self.poll_batch},
+            min_seconds=settings.job_poll_min_seconds,
+            max_seconds=settings.job_poll_max_seconds,
+        )
+
+    def start(self) -> None:
+        self.follower.start()
+
+    async def aclose(self) -> None:
+        await self.follower.aclose()
+        await self.upstream.aclose()
+
+    def _cost(self, practice_id: str) -> Callable[[Usage], int]:
+        """Prices a usage at the batch price under the HTTP path's model rules (micro-USD)."""
+        from gateway.middleware import Pricing
+
+        pricing = Pricing(self.services.settings)
+        uplift = self.upstream.upstream_for(practice_id).uplift
+
+        def cost(usage: Usage) -> int:
+            pricing.check(usage.model, BATCH_TIER)
+            return pricing.cost_micros(replace(usage, service_tier=BATCH_TIER), uplift)
+
+        return cost
+
+    async def own_result_files(self, practice_id: str, data: dict[str, Any]) -> None:
+        """A batch's output and error files belong to the practice that owns the batch."""
+        for key in ("output_file_id", "error_file_id"):
+            file_id = data.get(key)
+            if isinstance(file_id, str) and file_id:
+                await self.store.record(file_id, FILE, practice_id)
+
+    def hold_until(self) -> int:
+        """How long a running batch's hold is kept from now: past the next poll, always."""
+        settings = self.services.settings
+        keep = settings.hold_ttl_seconds + 2 * settings.job_poll_max_seconds
+        return int(time.time() + keep)
+
+    # -- following ----------------------------------------------------------
+
+    async def poll_batch(self, job: Job) -> PollResult:
+        """One poll of a followed batch: settle it when it ended, else keep its hold alive."""
+        batch = await self.store.batch(job.job_id)
+        if batch is None or batch.settled_at is not None:
+            return Done()
+        response = await self.upstream.json(batch.practice_id, "GET", f"/batches/{batch.batch_id}")
+        if response.status_code == 404:
+            # The upstream forgot it (deleted with its project): nothing ran to charge.
+            log.warning("batch %s is unknown upstream; releasing its hold", batch.batch_id)
+            await self.store.settle(batch, status="missing", charged=[], failed_lines=0)
+            return Done()
+        if response.status_code != 200:
+            raise RuntimeError(f"batch retrieve answered {response.status_code}")
+        data = json_of(response)
+        await self.own_result_files(batch.practice_id, data)
+        status = str(data.get("status"))
+        if status not in TERMINAL:
+            await self.store.follow_status(batch.batch_id, status, hold_until=self.hold_until())
+            return Again()
+        charged, failed = await self._charged_lines(batch, data)
+        await self.store.settle(batch, status=status, charged=charged, failed_lines=failed)
+        log.info("batch %s %s: %d lines charged", batch.batch_id, status, len(charged))
+        return Done()
+
+    async def _charged_lines(
+        self, batch: BatchRow, data: dict[str, Any]
+    ) -> tuple[list[ChargedLine], int]:
+        """The completed lines of an ended batch with their cost, and how many failed."""
+        operation = BATCH_ENDPOINTS[batch.endpoint]
+        cost = self._cost(batch.practice_id)
+        per_line = math.ceil(batch.estimate_micros / max(1, batch.lines))
+        charged: dict[str, ChargedLine] = {}
+        failed = 0
+        for key in ("output_file_id", "error_file_id"):
+            file_id = data.get(key)
+            if not isinstance(file_id, str) or not file_id:
+                continue
+            response = await self.upstream.send(
+                batch.practice_id, "GET", f"/files/{file_id}/content", stream=True
+            )
+            try:
+                if response.status_code != 200:
+                    raise RuntimeError(f"batch output file answered {response.status_code}")
+                async for raw in lines_of(response):
+                    line = output_line_usage(raw, operation=operation, model=batch.model)
+                    if line is None or line.custom_id in charged:
+                        continue
+                    if not line.completed:
+                        failed += 1
+                        continue
+                    usage = line.usage
+                    micros: int | None = None
+                    if usage is not None:
+                        with contextlib.suppress(UnpricedModel, GatewayError):
+                            micros = cost(usage)
+                    if usage is None or micros is None:
+                        # Completed without readable usage: charged its share of the estimate.
+                        usage = Usage(
+                            operation, batch.model, estimated=True, service_tier=BATCH_TIER
+                        )
+                        micros = per_line
+                    charged[line.custom_id] = ChargedLine(line.custom_id, usage, micros)
+            finally:
+                await response.aclose()
+        return list(charged.values()), failed
+
+
+# -- routes -------------------------------------------------------------------
+
+
+async def _estimate(
+    service: BatchService, practice_id: str, file_id: str, batch_endpoint: str
+) -> tuple[int, str, int]:
+    """Lines, model and estimate (micro-USD) of an input file; 400 for one it cannot meter."""
+    settings = service.services.settings
+    estimator = BatchEstimator(
+        batch_endpoint,
+        cost_micros=service._cost(practice_id),
+        default_max_output_tokens=settings.default_max_output_tokens,
+    )
+    response = await service.upstream.send(
+        practice_id, "GET", f"/files/{file_id}/content", stream=True
+    )
+    try:
+        if response.status_code != 200:
+            await response.aread()
+            raise _Passthrough(response)
+        length = response.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BATCH_FILE_BYTES:
+            raise file_too_large(MAX_BATCH_FILE_BYTES, "batch input file")
+        try:
+            async for raw in lines_of(response, limit=MAX_BATCH_FILE_BYTES):
+                estimator.feed(raw)
+        except _TooLarge:
+            raise file_too_large(MAX_BATCH_FILE_BYTES, "batch input file") from None
+        result = estimator.result()
+    except InvalidBatchLine as exc:
+        raise bad_request(exc.message, code=exc.code, param="input_file_id") from None
+    finally:
+        await response.aclose()
+    return result.lines, result.model, result.estimate_micros
+
+
+async def create_batch(request: Request) -> Response:
+    """POST /v1/batches: checked and held at the batch price before the upstream sees it."""
+    from gateway.middleware import gate
+
+    practice_id = practice_of_scope(request)
+    service = service_of(request)
+    services = service.services
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise bad_request("Invalid JSON body", code="invalid_json")
+    batch_endpoint = body.get("endpoint")
+    if not isinstance(batch_endpoint, str) or batch_endpoint not in BATCH_ENDPOINTS:
+        raise bad_request(f"endpoint must be one of {', '.join(BATCH_ENDPOINTS)}", param="endpoint")
+    file_id = body.get("input_file_id")
+    if not isinstance(file_id, str) or not await service.store.owns(practice_id, FILE, file_id):
+        raise no_such("File", str(file_id), param="input_file_id", status=400)
+    try:
+        lines, model, estimate = await _estimate(service, practice_id, file_id, batch_endpoint)
+    except _Passthrough as exc:
+        return passthrough(exc.response)
+    request_id = str(request.scope["state"].get("request_id"))
+    expires_at = int(time.time()) + _WINDOW_SECONDS + _MARGIN_SECONDS
+
+    async def reserve() -> Any:
+        return await services.metering.reserve_own(
+            practice_id,
+            request_id=f"batch-hold:{request_id}",
+            estimate_micros=estimate,
+            expires_at=expires_at,
+        )
+
+    hold = await gate(services, practice_id, reserve)
+    try:
+        response = await service.upstream.json(
+            practice_id,
+            "POST",
+            "/batches",
+            content=raw,
+            headers={"content-type": "application/json"},
+        )
+    except BaseException:
+        await services.metering.release(hold)
+        raise
+    data = json_of(response)
+    batch_id = data.get("id")
+    if response.status_code != 200 or not isinstance(batch_id, str):
+        await services.metering.release(hold)
+        return passthrough(response)
+    row = BatchRow(
+        batch_id=batch_id,
+        practice_id=practice_id,
+        hold_id=hold.hold_id,
+        endpoint=batch_endpoint,
+        model=model,
+        input_file_id=file_id,
+        lines=lines,
+        estimate_micros=estimate,
+        status=str(data.get("status") or "validating"),
+        completed_lines=0,
+        failed_lines=0,
+        cost_micros=0,
+        created_at=int(time.time()),
+        settled_at=None,
+    )
+    async with services.db.transaction(lock=practice_id) as conn:
+        await service.store.record(batch_id, BATCH, practice_id, conn=conn)
+        await service.store.insert_batch(conn, row)
+        await service.jobs.add(
+            JOB_KIND,
+            batch_id,
+            practice_id=practice_id,
+            conn=conn,
+            first_poll_in_ms=int(service.follower.min_seconds * 1000),
+        )
+    service.follower.poke()
+    return passthrough(response)
+
+
+async def list_batches(request: Request) -> Response:
+    practice_id = practice_of_scope(request)
+    try:
+        page = await owned_listing(request, "/batches", BATCH, practice_id)
+    except _Passthrough as exc:
+        return passthrough(exc.response)
+    return Response(json.dumps(page), media_type="application/json")
+
+
+async def _owned_batch(request: Request) -> tuple[BatchService, str, str]:
+    practice_id = practice_of_scope(request)
+    service = service_of(request)
+    batch_id = request.path_params["batch_id"]
+    if not await service.store.owns(practice_id, BATCH, batch_id):
+        raise no_such("Batch", batch_id)
+    return service, practice_id, batch_id
+
+
+async def retrieve_batch(request: Request) -> Response:
+    service, practice_id, batch_id = await _owned_batch(request)
+    response = await service.upstream.json(practice_id, "GET", f"/batches/{batch_id}")
+    if response.status_code == 200:
+        await service.own_result_files(practice_id, json_of(response))
+    return passthrough(response)
+
+
+async def cancel_batch(request: Request) -> Response:
+    """POST /v1/batches/{id}/cancel; the follower looks at it at once."""
+    service, practice_id, batch_id = await _owned_batch(request)
+    response = await service.upstream.json(practice_id, "POST", f"/batches/{batch_id}/cancel")
+    if response.status_code == 200:
+        await service.jobs.wake(JOB_KIND, batch_id)
+        service.follower.poke()
+    return passthrough(response)
+
+
+def _routes() -> list[Route]:
+    table: list[tuple[str, Callable[[Request], Awaitable[Response]], str]] = [
+        ("/v1/files", files.create_file, "POST"),
+        ("/v1/files", files.list_files, "GET"),
+        ("/v1/files/{file_id}", files.retrieve_file, "GET"),
+        ("/v1/files/{file_id}", files.delete_file, "DELETE"),
+        ("/v1/files/{file_id}/content", files.file_content, "GET"),
+        ("/v1/uploads", files.create_upload, "POST"),
+        ("/v1/uploads/{upload_id}/parts", files.add_upload_part, "POST"),
+        ("/v1/uploads/{upload_id}/complete", files.complete_upload, "POST"),
+        ("/v1/uploads/{upload_id}/cancel", files.cancel_upload, "POST"),
+        ("/v1/batches", create_batch, "POST"),
+        ("/v1/batches", list_batches, "GET"),
+        ("/v1/batches/{batch_id}", retrieve_batch, "GET"),
+        ("/v1/batches/{batch_id}/cancel", cancel_batch, "POST"),
+    ]
+    return [Route(path, endpoint(handler), methods=[method]) for path, handler, method in table]
+
+
+def files_and_batches_app() -> Router:
+    """The ASGI app the metering middleware hands the Files and Batch endpoints to."""
+    return Router(routes=_routes())

@@ -1,0 +1,298 @@
+"""Files, uploads and batches as the gateway keeps them (migration 010).
+
+`aza_upstream_objects` records which practice owns each upstream file,
+upload and batch id (a practice sees only its own); `aza_batches` holds a
+batch's hold, estimate and, once it ended, what it was charged. Settling a
+batch writes one usage event per completed line (request id
+`batch:<batch_id>:<custom_id>`, unique, so a repeated settle charges
+nothing twice), deletes the hold and marks the batch settled, in one
+transaction locked on the practice. Amounts are integer micro-USD.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from budget.license import Period
+from budget.usage import Usage
+from credit.ports import Connection, Database, Row
+from gateway.storage.budget_state import StateReader
+from gateway.storage.settle import write_usage
+
+FILE = "file"
+UPLOAD = "upload"
+BATCH = "batch"
+
+
+def line_request_id(batch_id: str, custom_id: str) -> str:
+    """The derived request id of one batch line's usage event (unique per line)."""
+    return f"batch:{batch_id}:{custom_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRow:
+    """A batch the gateway follows: who owns it, its hold and estimate, what it was charged."""
+
+    batch_id: str
+    practice_id: str
+    hold_id: str
+    endpoint: str
+    model: str
+    input_file_id: str
+    lines: int
+    estimate_micros: int
+    status: str
+    completed_lines: int
+    failed_lines: int
+    cost_micros: int
+    created_at: int
+    settled_at: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The batch as the credit views show it: one entry with its line count and cost."""
+        return {
+            "batch_id": self.batch_id,
+            "endpoint": self.endpoint,
+            "model": self.model,
+            "status": self.status,
+            "lines": self.lines,
+            "completed_lines": self.completed_lines,
+            "failed_lines": self.failed_lines,
+            "estimate_micro_usd": self.estimate_micros,
+            "cost_micro_usd": self.cost_micros,
+            "cost_usd": f"{self.cost_micros / 1_000_000:.6f}",
+            "created_at": self.created_at,
+            "settled_at": self.settled_at,
+        }
+
+
+def _batch(row: Row) -> BatchRow:
+    return BatchRow(
+        batch_id=row["batch_id"],
+        practice_id=row["practice_id"],
+        hold_id=row["hold_id"],
+        endpoint=row["endpoint"],
+        model=row["model"],
+        input_file_id=row["input_file_id"],
+        lines=int(row["lines"]),
+        estimate_micros=int(row["estimate_micro_usd"]),
+        status=row["status"],
+        completed_lines=int(row["completed_lines"]),
+        failed_lines=int(row["failed_lines"]),
+        cost_micros=int(row["cost_micro_usd"]),
+        created_at=int(row["created_at"]),
+        settled_at=None if row["settled_at"] is None else int(row["settled_at"]),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ChargedLine:
+    """One completed line to charge: its custom_id, usage and cost (micro-USD)."""
+
+    custom_id: str
+    usage: Usage
+    cost_micros: int
+
+
+class BatchStore:
+    """Ownership of upstream objects and the batches' metering, on one `Database`."""
+
+    def __init__(
+        self, db: Database, *, states: StateReader, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.db = db
+        self.states = states
+        self._clock = clock
+
+    def now(self) -> int:
+        return int(self._clock())
+
+    # -- ownership ----------------------------------------------------------
+
+    async def record(
+        self, object_id: str, object_type: str, practice_id: str, *, conn: Connection | None = None
+    ) -> None:
+        """Record that `practice_id` owns `object_id` (the first owner stays the owner)."""
+        sql = (
+            "INSERT INTO aza_upstream_objects (object_id, object_type, practice_id, created_at) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT (object_id) DO NOTHING"
+        )
+        args = (object_id, object_type, practice_id, self.now())
+        if conn is not None:
+            await conn.execute(sql, *args)
+            return
+        async with self.db.transaction() as tx:
+            await tx.execute(sql, *args)
+
+    async def owns(self, practice_id: str, object_type: str, object_id: str) -> bool:
+        """True when `practice_id` owns the (not deleted) object."""
+        async with self.db.read() as conn:
+            value = await conn.fetchval(
+                "SELECT 1 FROM aza_upstream_objects WHERE object_id = ? AND object_type = ? "
+                "AND practice_id = ? AND deleted_at IS NULL",
+                object_id,
+                object_type,
+                practice_id,
+            )
+        return value is not None
+
+    async def owned(self, practice_id: str, object_type: str, ids: Iterable[str]) -> set[str]:
+        """Those of `ids` that `practice_id` owns."""
+        wanted = sorted(set(ids))
+        if not wanted:
+            return set()
+        found: set[str] = set()
+        async with self.db.read() as conn:
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
+                marks = ", ".join("?" * len(chunk))
+                rows = await conn.fetchall(
+                    f"SELECT object_id FROM aza_upstream_objects WHERE practice_id = ? "
+                    f"AND object_type = ? AND deleted_at IS NULL AND object_id IN ({marks})",
+                    practice_id,
+                    object_type,
+                    *chunk,
+                )
+                found.update(str(row["object_id"]) for row in rows)
+        return found
+
+    async def mark_deleted(self, object_id: str) -> None:
+        async with self.db.transaction() as conn:
+            await conn.execute(
+                "UPDATE aza_upstream_objects SET deleted_at = ? WHERE object_id = ?",
+                self.now(),
+                object_id,
+            )
+
+    # -- batches ------------------------------------------------------------
+
+    async def insert_batch(self, conn: Connection, batch: BatchRow) -> None:
+        """Record a batch just created upstream (inside the caller's transaction)."""
+        await conn.execute(
+            "INSERT INTO aza_batches (batch_id, practice_id, hold_id, endpoint, model, "
+            "input_file_id, lines, estimate_micro_usd, status, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            batch.batch_id,
+            batch.practice_id,
+            batch.hold_id,
+            batch.endpoint,
+            batch.model,
+            batch.input_file_id,
+            batch.lines,
+            batch.estimate_micros,
+            batch.status,
+            batch.created_at,
+        )
+
+    async def batch(self, batch_id: str) -> BatchRow | None:
+        async with self.db.read() as conn:
+            row = await conn.fetchone("SELECT * FROM aza_batches WHERE batch_id = ?", batch_id)
+        return None if row is None else _batch(row)
+
+    async def batches_of(self, practice_id: str, *, limit: int = 100) -> list[BatchRow]:
+        """A practice's batches, newest first."""
+        async with self.db.read() as conn:
+            rows = await conn.fetchall(
+                "SELECT * FROM aza_batches WHERE practice_id = ? "
+                "ORDER BY created_at DESC, batch_id DESC LIMIT ?",
+                practice_id,
+                limit,
+            )
+        return [_batch(row) for row in rows]
+
+    async def follow_status(self, batch_id: str, status: str, *, hold_until: int) -> None:
+        """Note the upstream status of a running batch and keep its hold alive until
+        `hold_until` (a batch may run for a day; the hold must outlive every poll)."""
+        async with self.db.transaction() as conn:
+            row = await conn.fetchone(
+                "SELECT practice_id, hold_id FROM aza_batches WHERE batch_id = ?", batch_id
+            )
+            if row is None:
+                return
+            await conn.execute(
+                "UPDATE aza_batches SET status = ? WHERE batch_id = ? AND settled_at IS NULL",
+                status,
+                batch_id,
+            )
+            await conn.execute(
+                "UPDATE ai_budget_holds SET expires_at = ? "
+                "WHERE practice_id = ? AND hold_id = ? AND expires_at < ?",
+                hold_until,
+                row["practice_id"],
+                row["hold_id"],
+                hold_until,
+            )
+
+    async def settle(
+        self,
+        batch: BatchRow,
+        *,
+        status: str,
+        charged: Sequence[ChargedLine],
+        failed_lines: int,
+    ) -> int:
+        """Charge the completed lines, release the hold and mark the batch settled; atomically.
+
+        Returns the micro-USD charged now (0 when it had been settled before).
+        Each line's usage event is unique on its derived request id, so a
+        settle repeated after a crash charges nothing twice.
+        """
+        now = self.now()
+        async with self.db.transaction(lock=batch.practice_id) as conn:
+            settled = await conn.fetchval(
+                "SELECT settled_at FROM aza_batches WHERE batch_id = ?", batch.batch_id
+            )
+            if settled is not None:
+                return 0
+            state = await self.states.read(conn, batch.practice_id, now)
+            lic = state.license
+            if lic is None:
+                raise LookupError(f"practice {batch.practice_id} has no license to charge")
+            period = state.period or Period(lic.period_start, lic.period_end)
+            used = int(
+                await conn.fetchval(
+                    "SELECT COALESCE(SUM(used_micro_usd), 0) FROM ai_usage_period_totals "
+                    "WHERE practice_id = ? AND period_start = ?",
+                    batch.practice_id,
+                    period.start,
+                )
+            )
+            total = 0
+            for line in charged:
+                event_id, _, _ = await write_usage(
+                    conn,
+                    lic=lic,
+                    period=period,
+                    budget_micros=state.snapshot.budget_micros,
+                    usage=line.usage,
+                    cost_micros=line.cost_micros,
+                    request_id=line_request_id(batch.batch_id, line.custom_id),
+                    device_id=None,
+                    status="success",
+                    started_at=batch.created_at,
+                    now=now,
+                    hold_micros=None,
+                    used_micros=used,
+                )
+                if event_id is not None:
+                    used += line.cost_micros
+                    total += line.cost_micros
+            await conn.execute(
+                "DELETE FROM ai_budget_holds WHERE practice_id = ? AND hold_id = ?",
+                batch.practice_id,
+                batch.hold_id,
+            )
+            await conn.execute(
+                "UPDATE aza_batches SET status = ?, completed_lines = ?, failed_lines = ?, "
+                "cost_micro_usd = cost_micro_usd + ?, settled_at = ? WHERE batch_id = ?",
+                status,
+                len(charged),
+                failed_lines,
+                total,
+                now,
+                batch.batch_id,
+            )
+        return total

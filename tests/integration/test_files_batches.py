@@ -1,0 +1,334 @@
+"""Files and Batch APIs through the gateway with the official SDK: ownership, gating at the
+batch price, per-line charges, cancel, restart; against the fake upstream's lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from decimal import Decimal
+from typing import Any
+
+import openai
+import pytest
+
+from budget.operations import Operation
+from budget.usage import Usage
+from gateway.demo.files_batches import FakeFilesBatches
+from tests.integration.conftest import Gateway, StartGateway, Upstream
+
+FAST = {"job_poll_min_seconds": 0.05, "job_poll_max_seconds": 0.2}
+MODEL = "gpt-4o-mini"
+# gpt-4o-mini's batch prices (config/prices.toml), USD per 1M tokens = micro-USD per token.
+BATCH_INPUT, BATCH_OUTPUT = Decimal("0.075"), Decimal("0.30")
+
+
+def chat_line(n: int, *, model: str = MODEL, url: str = "/v1/chat/completions") -> dict[str, Any]:
+    return {
+        "custom_id": f"brief-{n}",
+        "method": "POST",
+        "url": url,
+        "body": {
+            "model": model,
+            "max_tokens": 60,
+            "messages": [{"role": "user", "content": f"Fasse Befund {n} kurz zusammen."}],
+        },
+    }
+
+
+def jsonl(lines: Iterable[dict[str, Any]]) -> bytes:
+    return b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+
+
+def fake(upstream: Upstream) -> FakeFilesBatches:
+    return upstream.fake.files_batches
+
+
+async def until(check: Callable[[], Any], within: float = 15.0) -> Any:
+    """Wait for `check()` (sync or async) to return something truthy."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+async def batch_row(gw: Gateway, batch_id: str) -> dict[str, Any] | None:
+    async with gw.db.read() as conn:
+        row = await conn.fetchone("SELECT * FROM aza_batches WHERE batch_id = ?", batch_id)
+    return None if row is None else {key: row[key] for key in row.keys()}  # noqa: SIM118  (a row iterates values)
+
+
+async def settled_row(gw: Gateway, batch_id: str, within: float = 15.0) -> dict[str, Any]:
+    async def check() -> dict[str, Any] | None:
+        row = await batch_row(gw, batch_id)
+        return row if row and row["settled_at"] is not None else None
+
+    result: dict[str, Any] = await until(check, within)
+    return result
+
+
+def expected_cost(upstream: Upstream, batch_id: str) -> int:
+    """What the fake's completed lines cost at the batch price, rounded up per line."""
+    total = 0
+    for raw in fake(upstream).done_lines[batch_id]:
+        line = json.loads(raw)
+        if line["error"] is not None:
+            continue
+        usage = line["response"]["body"]["usage"]
+        cost = usage["prompt_tokens"] * BATCH_INPUT + usage["completion_tokens"] * BATCH_OUTPUT
+        total += math.ceil(cost)
+    return total
+
+
+@pytest.fixture
+async def fast_gateway(start_gateway: StartGateway) -> AsyncIterator[Gateway]:
+    async with start_gateway(**FAST) as gw:
+        yield gw
+
+
+async def test_a_100_line_chat_batch_is_charged_exactly_at_the_batch_price(
+    fast_gateway: Gateway, upstream: Upstream
+) -> None:
+    """100 lines: one usage event per line at the batch price, the hold released, one entry."""
+    gw = fast_gateway
+    client = gw.client()
+    uploaded = await client.files.create(
+        file=("letters.jsonl", jsonl(chat_line(n) for n in range(100))), purpose="batch"
+    )
+    assert uploaded.purpose == "batch" and uploaded.bytes > 0
+    batch = await client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    assert batch.status == "validating"
+    row = await settled_row(gw, batch.id)
+    events = await gw.events()
+    assert len(events) == 100
+    assert {e["request_id"] for e in events} == {f"batch:{batch.id}:brief-{n}" for n in range(100)}
+    expected = expected_cost(upstream, batch.id)
+    assert sum(e["estimated_cost_micro_usd"] for e in events) == expected == row["cost_micro_usd"]
+    assert row["status"] == "completed" and row["completed_lines"] == 100
+    assert await gw.holds() == 0
+    done = await client.batches.retrieve(batch.id)
+    assert done.status == "completed" and done.output_file_id
+    content = await client.files.content(done.output_file_id)
+    assert len(content.read().splitlines()) == 100
+    history = await gw.client().get("/ai-credit/history", cast_to=object)
+    entries = history["batches"]  # type: ignore[index]
+    assert [(b["batch_id"], b["lines"], b["cost_micro_usd"]) for b in entries] == [
+        (batch.id, 100, expected)
+    ]
+
+
+USD = 1_000_000
+
+
+async def spend_all_but(gw: Gateway, leave_micros: int) -> None:
+    """Use up the practice's 20 USD budget except `leave_micros`."""
+    state = await gw.metering.state(gw.practice)
+    assert state.license is not None and state.period is not None
+    await gw.metering.record_usage(
+        state.license,
+        state.period,
+        Usage(operation=Operation.CHAT, model="gpt-4o"),
+        cost_micros=state.snapshot.budget_micros - leave_micros,
+        request_id="pre-spend",
+    )
+
+
+async def test_a_batch_the_practice_cannot_afford_is_refused_up_front(
+    fast_gateway: Gateway, upstream: Upstream
+) -> None:
+    """Nearly empty budget: 429 insufficient_quota with message_user; nothing upstream, no hold."""
+    gw = fast_gateway
+    client = gw.client()
+    uploaded = await client.files.create(
+        file=("letters.jsonl", jsonl(chat_line(n) for n in range(100))), purpose="batch"
+    )
+    await spend_all_but(gw, 50)
+    with pytest.raises(openai.RateLimitError) as refused:
+        await client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+    body = refused.value.response.json()
+    assert body["error"]["type"] == "insufficient_quota" and body["message_user"]
+    assert refused.value.response.headers["x-should-retry"] == "false"
+    assert fake(upstream).batches == {}
+    assert await gw.holds() == 0
+    assert await gw.client().get("/ai-credit/history", cast_to=object) is not None
+
+
+@pytest.mark.parametrize(
+    ("first_model", "bad_line", "says"),
+    [
+        (MODEL, b"{not json", "not a JSON object"),
+        (MODEL, json.dumps(chat_line(1, url="/v1/embeddings")).encode(), "not the batch's"),
+        (MODEL, json.dumps(chat_line(1, model="gpt-4o")).encode(), "differs from the batch's"),
+        (MODEL, json.dumps(chat_line(0)).encode(), "is used twice"),
+        ("no-such-model", json.dumps(chat_line(1)).encode(), "cannot be priced"),
+    ],
+)
+async def test_a_line_the_gateway_cannot_meter_is_a_400_naming_it(
+    fast_gateway: Gateway, upstream: Upstream, first_model: str, bad_line: bytes, says: str
+) -> None:
+    """A line it cannot meter: 400 in the OpenAI shape naming the line; nothing held or
+    forwarded (an unpriced model fails on line 1, the others on line 2)."""
+    gw = fast_gateway
+    client = gw.client()
+    content = json.dumps(chat_line(0, model=first_model)).encode() + b"\n" + bad_line + b"\n"
+    uploaded = await client.files.create(file=("in.jsonl", content), purpose="batch")
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+    error = refused.value.response.json()["error"]
+    line = "Line 1" if first_model != MODEL else "Line 2"
+    assert error["message"].startswith(line) and says in error["message"]
+    assert error["type"] == "invalid_request_error"
+    assert fake(upstream).batches == {} and await gw.holds() == 0
+    assert await batch_row(gw, "any") is None
+
+
+async def test_a_file_over_the_limit_is_a_400_and_never_stored(
+    start_gateway: StartGateway, upstream: Upstream
+) -> None:
+    """POST /v1/files past max_file_bytes: 400 file_too_large; the upstream keeps nothing."""
+    async with start_gateway(max_file_bytes=1000, **FAST) as gw:
+        client = gw.client()
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.files.create(file=("big.jsonl", b"x" * 2_000_000), purpose="batch")
+        assert refused.value.response.json()["error"]["code"] == "file_too_large"
+        assert fake(upstream).files == {}
+        small = await client.files.create(file=("small.jsonl", b"{}\n"), purpose="batch")
+        assert small.bytes == 3
+
+
+async def test_a_cancelled_batch_is_charged_for_its_completed_lines_only(
+    start_gateway: StartGateway, upstream: Upstream
+) -> None:
+    """37 of 100 lines done, then cancel: 37 usage events; its hold outlived its TTL meanwhile."""
+    async with start_gateway(hold_ttl_seconds=1, **FAST) as gw:
+        client = gw.client()
+        fake(upstream).lines_per_poll = 0  # runs, completes nothing until told
+        uploaded = await client.files.create(
+            file=("letters.jsonl", jsonl(chat_line(n) for n in range(100))), purpose="batch"
+        )
+        batch = await client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        row = await until(lambda: batch_row(gw, batch.id))
+
+        async def running() -> bool:
+            current = await batch_row(gw, batch.id)
+            return current is not None and current["status"] == "in_progress"
+
+        await until(running)
+        # Past the hold's own life (1 s): the follower keeps it alive.
+        started = asyncio.get_running_loop().time()
+        await until(lambda: asyncio.get_running_loop().time() - started > 2.2 or None)
+        assert await gw.metering.sweep_expired_holds() == 0
+        assert await gw.holds() == 1
+        fake(upstream).advance(batch.id, 37)
+        cancelling = await client.batches.cancel(batch.id)
+        assert cancelling.status == "cancelling"
+        row = await settled_row(gw, batch.id)
+        events = await gw.events()
+        assert len(events) == 37 and row["status"] == "cancelled"
+        assert sum(e["estimated_cost_micro_usd"] for e in events) == expected_cost(
+            upstream, batch.id
+        )
+        assert row["cost_micro_usd"] == expected_cost(upstream, batch.id)
+        assert await gw.holds() == 0
+
+
+async def test_a_gateway_restart_while_a_batch_runs_loses_nothing(
+    start_gateway: StartGateway, upstream: Upstream
+) -> None:
+    """The instance that started a batch stops; a new one resumes following and charges it."""
+    fake(upstream).lines_per_poll = 0
+    async with start_gateway(**FAST) as first:
+        client = first.client()
+        uploaded = await client.files.create(
+            file=("letters.jsonl", jsonl(chat_line(n) for n in range(20))), purpose="batch"
+        )
+        batch = await client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+
+        async def running() -> bool:
+            row = await batch_row(first, batch.id)
+            return row is not None and row["status"] == "in_progress"
+
+        await until(running)
+    retrieves = fake(upstream).retrieves
+    fake(upstream).lines_per_poll = None
+    async with start_gateway(**FAST) as second:
+        row = await settled_row(second, batch.id)
+        assert fake(upstream).retrieves > retrieves
+        events = await second.events()
+        assert len(events) == 20 and row["status"] == "completed"
+        assert row["cost_micro_usd"] == expected_cost(upstream, batch.id)
+        assert await second.holds() == 0
+
+
+async def test_another_practice_cannot_see_read_cancel_or_delete_them(
+    fast_gateway: Gateway, upstream: Upstream
+) -> None:
+    """Practice B: lists none of A's files and batches; each of A's ids is a 404 (a 400 in a
+    batch it tries to create); A's objects are untouched."""
+    gw = fast_gateway
+    a = gw.client()
+    fake(upstream).lines_per_poll = 0
+    uploaded = await a.files.create(
+        file=("letters.jsonl", jsonl(chat_line(n) for n in range(3))), purpose="batch"
+    )
+    batch = await a.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    upload = await a.uploads.create(
+        bytes=6, filename="scan.pdf", mime_type="application/pdf", purpose="assistants"
+    )
+    now = int(time.time())
+    await gw.metering.upsert_license(
+        subscription_id="sub_other",
+        practice_id="prac_other",
+        lookup_key="aza_basic_monthly",
+        period_start=now - 3600,
+        period_end=now + 86_400 * 20,
+    )
+    b = gw.client(key=await gw.metering.create_key("prac_other"))
+    mine = await b.files.create(file=("own.jsonl", b"{}\n"), purpose="batch")
+    assert [f.id async for f in b.files.list()] == [mine.id]
+    assert [x.id async for x in b.batches.list()] == []
+    for attempt in (
+        b.files.retrieve(uploaded.id),
+        b.files.content(uploaded.id),
+        b.files.delete(uploaded.id),
+        b.batches.retrieve(batch.id),
+        b.batches.cancel(batch.id),
+        b.uploads.parts.create(upload.id, data=b"abcdef"),
+        b.uploads.cancel(upload.id),
+    ):
+        with pytest.raises(openai.NotFoundError):
+            await attempt
+    with pytest.raises(openai.BadRequestError):
+        await b.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+    assert [f.id async for f in a.files.list()] == [uploaded.id]
+    assert (await a.batches.retrieve(batch.id)).status in ("validating", "in_progress")
+    assert (await a.files.content(uploaded.id)).read().count(b"\n") == 3
+    # A's upload still completes into a file only A sees.
+    part = await a.uploads.parts.create(upload.id, data=b"abcdef")
+    done = await a.uploads.complete(upload.id, part_ids=[part.id])
+    assert done.file is not None
+    assert (await a.files.retrieve(done.file.id)).bytes == 6
+    with pytest.raises(openai.NotFoundError):
+        await b.files.retrieve(done.file.id)
