@@ -169,7 +169,7 @@ async def test_unknown_paths_are_404_in_the_openai_shape(
         await client.get("/no-such-thing", cast_to=object)
     assert_openai_shape(caught.value.response.json())
     for method, path in (
-        ("POST", "/v1/files"),
+        ("POST", "/v1/fine_tuning/jobs"),
         ("GET", "/v1/chat/completions/abc/extra"),
         ("GET", "/x"),
     ):
