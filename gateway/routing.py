@@ -159,10 +159,17 @@ class Upstream:
         On deployment paths the deployment is in the URL and the body stays
         as it is; Azure's Responses and its v1 scheme read the deployment
         from the body's `model`, so a JSON body gets it there.
+
+        Azure's deployment-scoped chat completions keep nothing unless asked
+        with `store: true` (its stored-completions feature), and reject a
+        `store` field on API versions before it ("Unknown parameter"), so
+        the `store: false` the gateway added is taken off again there.
         """
         config = self.config
         if config.kind != "azure" or model is None:
             return body
+        if path == "/chat/completions" and not config.azure_v1:
+            body = _without_store_false(body)
         deployment = config.deployments.get(model)
         if deployment is None or deployment == model:
             return body
@@ -178,6 +185,19 @@ class Upstream:
             return body
         data["model"] = deployment
         return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+_STORE_FALSE_FIRST = b'{"store":false,'
+_STORE_FALSE_LAST = b',"store":false}'
+
+
+def _without_store_false(body: bytes) -> bytes:
+    """`body` without the `"store":false` the gateway put first (spliced) or last."""
+    if body.startswith(_STORE_FALSE_FIRST):
+        return b"{" + body[len(_STORE_FALSE_FIRST) :]
+    if body.endswith(_STORE_FALSE_LAST):
+        return body[: -len(_STORE_FALSE_LAST)] + b"}"
+    return body
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,8 @@ It answers as Azure OpenAI does where Azure differs from OpenAI:
   deployment in the body's `model`. `GET /openai/models?api-version=`.
 - the key in the `api-key` header (401 otherwise, in Azure's shape);
 - Azure's error shapes: `{"error": {"code": "DeploymentNotFound", ...}}`,
+  "Unrecognized request argument supplied: store" on chat completions of an
+  api-version before `STORE_SINCE_API_VERSION`,
   `{"error": {"code": "404", "message": "Resource not found"}}` without an
   api-version, and the content filter's 400 (`code: content_filter` with
   `innererror.content_filter_result`) for a prompt holding `FILTERED_WORD`;
@@ -41,6 +43,9 @@ from gateway.demo.sse import EventStream, dumps, sse_data
 FAKE_AZURE_KEY = "fake-azure-api-key-0123456789abcdef"
 # A prompt holding this word is refused by the fake content filter.
 FILTERED_WORD = "FILTER-ME"
+# Chat completions accept `store` (stored completions) from this API version on;
+# before it Azure refuses the unknown argument.
+STORE_SINCE_API_VERSION = "2025-01-01-preview"
 
 _SAFE = {"filtered": False, "severity": "safe"}
 _FILTER_RESULTS: dict[str, Any] = {
@@ -198,6 +203,22 @@ class FakeAzureOpenAI:
         if FILTERED_WORD in body.decode("utf-8", "replace"):
             return _content_filter_error()
         if operation == "chat/completions":
+            version = (query.get("api-version") or [""])[0]
+            if "store" in payload and not v1 and version < STORE_SINCE_API_VERSION:
+                return Response(
+                    dumps(
+                        {
+                            "error": {
+                                "message": "Unrecognized request argument supplied: store",
+                                "type": "invalid_request_error",
+                                "param": None,
+                                "code": None,
+                            }
+                        }
+                    ),
+                    status_code=400,
+                    media_type="application/json",
+                )
             return self._respond(_filtered(answers.chat_completion(payload)))
         if operation == "completions":
             return self._respond(answers.completion(payload))

@@ -206,3 +206,21 @@ def test_the_shipped_example_file_is_valid() -> None:
     env = {"AZURE_OPENAI_KEY_CH": "a", "OPENAI_EU_KEY": "b"}
     names = [u.name for u in load_upstreams(CONFIG_DIR / "upstreams.example.toml", env)]
     assert names == ["azure-ch", "openai-eu"]
+
+
+def test_azure_chat_completions_lose_the_gateway_s_store_false() -> None:
+    """Spliced first or re-serialised last, the added store false is taken off for Azure chat."""
+    azure = _upstream(_azure("a", "ch"))
+    spliced = b'{"store":false,"model":"gpt-4o-mini","messages":[]}'
+    last = b'{"model":"gpt-4o-mini","stream":true,"store":false}'
+    assert (
+        azure.body("/chat/completions", spliced, "gpt-4o-mini", "application/json")
+        == b'{"model":"gpt-4o-mini","messages":[]}'
+    )
+    assert (
+        azure.body("/chat/completions", last, "gpt-4o-mini", "application/json")
+        == b'{"model":"gpt-4o-mini","stream":true}'
+    )
+    kept = b'{"model":"gpt-4o-mini","store":true}'
+    assert azure.body("/chat/completions", kept, "gpt-4o-mini", "application/json") is kept
+    assert b'"store":false' in azure.body("/responses", spliced, "gpt-4o-mini", "application/json")
