@@ -93,6 +93,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--check-mock", action="store_true", help="only start the mock and show its pacing"
     )
+    p.add_argument(
+        "--key-limits",
+        action="store_true",
+        help="give the benchmark key a monthly cap and rate limits it never reaches",
+    )
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs, databases)")
     p.add_argument("--out", type=Path, default=BENCH / "results")
     a = p.parse_args(argv)
@@ -160,7 +165,7 @@ def main(argv: list[str]) -> int:
                 assert gw_cmd is not None
                 gw = Gateway(gw_cmd, db, mock, rundir, a.gateway_core)
                 log(f"[{name}] preparing database ({db.url})")
-                gw.prepare()
+                gw.prepare(key_limits=a.key_limits)
                 gw.serve()
                 log(f"[{name}] gateway pid {gw.proc.pid} on {gw.base}")
                 ev0, hits0 = 0, mock.hits()

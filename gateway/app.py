@@ -34,6 +34,7 @@ from gateway.routes import all_routes
 from gateway.services import Services, build_alerts, build_credit, build_router
 from gateway.settings import Settings
 from gateway.storage import AnyDatabase, open_database
+from gateway.storage.limits import LimitStore
 from gateway.storage.metering import MeteringStore
 from gateway.storage.residency import ResidencyStore
 
@@ -117,6 +118,11 @@ def create_app(
             credit=credit,
             alerts=alerts,
             dispatcher=dispatcher,
+            limits=LimitStore(
+                db,
+                hold_ttl_seconds=settings.hold_ttl_seconds,
+                cache_seconds=settings.auth_cache_seconds,
+            ),
         )
         holder["services"] = current
         app.state.services = current

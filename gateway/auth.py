@@ -30,6 +30,8 @@ class Caller:
     device_id: str | None
     is_service: bool = False
     role: KeyRole | None = None
+    # The key it came with (None for the service token), for its limits.
+    key: KeyIdentity | None = None
 
     @property
     def is_admin(self) -> bool:
@@ -101,7 +103,12 @@ class Authenticator:
         identity = await self.identify(token)
         if identity is None:
             raise unauthorized("Invalid API key.")
-        return Caller(practice_id=identity.practice_id, device_id=device_id, role=identity.role)
+        return Caller(
+            practice_id=identity.practice_id,
+            device_id=device_id,
+            role=identity.role,
+            key=identity,
+        )
 
 
 def admin_key_required() -> GatewayError:

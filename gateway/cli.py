@@ -93,6 +93,15 @@ def _parser() -> argparse.ArgumentParser:
         "the price entry each resolves to (exit status 1 when one has none)",
     )
     check.add_argument("--days", type=int, default=30, help="how far back to look (default 30)")
+    limits_key = key_commands.add_parser(
+        "limits",
+        help="show or set a key's limits (monthly cap, requests and tokens per minute); "
+        "'none' removes one",
+    )
+    limits_key.add_argument("prefix", help="the key's prefix (aza_ and 6 characters)")
+    limits_key.add_argument("--monthly-cap-usd", help="USD per budget period, or none")
+    limits_key.add_argument("--requests-per-minute", help="a whole number, or none")
+    limits_key.add_argument("--tokens-per-minute", help="a whole number, or none")
     return parser
 
 
@@ -230,6 +239,54 @@ async def _key_role(settings: Settings, args: argparse.Namespace) -> int:
     return await _with_store(settings, action)
 
 
+async def _key_limits(settings: Settings, args: argparse.Namespace) -> int:
+    from budget.limits import Scope
+    from gateway.alerts.events import usd_text
+    from gateway.errors import GatewayError
+    from gateway.routes.limits import parse_limits
+    from gateway.storage.limits import LimitStore
+
+    changes: dict[str, object] = {}
+    for name in ("monthly_cap_usd", "requests_per_minute", "tokens_per_minute"):
+        raw = getattr(args, name)
+        if raw is None:
+            continue
+        if raw.strip().lower() == "none":
+            changes[name] = None
+        elif name == "monthly_cap_usd":
+            changes[name] = raw.strip()
+        elif raw.strip().isdigit():
+            changes[name] = int(raw)
+        else:
+            print(f"--{name.replace('_', '-')} must be a whole number or none", file=sys.stderr)
+            return 2
+
+    async def action(store: MeteringStore, db: AnyDatabase) -> int:
+        practices = await store.practices_of_prefix(args.prefix)
+        if len(practices) != 1:
+            print(f"no single active key matches {args.prefix!r}", file=sys.stderr)
+            return 1
+        limits_store = LimitStore(db)
+        limits = await limits_store.get(practices[0], Scope.KEY, args.prefix)
+        if changes:
+            try:
+                limits = parse_limits(changes, limits)
+            except GatewayError as exc:
+                print(exc.message, file=sys.stderr)
+                return 2
+            await limits_store.put(practices[0], Scope.KEY, args.prefix, limits)
+        cap = limits.monthly_cap_micros
+        print(f"key {args.prefix} of practice {practices[0]}:")
+        print(f"  monthly_cap_usd: {'none' if cap is None else usd_text(cap)}")
+        print(f"  requests_per_minute: {limits.requests_per_minute or 'none'}")
+        print(f"  tokens_per_minute: {limits.tokens_per_minute or 'none'}")
+        if changes:
+            print(f"gateways apply it within {settings.auth_cache_seconds:g} s")
+        return 0
+
+    return await _with_store(settings, action)
+
+
 async def _verify(settings: Settings) -> int:
     async def action(store: MeteringStore, db: AnyDatabase) -> int:
         mismatches = await store.totals_mismatches()
@@ -330,6 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(_key_role(settings, args))
         if command == "prices" and args.action == "check":
             return _run(_prices_check(settings, args))
+        if command == "key" and args.action == "limits":
+            return _run(_key_limits(settings, args))
     except KeyboardInterrupt:
         return 0
     raise AssertionError(f"unhandled command {command}")

@@ -13,6 +13,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from budget.limits import Limits
+
 
 class KeyRole(enum.StrEnum):
     ADMIN = "admin"
@@ -39,7 +41,15 @@ def parse_new_role(raw: object) -> KeyRole | None:
 
 @dataclass(frozen=True, slots=True)
 class KeyIdentity:
-    """What a valid gateway key stands for: its practice and its role."""
+    """What a valid gateway key stands for: its practice and its role.
+
+    With it, read in the same query and cached with it: the key's prefix,
+    its limits (None: none) and whether its practice has any device limits,
+    so that a key without limits costs the gate nothing (issue 18).
+    """
 
     practice_id: str
     role: KeyRole
+    key_prefix: str | None = None
+    limits: Limits | None = None
+    device_limits: bool = False

@@ -86,7 +86,8 @@ class GatewayMetrics:
         self.gate_decisions = Labelled(
             Counter(
                 "aza_gateway_gate_decisions",
-                "Budget gate decisions (admitted, admitted_after_topup, blocked, license_problem).",
+                "Budget gate decisions (admitted, admitted_after_topup, blocked, license_problem, "
+                "rate_limited, cap_reached).",
                 ["decision"],
                 registry=self.registry,
             )

@@ -20,7 +20,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import TYPE_CHECKING
@@ -29,6 +29,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from budget.estimate import estimate_usage
+from budget.limits import Subject
 from budget.money import cost_to_micros, with_uplift
 from budget.operations import (
     AUDIO_UPLOADS,
@@ -46,6 +47,16 @@ from credit.ports import DatabaseUnavailable
 from gateway.auth import Caller, require_practice
 from gateway.errors import GatewayError, bad_request, unavailable
 from gateway.files import CALLER
+from gateway.limiting import (
+    cap_reached,
+    device_subject,
+    hold_caps,
+    rate_limited,
+    release_limits,
+    settle_limits,
+    subjects_of,
+    take_rates,
+)
 from gateway.messages import (
     ACTIONABLE_TOPUP_CODES,
     BUDGET_EXHAUSTED,
@@ -66,6 +77,7 @@ from gateway.services import Services
 from gateway.settings import Settings
 from gateway.storage.budget_state import BudgetState
 from gateway.storage.holds import Hold, Reservation
+from gateway.storage.limits import CapHold
 from gateway.storage.price_watch import PriceWatch
 
 if TYPE_CHECKING:
@@ -232,6 +244,8 @@ class _Admitted:
     estimate: Usage
     device_id: str | None
     route: Route
+    # The holds on the caps of the caller's key or device (issue 18); none without caps.
+    caps: Sequence[CapHold] = ()
 
 
 @dataclass
@@ -369,9 +383,33 @@ class MeteringMiddleware:
         except UnpricedModel:
             await _record_refusal(services, info.model)
             raise model_not_priced(info.model) from None
+        subjects: list[Subject] = []
+        key = caller.key
+        if key is not None and (key.limits is not None or key.device_limits):
+            # Only a key (or a practice) with limits gets here: they came with the key lookup.
+            device = await device_subject(services.limits, caller, practice_id)
+            subjects = subjects_of(caller, device)
+        if subjects:
+            refused = await take_rates(
+                services.limits,
+                subjects,
+                estimate,
+                window_seconds=settings.rate_limit_window_seconds,
+            )
+            if refused is not None:
+                services.metrics.gate_decisions.labels("rate_limited").inc()
+                language = await services.alerts.language(practice_id)
+                raise rate_limited(refused[0], refused[1], language)
         hold = await self._gate(services, practice_id, request_id, estimate_micros)
+        caps: Sequence[CapHold] = ()
+        if subjects:
+            caps, full = await hold_caps(services.limits, subjects, hold, estimate_micros)
+            if full is not None:
+                await services.metering.release(hold)
+                services.metrics.gate_decisions.labels("cap_reached").inc()
+                raise cap_reached(full, await services.alerts.language(practice_id))
         scope["state"][UPSTREAM_ROUTE] = route
-        return _Admitted(hold, info, forward, estimate, caller.device_id, route)
+        return _Admitted(hold, info, forward, estimate, caller.device_id, route, caps)
 
     async def _forward_metered(
         self, services: Services, admitted: _Admitted, scope: Scope, receive: Receive, send: Send
@@ -474,6 +512,8 @@ class MeteringMiddleware:
         try:
             if not 200 <= watch.status < 300:
                 await metering.release(hold)
+                if admitted.caps:
+                    await release_limits(services.limits, admitted.caps)
                 return
             await _ensure_alert_marks(services, hold)
             usage = _usage_of(admitted.info, admitted.estimate, watch)
@@ -493,6 +533,13 @@ class MeteringMiddleware:
                 status="success" if watch.completed else "partial",
                 started_at=started_at,
             )
+            if admitted.caps:
+                await settle_limits(
+                    services.limits,
+                    admitted.caps,
+                    cost,
+                    retry_seconds=metering.retry_seconds,
+                )
             if settlement.event_id is not None:
                 metrics.usage_cost.inc(cost)
                 metrics.usage_events.labels(

@@ -29,6 +29,7 @@ from gateway.residency import Residency
 from gateway.routing import Router, Upstream
 from gateway.settings import Settings
 from gateway.storage import AnyDatabase
+from gateway.storage.limits import LimitStore
 from gateway.storage.metering import MeteringStore
 from gateway.storage.residency import ResidencyStore
 from gateway.upstream import NoProxy, ProxyConfig, Timeouts, UpstreamClient
@@ -141,6 +142,7 @@ class Services:
     credit: CreditService
     alerts: AlertStore
     dispatcher: AlertDispatcher
+    limits: LimitStore
     clock: Callable[[], float] = time.monotonic
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     _topups_in_flight: set[str] = field(default_factory=set)
@@ -194,6 +196,11 @@ class Services:
         while True:
             await asyncio.sleep(interval)
             rounds += 1
+            try:
+                window_ms = int(self.settings.rate_limit_window_seconds * 1000)
+                await self.limits.sweep(window_ms=window_ms)
+            except Exception:
+                log.exception("sweeping limit holds and rate windows failed")
             try:
                 swept = await self.metering.sweep_expired_holds()
                 if swept:

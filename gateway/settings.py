@@ -305,6 +305,7 @@ class Settings:
             alert_poll_seconds=float(env.get("AZA_ALERT_POLL_SECONDS", 5.0)),
             alert_retry_base_seconds=float(env.get("AZA_ALERT_RETRY_BASE_SECONDS", 30.0)),
             alert_max_attempts=_int(env, "AZA_ALERT_MAX_ATTEMPTS", 12),
+            rate_limit_window_seconds=float(env.get("AZA_RATE_LIMIT_WINDOW_SECONDS", 60.0)),
             log_level=env.get("AZA_LOG_LEVEL", "info"),
             access_log=_flag(env, "AZA_ACCESS_LOG", False),
             console_secret=Secret(env.get("AZA_CONSOLE_SECRET", "")),

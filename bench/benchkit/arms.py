@@ -100,7 +100,7 @@ class Gateway:
             )
         return r.stdout
 
-    def prepare(self) -> None:
+    def prepare(self, *, key_limits: bool = False) -> None:
         self.cli("migrate")
         self.cli("license", "create", "--practice", PRACTICE, "--plan", "aza_basic_monthly")
         self.db.add_credit()
@@ -108,6 +108,20 @@ class Gateway:
         if not out or not out[-1].strip():
             raise BenchError("`aza-gateway key create` printed no key")
         self.key = out[-1].strip()
+        if key_limits:
+            # Limits far above what the run sends (issue 18): the gate's limit path is
+            # measured (cap holds, rate windows), never a refusal.
+            self.cli(
+                "key",
+                "limits",
+                self.key[:10],
+                "--monthly-cap-usd",
+                "1000000",
+                "--requests-per-minute",
+                "1000000000",
+                "--tokens-per-minute",
+                "1000000000000",
+            )
 
     def serve(self) -> None:
         self.port = free_port()

@@ -86,6 +86,7 @@ class AlertStore:
         self._clock = clock
         # (practice, period start, budget) whose marks this process wrote or found.
         self._marked: set[tuple[str, int, int]] = set()
+        self._languages: dict[str, tuple[float, AlertLanguage]] = {}
 
     # -- settings ---------------------------------------------------------
 
@@ -149,6 +150,19 @@ class AlertStore:
                 )
                 await self._write_marks(conn, practice_id, start, budget, settings)
         self._marked = {m for m in self._marked if m[0] != practice_id}
+        self._languages.pop(practice_id, None)
+
+    async def language(self, practice_id: str) -> AlertLanguage:
+        """The practice's language (its alert settings'), cached for a minute."""
+        now = self._clock()
+        cached = self._languages.get(practice_id)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        language = (await self.settings(practice_id)).language
+        if len(self._languages) > 10_000:
+            self._languages.clear()
+        self._languages[practice_id] = (now + 60.0, language)
+        return language
 
     # -- marks ------------------------------------------------------------
 

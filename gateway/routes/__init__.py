@@ -5,7 +5,16 @@ from __future__ import annotations
 from starlette.routing import BaseRoute
 
 from gateway.console import routes as console
-from gateway.routes import admin, alerts, credit, health, residency, stripe_webhook, usage
+from gateway.routes import (
+    admin,
+    alerts,
+    credit,
+    health,
+    limits,
+    residency,
+    stripe_webhook,
+    usage,
+)
 
 
 def all_routes() -> list[BaseRoute]:
@@ -15,6 +24,7 @@ def all_routes() -> list[BaseRoute]:
         *credit.routes,
         *usage.routes,
         *alerts.routes,
+        *limits.routes,
         *admin.routes,
         *residency.routes,
         *stripe_webhook.routes,

@@ -14,8 +14,20 @@ from typing import Any
 
 from credit.ports import Database
 from gateway.keys import KeyIdentity, KeyRole
+from gateway.storage.limits import limits_of
 
 KEY_PREFIX = "aza_"
+
+# A key, its limits and whether its practice limits devices: one query (issue 18).
+_IDENTIFY_SQL = (
+    "SELECT k.practice_id, k.role, k.key_prefix, l.monthly_cap_micro_usd, "
+    "l.requests_per_minute, l.tokens_per_minute, "
+    "(SELECT 1 FROM ai_spend_limits AS d WHERE d.practice_id = k.practice_id "
+    "AND d.scope = 'device' LIMIT 1) AS device_limits "
+    "FROM gateway_keys AS k LEFT JOIN ai_spend_limits AS l ON l.practice_id = k.practice_id "
+    "AND l.scope = 'key' AND l.subject = k.key_prefix "
+    "WHERE k.key_hash = ? AND k.revoked_at IS NULL"
+)
 
 
 def hash_key(raw_key: str) -> str:
@@ -88,14 +100,26 @@ class KeyStore:
     async def identify_key_hash(self, key_hash: str) -> KeyIdentity | None:
         """Like `identify_key`, by the key's hash (the console's session holds only that)."""
         async with self.db.read() as conn:
-            row = await conn.fetchone(
-                "SELECT practice_id, role FROM gateway_keys "
-                "WHERE key_hash = ? AND revoked_at IS NULL",
-                key_hash,
-            )
+            row = await conn.fetchone(_IDENTIFY_SQL, key_hash)
         if row is None:
             return None
-        return KeyIdentity(practice_id=str(row["practice_id"]), role=KeyRole(row["role"]))
+        return KeyIdentity(
+            practice_id=str(row["practice_id"]),
+            role=KeyRole(row["role"]),
+            key_prefix=row["key_prefix"],
+            limits=limits_of(row),
+            device_limits=row["device_limits"] is not None,
+        )
+
+    async def practices_of_prefix(self, key_prefix: str) -> list[str]:
+        """The practices of the active keys shown with `key_prefix` (normally one)."""
+        async with self.db.read() as conn:
+            rows = await conn.fetchall(
+                "SELECT DISTINCT practice_id FROM gateway_keys "
+                "WHERE key_prefix = ? AND revoked_at IS NULL",
+                key_prefix,
+            )
+        return [str(row["practice_id"]) for row in rows]
 
     async def practice_for_key(self, raw_key: str) -> str | None:
         """The practice a (not revoked) gateway key belongs to."""

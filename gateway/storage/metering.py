@@ -109,6 +109,7 @@ class MeteringStore:
         self.identify_key_hash = self.keys.identify_key_hash
         self.practice_for_key = self.keys.practice_for_key
         self.list_keys = self.keys.list_keys
+        self.practices_of_prefix = self.keys.practices_of_prefix
         self.sweep_expired_holds = self.upkeep.sweep_expired_holds
         self.vacuum_holds = self.upkeep.vacuum_holds
         self.active_holds = self.upkeep.active_holds

@@ -1,0 +1,259 @@
+"""Per-key and per-device limits on the database: settings, cap holds and spend, rate windows.
+
+Everything here is enforced by the database, so several instances share
+one count: a cap is checked and its hold placed in one transaction locked
+on the subject (`limit:<practice>:<scope>:<name>`); a rate window is
+counted by one conditional upsert. Only requests of subjects with limits
+come here; a key's limits arrive with the key itself (`KeyStore`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from budget.limits import Limits, Scope, Subject, Window, cap_admits
+from credit.ports import Database, Row
+
+# A window's count is refused past this when only the other rate is limited.
+_NO_LIMIT = 2**62
+
+
+@dataclass(frozen=True, slots=True)
+class CapHold:
+    """A capped subject's estimate of one request in flight."""
+
+    subject: Subject
+    hold_id: str
+    amount_micros: int
+    period_start: int
+
+
+def limits_of(row: Row | None, prefix: str = "") -> Limits | None:
+    """The limits in a row's `<prefix>monthly_cap_micro_usd`… columns; None when it has none."""
+    if row is None:
+        return None
+    cap = row[prefix + "monthly_cap_micro_usd"]
+    rpm = row[prefix + "requests_per_minute"]
+    tpm = row[prefix + "tokens_per_minute"]
+    limits = Limits(
+        monthly_cap_micros=None if cap is None else int(cap),
+        requests_per_minute=None if rpm is None else int(rpm),
+        tokens_per_minute=None if tpm is None else int(tpm),
+    )
+    return None if limits.empty else limits
+
+
+def subject_lock(subject: Subject) -> str:
+    return f"limit:{subject.practice_id}:{subject.scope}:{subject.name}"
+
+
+class LimitStore:
+    """The limit tables on one `Database`, with a short cache of device limits."""
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        hold_ttl_seconds: int = 900,
+        cache_seconds: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.db = db
+        self.hold_ttl_seconds = hold_ttl_seconds
+        self.cache_seconds = cache_seconds
+        self._clock = clock
+        self._devices: dict[tuple[str, str], tuple[float, Limits | None]] = {}
+
+    # -- settings -----------------------------------------------------------
+
+    async def get(self, practice_id: str, scope: Scope, name: str) -> Limits:
+        async with self.db.read() as conn:
+            row = await conn.fetchone(
+                "SELECT monthly_cap_micro_usd, requests_per_minute, tokens_per_minute "
+                "FROM ai_spend_limits WHERE practice_id = ? AND scope = ? AND subject = ?",
+                practice_id,
+                str(scope),
+                name,
+            )
+        return limits_of(row) or Limits()
+
+    async def put(self, practice_id: str, scope: Scope, name: str, limits: Limits) -> None:
+        """Set (or, when `limits` is empty, remove) the limits of a key or device."""
+        async with self.db.transaction(lock=practice_id) as conn:
+            if limits.empty:
+                await conn.execute(
+                    "DELETE FROM ai_spend_limits WHERE practice_id = ? AND scope = ? "
+                    "AND subject = ?",
+                    practice_id,
+                    str(scope),
+                    name,
+                )
+            else:
+                await conn.execute(
+                    "INSERT INTO ai_spend_limits (practice_id, scope, subject, "
+                    "monthly_cap_micro_usd, requests_per_minute, tokens_per_minute, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (practice_id, scope, subject) "
+                    "DO UPDATE SET monthly_cap_micro_usd = excluded.monthly_cap_micro_usd, "
+                    "requests_per_minute = excluded.requests_per_minute, "
+                    "tokens_per_minute = excluded.tokens_per_minute, "
+                    "updated_at = excluded.updated_at",
+                    practice_id,
+                    str(scope),
+                    name,
+                    limits.monthly_cap_micros,
+                    limits.requests_per_minute,
+                    limits.tokens_per_minute,
+                    int(self._clock()),
+                )
+        self._devices.clear()
+
+    async def device_limits(self, practice_id: str, device_id: str) -> Limits | None:
+        """A device's limits (cached for `cache_seconds`, like key lookups)."""
+        now = self._clock()
+        cached = self._devices.get((practice_id, device_id))
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        async with self.db.read() as conn:
+            row = await conn.fetchone(
+                "SELECT monthly_cap_micro_usd, requests_per_minute, tokens_per_minute "
+                "FROM ai_spend_limits WHERE practice_id = ? AND scope = 'device' AND subject = ?",
+                practice_id,
+                device_id,
+            )
+        limits = limits_of(row)
+        if len(self._devices) > 10_000:
+            self._devices.clear()
+        self._devices[(practice_id, device_id)] = (now + self.cache_seconds, limits)
+        return limits
+
+    async def used_micros(self, subject: Subject, period_start: int) -> int:
+        async with self.db.read() as conn:
+            value = await conn.fetchval(
+                "SELECT used_micro_usd FROM ai_limit_totals WHERE practice_id = ? AND scope = ? "
+                "AND subject = ? AND period_start = ?",
+                subject.practice_id,
+                str(subject.scope),
+                subject.name,
+                period_start,
+            )
+        return int(value or 0)
+
+    # -- rate windows -------------------------------------------------------
+
+    async def take_rate(self, subject: Subject, *, tokens: int, window: Window) -> bool:
+        """Count one request of `tokens` in `window` if both limits leave room; atomically.
+
+        The first request of a window is always counted (a request larger
+        than tokens_per_minute could otherwise never run).
+        """
+        limits = subject.limits
+        rpm = limits.requests_per_minute
+        tpm = limits.tokens_per_minute
+        async with self.db.transaction() as conn:
+            row = await conn.fetchone(
+                "INSERT INTO ai_rate_windows AS w (practice_id, scope, subject, window_start, "
+                "requests, tokens) VALUES (?, ?, ?, ?, 1, ?) "
+                "ON CONFLICT (practice_id, scope, subject, window_start) DO UPDATE SET "
+                "requests = w.requests + 1, tokens = w.tokens + excluded.tokens "
+                "WHERE w.requests + 1 <= ? AND w.tokens + excluded.tokens <= ? "
+                "RETURNING requests",
+                subject.practice_id,
+                str(subject.scope),
+                subject.name,
+                window.start_ms,
+                tokens,
+                _NO_LIMIT if rpm is None else rpm,
+                _NO_LIMIT if tpm is None else tpm,
+            )
+        return row is not None
+
+    # -- caps ---------------------------------------------------------------
+
+    async def hold_cap(
+        self, subject: Subject, *, hold_id: str, estimate_micros: int, period_start: int
+    ) -> CapHold | None:
+        """Place the request's estimate against the subject's cap, or None when it does not fit."""
+        cap = subject.limits.monthly_cap_micros
+        assert cap is not None
+        now = int(self._clock())
+        amount = max(1, estimate_micros)
+        key: tuple[Any, ...] = (subject.practice_id, str(subject.scope), subject.name)
+        async with self.db.transaction(lock=subject_lock(subject)) as conn:
+            row = await conn.fetchone(
+                "SELECT (SELECT COALESCE(SUM(used_micro_usd), 0) FROM ai_limit_totals "
+                "WHERE practice_id = ? AND scope = ? AND subject = ? AND period_start = ?) "
+                "AS used, "
+                "(SELECT COALESCE(SUM(amount_micro_usd), 0) FROM ai_limit_holds "
+                "WHERE practice_id = ? AND scope = ? AND subject = ? AND expires_at > ?) AS held",
+                *key,
+                period_start,
+                *key,
+                now,
+            )
+            assert row is not None  # aggregates: one row
+            if not cap_admits(
+                used_micros=int(row["used"]),
+                held_micros=int(row["held"]),
+                estimate_micros=amount,
+                cap_micros=cap,
+            ):
+                return None
+            await conn.execute(
+                "INSERT INTO ai_limit_holds (practice_id, scope, subject, hold_id, "
+                "amount_micro_usd, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+                *key,
+                hold_id,
+                amount,
+                now + self.hold_ttl_seconds,
+            )
+        return CapHold(subject, hold_id, amount, period_start)
+
+    async def settle_cap(self, hold: CapHold, cost_micros: int) -> None:
+        """Replace the hold with what the request cost, in one transaction (idempotent)."""
+        subject = hold.subject
+        key = (subject.practice_id, str(subject.scope), subject.name)
+        async with self.db.transaction(lock=subject_lock(subject)) as conn:
+            deleted = await conn.execute(
+                "DELETE FROM ai_limit_holds WHERE practice_id = ? AND scope = ? AND subject = ? "
+                "AND hold_id = ?",
+                *key,
+                hold.hold_id,
+            )
+            # Once per hold: a retry after a commit whose answer was lost adds nothing.
+            if deleted and cost_micros > 0:
+                await conn.execute(
+                    "INSERT INTO ai_limit_totals AS t (practice_id, scope, subject, period_start, "
+                    "used_micro_usd) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT (practice_id, scope, subject, period_start) DO UPDATE SET "
+                    "used_micro_usd = t.used_micro_usd + excluded.used_micro_usd",
+                    *key,
+                    hold.period_start,
+                    cost_micros,
+                )
+
+    async def release_cap(self, hold: CapHold) -> None:
+        """Drop the hold without charging (the request was not forwarded or failed)."""
+        subject = hold.subject
+        async with self.db.transaction(lock=subject_lock(subject)) as conn:
+            await conn.execute(
+                "DELETE FROM ai_limit_holds WHERE practice_id = ? AND scope = ? AND subject = ? "
+                "AND hold_id = ?",
+                subject.practice_id,
+                str(subject.scope),
+                subject.name,
+                hold.hold_id,
+            )
+
+    async def sweep(self, *, window_ms: int) -> int:
+        """Delete expired cap holds and rate windows older than two windows."""
+        now = self._clock()
+        async with self.db.transaction() as conn:
+            holds = await conn.execute("DELETE FROM ai_limit_holds WHERE expires_at <= ?", int(now))
+            windows = await conn.execute(
+                "DELETE FROM ai_rate_windows WHERE window_start < ?",
+                int(now * 1000) - 2 * window_ms,
+            )
+        return holds + windows

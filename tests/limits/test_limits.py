@@ -1,0 +1,248 @@
+"""Per-key and per-device limits end to end: caps under a burst, rate limits, the SDK's retry."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from gateway.app import create_app
+from gateway.keys import KeyRole
+from gateway.settings import Settings
+from gateway.storage import AnyDatabase, open_database
+from tests.integration.conftest import Gateway, StartGateway, serve
+
+CHAT: dict[str, Any] = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hallo"}]}
+# About 10,000 prompt tokens of gpt-4o: some 0.025 USD a request, estimated and charged
+# alike (the answer is cut at max_tokens), so a cap of 1 USD admits some 40 of 60.
+DEAR: dict[str, Any] = {
+    "model": "gpt-4o",
+    "messages": [{"role": "user", "content": "Befund " * 5_700}],
+    "max_tokens": 5,
+}
+
+
+def prefix_of(key: str) -> str:
+    return key[:10]
+
+
+async def put_limits(
+    gateway: Gateway, path: str, body: dict[str, Any], *, key: str | None = None
+) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=gateway.root) as http:
+        return await http.put(
+            path, json=body, headers={"authorization": f"Bearer {key or gateway.key}"}
+        )
+
+
+async def rows(db: AnyDatabase, sql: str, *args: Any) -> list[Any]:
+    async with db.read() as conn:
+        return list(await conn.fetchall(sql, *args))
+
+
+async def test_a_capped_key_stays_within_its_cap_in_a_burst(
+    start_gateway: StartGateway, db: AnyDatabase
+) -> None:
+    """A client key capped at 1 USD sends 60 requests at once: what it is charged stays
+    within the cap plus one request's estimation error; the others get the cap's 429."""
+    async with start_gateway() as gateway:
+        prefix = prefix_of(gateway.client_key)
+        answer = await put_limits(
+            gateway, f"/v1/ai-credit/keys/{prefix}/limits", {"monthly_cap_usd": "1.00"}
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["monthly_cap_usd"] == "1.00"
+        client = gateway.client(key=gateway.client_key)
+
+        async def one() -> str:
+            try:
+                await client.chat.completions.create(**DEAR)
+                return "ok"
+            except openai.RateLimitError as exc:
+                assert exc.response.headers["x-should-retry"] == "false"
+                body = exc.response.json()
+                assert body["error"]["type"] == "insufficient_quota"
+                assert body["error_code"] == "KEY_SPENDING_CAP_REACHED"
+                assert "Limit" in body["message_user"]
+                return "capped"
+
+        outcomes = await asyncio.gather(*(one() for _ in range(60)))
+        admitted = outcomes.count("ok")
+        events = await gateway.settled(admitted)
+    assert 30 <= admitted < 60 and outcomes.count("capped") == 60 - admitted
+    costs = [e["estimated_cost_micro_usd"] for e in events]
+    holds = await rows(db, "SELECT hold_micro_usd FROM ai_usage_events ORDER BY id")
+    error = max(max(0, cost - int(h[0])) for cost, h in zip(costs, holds, strict=True))
+    assert sum(costs) <= 1_000_000 + error
+    [total] = await rows(db, "SELECT used_micro_usd FROM ai_limit_totals WHERE subject = ?", prefix)
+    assert int(total[0]) == sum(costs)
+    assert await rows(db, "SELECT * FROM ai_limit_holds") == []
+
+
+async def test_the_sdk_waits_for_retry_after_and_succeeds(start_gateway: StartGateway) -> None:
+    """One request per (1 s) window: the second gets 429 rate_limit_exceeded with
+    retry-after, and the SDK's own retry gets through once the window turned."""
+    async with start_gateway(rate_limit_window_seconds=1.0) as gateway:
+        prefix = prefix_of(gateway.client_key)
+        answer = await put_limits(
+            gateway, f"/v1/ai-credit/keys/{prefix}/limits", {"requests_per_minute": 1}
+        )
+        assert answer.json()["requests_per_minute"] == 1
+        bare = gateway.client(key=gateway.client_key)  # no retries
+        await bare.chat.completions.create(**CHAT)
+        with pytest.raises(openai.RateLimitError) as refused:
+            await bare.chat.completions.create(**CHAT)
+        response = refused.value.response
+        assert response.json()["error"]["code"] == "rate_limit_exceeded"
+        assert response.json()["error_code"] == "KEY_RATE_LIMITED"
+        assert int(response.headers["retry-after"]) == 1
+        assert 0 < int(response.headers["retry-after-ms"]) <= 1000
+
+        retrying = gateway.client(key=gateway.client_key, max_retries=3)
+        before = gateway.fake.requests
+        for _ in range(2):  # each waits for the next window
+            completion = await retrying.chat.completions.create(**CHAT)
+            assert completion.choices[0].message.content
+        assert gateway.fake.requests == before + 2
+        async with httpx.AsyncClient(base_url=gateway.root) as http:
+            metrics = (await http.get("/metrics")).text
+        refusals = [
+            line
+            for line in metrics.splitlines()
+            if line.startswith('aza_gateway_gate_decisions_total{decision="rate_limited"}')
+        ]
+        # The bare client's refusal and at least one the retrying client waited out.
+        assert refusals and float(refusals[0].split()[-1]) >= 2
+        # The admin key has no limits: never refused.
+        await gateway.client().chat.completions.create(**CHAT)
+
+
+async def test_device_limits_apply_to_that_device_only(start_gateway: StartGateway) -> None:
+    """A device limited to one request a window is refused its second; another device of
+    the same key, and requests without X-Device-Id, are not."""
+    async with start_gateway(rate_limit_window_seconds=3600.0) as gateway:
+        answer = await put_limits(
+            gateway, "/v1/ai-credit/devices/empfang-1/limits", {"requests_per_minute": 1}
+        )
+        assert answer.status_code == 200 and answer.json()["device_id"] == "empfang-1"
+        client = gateway.client(key=gateway.client_key)
+        limited = {"extra_headers": {"X-Device-Id": "empfang-1"}}
+        await client.chat.completions.create(**CHAT, **limited)
+        with pytest.raises(openai.RateLimitError) as refused:
+            await client.chat.completions.create(**CHAT, **limited)
+        assert refused.value.response.json()["error_code"] == "DEVICE_RATE_LIMITED"
+        await client.chat.completions.create(**CHAT, extra_headers={"X-Device-Id": "labor-2"})
+        await client.chat.completions.create(**CHAT)
+
+
+async def test_limit_routes_check_input_and_who_asks(
+    start_gateway: StartGateway, db: AnyDatabase
+) -> None:
+    """Bad values are refused with 422 and change nothing; null removes a limit; a client
+    key cannot set limits; the service token uses the admin route; unknown prefixes 404."""
+    async with start_gateway() as gateway:
+        path = f"/v1/ai-credit/keys/{prefix_of(gateway.client_key)}/limits"
+        ok = await put_limits(
+            gateway,
+            path,
+            {"monthly_cap_usd": 2.5, "requests_per_minute": 60, "tokens_per_minute": 100000},
+        )
+        assert ok.json()["monthly_cap_usd"] == "2.50"
+        for body in (
+            {"monthly_cap_usd": "-1"},
+            {"monthly_cap_usd": "lots"},
+            {"requests_per_minute": 0},
+            {"tokens_per_minute": 1.5},
+            {"requests_per_minute": True},
+            {"burst": 3},
+        ):
+            refused = await put_limits(gateway, path, body)
+            assert refused.status_code == 422, body
+        async with httpx.AsyncClient(base_url=gateway.root) as http:
+            shown = await http.get(path, headers={"authorization": f"Bearer {gateway.key}"})
+            assert shown.json()["monthly_cap_usd"] == "2.50"
+            assert shown.json()["tokens_per_minute"] == 100000
+            assert shown.json()["used_this_period_usd"] == "0.00"
+        cleared = await put_limits(gateway, path, {"monthly_cap_usd": None})
+        assert cleared.json()["monthly_cap_usd"] is None
+        assert cleared.json()["requests_per_minute"] == 60
+        as_client = await put_limits(
+            gateway, path, {"monthly_cap_usd": "9"}, key=gateway.client_key
+        )
+        assert as_client.status_code == 403
+        missing = await put_limits(gateway, "/v1/ai-credit/keys/aza_nokey/limits", {})
+        assert missing.status_code == 404
+        all_off = await put_limits(
+            gateway, path, {"requests_per_minute": None, "tokens_per_minute": None}
+        )
+        assert all_off.json()["requests_per_minute"] is None
+        assert await rows(db, "SELECT * FROM ai_spend_limits") == []
+
+
+@pytest.fixture
+async def second_db(database_url: str) -> AsyncIterator[AnyDatabase]:
+    other = await open_database(database_url, pool_size=10)
+    try:
+        yield other
+    finally:
+        await other.close()
+
+
+@pytest.mark.postgres
+async def test_rates_hold_over_two_instances(
+    start_gateway: StartGateway,
+    second_db: AnyDatabase,
+    gateway_settings: Settings,
+    db: AnyDatabase,
+) -> None:
+    """Two gateway instances (their own pools and caches, one PostgreSQL) share a key's
+    windows: of 30 requests at once, exactly requests_per_minute get through; with a
+    tokens_per_minute of five requests' tokens, exactly five."""
+    if db.dialect != "postgresql":
+        pytest.skip("several instances share one ledger on PostgreSQL only")
+    settings = replace(gateway_settings, rate_limit_window_seconds=3600.0)
+    async with (
+        start_gateway(rate_limit_window_seconds=3600.0) as gateway,
+        serve(create_app(settings, database=second_db)) as other_root,
+    ):
+        path = f"/v1/ai-credit/keys/{prefix_of(gateway.client_key)}/limits"
+        await put_limits(gateway, path, {"requests_per_minute": 10})
+        clients = [
+            gateway.client(key=gateway.client_key),
+            openai.AsyncOpenAI(
+                base_url=other_root + "/v1", api_key=gateway.client_key, max_retries=0
+            ),
+        ]
+        gateway.clients.append(clients[1])
+
+        async def burst(n: int) -> int:
+            async def one(i: int) -> bool:
+                try:
+                    await clients[i % 2].chat.completions.create(**CHAT)
+                    return True
+                except openai.RateLimitError:
+                    return False
+
+            return sum(await asyncio.gather(*(one(i) for i in range(n))))
+
+        assert await burst(30) == 10
+        [window] = await rows(db, "SELECT requests, tokens FROM ai_rate_windows")
+        per_request = int(window[1]) // int(window[0])
+        # A second key, never seen by either instance yet: tokens for five requests.
+        second = await gateway.metering.create_key(gateway.practice, role=KeyRole.CLIENT)
+        await put_limits(
+            gateway,
+            f"/v1/ai-credit/keys/{prefix_of(second)}/limits",
+            {"tokens_per_minute": 5 * per_request},
+        )
+        clients = [
+            gateway.client(key=second),
+            openai.AsyncOpenAI(base_url=other_root + "/v1", api_key=second, max_retries=0),
+        ]
+        gateway.clients.append(clients[1])
+        assert await burst(20) == 5
