@@ -33,6 +33,9 @@ class Operation(StrEnum):
     MODERATION = "moderation"
     # Forwarded for an authenticated caller, never billed.
     MODELS = "models"
+    # A stored response, forwarded only for the practice that created it
+    # (a background response is settled when it is seen finished).
+    RESPONSE_OBJECT = "response_object"
     # Content kept upstream (stored chat completions): forwarded, never billed,
     # and only where storage is allowed (zero retention refuses it otherwise).
     STORED_CONTENT = "stored_content"
@@ -45,7 +48,13 @@ class Operation(StrEnum):
 
 # Operations that are forwarded without a hold or a usage event.
 UNMETERED = frozenset(
-    {Operation.MODELS, Operation.STORED_CONTENT, Operation.FILES, Operation.BATCHES}
+    {
+        Operation.MODELS,
+        Operation.STORED_CONTENT,
+        Operation.FILES,
+        Operation.BATCHES,
+        Operation.RESPONSE_OBJECT,
+    }
 )
 # Operations the gateway answers itself (after authenticating), not the plain proxy.
 OWN_HANDLERS = frozenset({Operation.FILES, Operation.BATCHES})
@@ -102,6 +111,10 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("POST", "/v1/images/edits", Operation.IMAGE_EDIT),
     Endpoint("POST", "/v1/images/variations", Operation.IMAGE_VARIATION),
     Endpoint("POST", "/v1/moderations", Operation.MODERATION),
+    Endpoint("GET", "/v1/responses/{response_id}", Operation.RESPONSE_OBJECT),
+    Endpoint("DELETE", "/v1/responses/{response_id}", Operation.RESPONSE_OBJECT),
+    Endpoint("POST", "/v1/responses/{response_id}/cancel", Operation.RESPONSE_OBJECT),
+    Endpoint("GET", "/v1/responses/{response_id}/input_items", Operation.RESPONSE_OBJECT),
     Endpoint("GET", "/v1/models", Operation.MODELS),
     Endpoint("GET", "/v1/models/{model}", Operation.MODELS),
     # Stored chat completions (OpenAI keeps them when `store` is true).

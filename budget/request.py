@@ -67,6 +67,8 @@ class RequestInfo:
     choices: int = 1
     # The client's own `store` (None: not set; the body forwarded says false).
     store: bool | None = None
+    # Responses `background: true`: answered at once, run and billed later.
+    background: bool = False
     response_format: str | None = None
     service_tier: str | None = None
     web_search_preview: bool = False
@@ -108,6 +110,7 @@ def parse_request(
 
     max_output_tokens: int | None = None
     web_search_preview = False
+    background = False
     choices = 1
     input_chars = 0
     characters = 0
@@ -128,6 +131,7 @@ def parse_request(
         max_output_tokens = _optional_count(data, "max_output_tokens")
         input_chars = _text_chars(data.get("input")) + _text_chars(data.get("instructions"))
         web_search_preview = _uses_web_search_preview(data.get("tools"))
+        background = _optional_bool(data, "background") or False
     elif operation in (Operation.EMBEDDING, Operation.MODERATION):
         input_chars = _text_chars(data.get("input"))
     elif operation is Operation.SPEECH:
@@ -158,6 +162,7 @@ def parse_request(
         store=store,
         service_tier=service_tier,
         web_search_preview=web_search_preview,
+        background=background,
     )
     add_store = store is None and operation in STORE_DEFAULTED
     if operation in USAGE_INJECTED and stream and not client_wants_usage:

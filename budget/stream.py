@@ -267,6 +267,8 @@ class TypedEventStreamTap(StreamTap):
     def __init__(self, info: RequestInfo, kinds: _EventKinds) -> None:
         super().__init__(info)
         self._kinds = kinds
+        # The id of the object a final event names (a Responses response).
+        self.object_id: str | None = None
 
     def _on_event(self, event: bytes) -> bool:
         kinds = self._kinds
@@ -279,6 +281,9 @@ class TypedEventStreamTap(StreamTap):
         if data is None:
             return True
         usage = kinds.read(self.info, data)
+        response = data.get("response")
+        if isinstance(response, dict) and isinstance(response.get("id"), str):
+            self.object_id = response["id"]
         if kinds.each_adds:
             if usage is not None:
                 self._usage = _added(self._usage, usage)

@@ -24,10 +24,11 @@ from starlette.routing import Route
 
 from budget.operations import methods_by_template
 from gateway.auth import Authenticator
+from gateway.background import BackgroundResponses
 from gateway.batches import BatchService, files_and_batches_app
 from gateway.errors import GatewayError, not_found
 from gateway.metrics import GatewayMetrics
-from gateway.middleware import MeteringMiddleware, RequestContextMiddleware
+from gateway.middleware import MeteringMiddleware, Pricing, RequestContextMiddleware
 from gateway.proxy import Proxy
 from gateway.residency import Residency
 from gateway.routes import all_routes
@@ -66,6 +67,7 @@ def create_app(
     *,
     database: AnyDatabase | None = None,
     maintenance_interval: float = 60.0,
+    background_poll_seconds: float = 5.0,
 ) -> Starlette:
     """The gateway app for `settings`.
 
@@ -132,6 +134,14 @@ def create_app(
         background = [
             asyncio.create_task(current.maintenance_loop(maintenance_interval), name="maintenance"),
             asyncio.create_task(dispatcher.run(), name="alerts"),
+            asyncio.create_task(
+                BackgroundResponses(
+                    current,
+                    price=Pricing(settings).cost_micros,
+                    poll_seconds=background_poll_seconds,
+                ).follow(),
+                name="background responses",
+            ),
         ]
         background.append(
             asyncio.create_task(

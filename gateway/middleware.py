@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from decimal import Decimal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -40,11 +40,12 @@ from budget.operations import (
 )
 from budget.pricing import PriceBook, UnpricedModel
 from budget.request import InvalidRequest, RequestInfo, parse_request
-from budget.response import usage_from_response
+from budget.response import exact_json, usage_from_response
 from budget.stream import StreamTap, stream_tap_for
 from budget.usage import Usage
 from credit.ports import DatabaseUnavailable
 from gateway.auth import Caller, require_practice
+from gateway.background import FINISHED, RUNNING, BackgroundResponses, response_status
 from gateway.errors import GatewayError, bad_request, unavailable
 from gateway.files import CALLER
 from gateway.limiting import (
@@ -256,8 +257,9 @@ class _Watch:
     completed: bool = False
     tap: StreamTap | None = None
     kept: bytearray | None = None
-    # The price uplift of the upstream that answered (percent).
+    # The price uplift of the upstream that answered (percent), and its name.
     uplift: Decimal = Decimal(0)
+    upstream: str | None = None
 
 
 class MeteringMiddleware:
@@ -320,6 +322,14 @@ class MeteringMiddleware:
                 return
             # Model listing and stored content: authenticated, not metered.
             practice_id = caller.practice_id
+            if endpoint.operation is Operation.RESPONSE_OBJECT:
+                try:
+                    await self._forward_owned(
+                        services, match.params["response_id"], caller, scope, receive, send
+                    )
+                except GatewayError as exc:
+                    await exc.send(send, request_id)
+                return
             if endpoint.operation is Operation.STORED_CONTENT and not (
                 services.residency.store_allowed(practice_id)
                 if practice_id
@@ -334,6 +344,94 @@ class MeteringMiddleware:
             await self.proxy(scope, receive, send)
             return
         await self._forward_metered(services, admitted, scope, receive, send)
+
+    async def _forward_owned(
+        self,
+        services: Services,
+        response_id: str,
+        caller: Caller,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        """A stored response's routes, for the practice that made it only (others get 404).
+
+        Sent to the upstream that made it. When a background response not yet
+        settled comes back finished (a poll or a cancel), it is settled here.
+        """
+        practice_id = require_practice(caller)
+        background = self._background(services)
+        stored = await background.store.get(response_id)
+        if stored is None or stored.practice_id != practice_id:
+            raise GatewayError(
+                404,
+                f"No response found with id '{response_id}'.",
+                type="invalid_request_error",
+                param="response_id",
+            )
+        upstream = background.upstream(stored.upstream)
+        if upstream is not None:
+            scope["state"][UPSTREAM_ROUTE] = Route(None, None, (upstream,), upstream.uplift)
+        if not stored.pending or scope["method"] == "DELETE":
+            await self.proxy(scope, receive, send)
+            return
+        status = 0
+        kept: bytearray | None = bytearray()
+
+        async def send_watched(message: Message) -> None:
+            nonlocal status, kept
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body" and kept is not None:
+                kept.extend(message.get("body", b""))
+                if len(kept) > MAX_KEPT_RESPONSE_BYTES:
+                    kept = None
+            await send(message)
+
+        await self.proxy(scope, receive, send_watched)
+        if status == 200 and kept is not None:
+            data = exact_json(bytes(kept))
+            if response_status(data) in FINISHED:
+                await background.settle(stored, data)
+
+    async def _stored_response(
+        self, services: Services, admitted: _Admitted, watch: _Watch
+    ) -> bool:
+        """Record whose a stored response is; True when it runs on in the background.
+
+        A background response answered queued or in progress keeps its hold
+        (moved to a durable one, `gateway.background`) instead of settling now.
+        """
+        info, hold = admitted.info, admitted.hold
+        data: dict[str, Any] | None = None
+        response_id: str | None = None
+        if watch.tap is not None:
+            response_id = getattr(watch.tap, "object_id", None)
+        elif watch.kept is not None and watch.completed:
+            data = exact_json(bytes(watch.kept))
+            found = data.get("id") if data is not None else None
+            response_id = found if isinstance(found, str) else None
+        if response_id is None:
+            return False
+        model = data.get("model") if data is not None else None
+        pending = info.background and response_status(data) in RUNNING
+        await self._background(services).register(
+            response_id=response_id,
+            practice_id=hold.practice_id,
+            request_id=hold.request_id,
+            info=info,
+            model=model if isinstance(model, str) and model else info.model,
+            upstream=watch.upstream,
+            hold_micros=hold.amount_micros,
+            pending=pending,
+        )
+        if pending:
+            await services.metering.release(hold)  # the durable hold replaced it
+        return pending
+
+    @staticmethod
+    def _background(services: Services) -> BackgroundResponses:
+        return BackgroundResponses(services, price=Pricing(services.settings).cost_micros)
 
     async def _admit(
         self,
@@ -463,6 +561,7 @@ class MeteringMiddleware:
             answered = scope["state"].get(ANSWERED_BY)
             if answered is not None:
                 watch.uplift = answered.uplift
+                watch.upstream = answered.name
             # Settle in its own task: a cancelled request (server shutdown,
             # client gone) must still replace its hold with its usage event.
             task = services.spawn(
@@ -516,6 +615,10 @@ class MeteringMiddleware:
                     await release_limits(services.limits, admitted.caps)
                 return
             await _ensure_alert_marks(services, hold)
+            info = admitted.info
+            stored = info.operation is Operation.RESPONSES and (info.store or info.background)
+            if stored and await self._stored_response(services, admitted, watch):
+                return  # a background response: settled when it ends
             usage = _usage_of(admitted.info, admitted.estimate, watch)
             pricing = Pricing(services.settings)
             try:

@@ -283,7 +283,10 @@ def response(payload: Mapping[str, Any], *, cached_tokens: int = 0) -> Answer:
     text, used, _ = answer_text(payload)
     usage = {
         "input_tokens": prompt,
-        "input_tokens_details": {"cached_tokens": min(cached_tokens, prompt)},
+        "input_tokens_details": {
+            "cached_tokens": min(cached_tokens, prompt),
+            "cache_write_tokens": 0,
+        },
         "output_tokens": used,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": prompt + used,

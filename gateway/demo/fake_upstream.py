@@ -60,6 +60,11 @@ class FakeUpstream:
         self.cut_after_chunks: int | None = None
         self.omit_usage = False
         self.cached_tokens = 0
+        # Stored responses by id (store or background), and for a background
+        # one the polls it still answers "in_progress" to before it completes.
+        self.stored_responses: dict[str, dict[str, Any]] = {}
+        self.background_polls: dict[str, int] = {}
+        self.background_polls_until_done = 1
         self.requests = 0
         self.paths: list[str] = []
         self.last_path: str | None = None
@@ -82,9 +87,18 @@ class FakeUpstream:
                     ),
                 ),
                 self._json_route("/v1/completions", answers.completion),
-                self._json_route(
-                    "/v1/responses",
-                    lambda body: answers.response(body, cached_tokens=self.cached_tokens),
+                self._json_route("/v1/responses", self._create_response),
+                Route("/v1/responses/{response_id}", self._get_response, methods=["GET"]),
+                Route("/v1/responses/{response_id}", self._delete_response, methods=["DELETE"]),
+                Route(
+                    "/v1/responses/{response_id}/cancel",
+                    self._cancel_response,
+                    methods=["POST"],
+                ),
+                Route(
+                    "/v1/responses/{response_id}/input_items",
+                    self._response_input_items,
+                    methods=["GET"],
                 ),
                 self._json_route("/v1/embeddings", media.embeddings),
                 Route("/v1/audio/transcriptions", self._transcriptions, methods=["POST"]),
@@ -203,6 +217,71 @@ class FakeUpstream:
                 return _error(400, error_body("image is required", type="invalid_request_error"))
             fields = {key: value for key, value in form.items() if isinstance(value, str)}
         return self.respond(images.answer(fields, kind=kind, input_images=len(uploads)))
+
+    # -- stored and background responses --------------------------------------
+
+    def _create_response(self, body: Any) -> Answer:
+        answer = answers.response(body, cached_tokens=self.cached_tokens)
+        if isinstance(answer, dict) and (body.get("store") or body.get("background")):
+            self.stored_responses[answer["id"]] = answer
+            if body.get("background"):
+                self.background_polls[answer["id"]] = self.background_polls_until_done
+                return {
+                    **answer,
+                    "status": "queued",
+                    "output": [],
+                    "usage": None,
+                    "background": True,
+                }
+        return answer
+
+    def _stored(self, request: Request) -> dict[str, Any] | None:
+        return self.stored_responses.get(request.path_params["response_id"])
+
+    @staticmethod
+    def _no_response(request: Request) -> Response:
+        ident = request.path_params["response_id"]
+        return _error(
+            404,
+            error_body(f"Response with id '{ident}' not found.", type="invalid_request_error"),
+        )
+
+    async def _get_response(self, request: Request) -> Response:
+        stored = self._stored(request)
+        if stored is None:
+            return self._no_response(request)
+        ident = stored["id"]
+        if self.background_polls.get(ident, 0) > 0:
+            self.background_polls[ident] -= 1
+            return JSONResponse(
+                {**stored, "status": "in_progress", "output": [], "usage": None, "background": True}
+            )
+        return JSONResponse(stored)
+
+    async def _cancel_response(self, request: Request) -> Response:
+        stored = self._stored(request)
+        if stored is None:
+            return self._no_response(request)
+        if self.background_polls.get(stored["id"], 0) <= 0:
+            return JSONResponse(stored)  # finished already: cancel changes nothing
+        self.background_polls[stored["id"]] = 0
+        cancelled = {**stored, "status": "cancelled", "background": True}
+        self.stored_responses[stored["id"]] = cancelled
+        return JSONResponse(cancelled)
+
+    async def _delete_response(self, request: Request) -> Response:
+        stored = self.stored_responses.pop(request.path_params["response_id"], None)
+        if stored is None:
+            return self._no_response(request)
+        return JSONResponse({"id": stored["id"], "object": "response", "deleted": True})
+
+    async def _response_input_items(self, request: Request) -> Response:
+        stored = self._stored(request)
+        if stored is None:
+            return self._no_response(request)
+        return JSONResponse(
+            {"object": "list", "data": [], "first_id": None, "last_id": None, "has_more": False}
+        )
 
     async def _transcriptions(self, request: Request) -> Response:
         return await self._audio_text(request, task="transcribe")

@@ -1,0 +1,171 @@
+"""Responses stored upstream, whose they are, and background ones still to settle.
+
+`ai_responses` has one row per response a practice made with `store` or
+`background` through the gateway (other responses are not stored upstream,
+so need none: the hot path writes nothing for them). A background response
+is a job until settled: it keeps a hold row of its own (`bg:<response id>`,
+counted by the gate like any hold) and is polled by whichever instance
+claims it (a lease in `lease_until`), so a restart loses nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from credit.ports import Connection, Database, Row
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    """A response made through the gateway and stored upstream."""
+
+    response_id: str
+    practice_id: str
+    request_id: str
+    model: str
+    upstream: str | None
+    service_tier: str | None
+    web_search_preview: bool
+    hold_micros: int
+    created_at: int
+    polls: int
+    pending: bool  # a background response not yet settled
+
+
+_COLUMNS = (
+    "response_id, practice_id, request_id, model, upstream, service_tier, web_search_preview, "
+    "hold_micro_usd, created_at, polls, done_at"
+)
+
+
+def _row(row: Row) -> StoredResponse:
+    get = row.__getitem__
+    return StoredResponse(
+        response_id=str(get("response_id")),
+        practice_id=str(get("practice_id")),
+        request_id=str(get("request_id")),
+        model=str(get("model")),
+        upstream=get("upstream"),
+        service_tier=get("service_tier"),
+        web_search_preview=bool(get("web_search_preview")),
+        hold_micros=int(get("hold_micro_usd")),
+        created_at=int(get("created_at")),
+        polls=int(get("polls")),
+        pending=get("done_at") is None,
+    )
+
+
+def background_hold_id(response_id: str) -> str:
+    return "bg:" + response_id
+
+
+class ResponseStore:
+    """The `ai_responses` table (and the hold rows of background responses)."""
+
+    def __init__(self, db: Database, *, clock: Callable[[], float] = time.time) -> None:
+        self.db = db
+        self._clock = clock
+
+    async def register(
+        self,
+        response: StoredResponse,
+        *,
+        first_poll_at: int | None = None,
+        hold_seconds: int = 0,
+    ) -> bool:
+        """Record a stored response; a pending one also gets its own hold. False if known."""
+        now = int(self._clock())
+        async with self.db.transaction(lock=response.practice_id) as conn:
+            added = await conn.execute(
+                "INSERT INTO ai_responses (response_id, practice_id, request_id, model, upstream, "
+                "service_tier, web_search_preview, hold_micro_usd, created_at, next_poll_at, "
+                "done_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (response_id) DO NOTHING",
+                response.response_id,
+                response.practice_id,
+                response.request_id,
+                response.model,
+                response.upstream,
+                response.service_tier,
+                int(response.web_search_preview),
+                response.hold_micros,
+                now,
+                first_poll_at if response.pending else None,
+                None if response.pending else now,
+            )
+            if added and response.pending and response.hold_micros > 0:
+                await conn.execute(
+                    "INSERT INTO ai_budget_holds (hold_id, practice_id, request_id, "
+                    "amount_micro_usd, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    background_hold_id(response.response_id),
+                    response.practice_id,
+                    response.request_id,
+                    response.hold_micros,
+                    now,
+                    now + hold_seconds,
+                )
+        return bool(added)
+
+    async def get(self, response_id: str) -> StoredResponse | None:
+        """The stored response with this id, or None."""
+        async with self.db.read() as conn:
+            row = await conn.fetchone(
+                f"SELECT {_COLUMNS} FROM ai_responses WHERE response_id = ?", response_id
+            )
+        return None if row is None else _row(row)
+
+    async def claim_due(self, *, limit: int, lease_seconds: int) -> list[StoredResponse]:
+        """Background responses due for a poll, claimed by this instance for `lease_seconds`."""
+        now = int(self._clock())
+        async with self.db.read() as conn:
+            rows = await conn.fetchall(
+                f"SELECT {_COLUMNS} FROM ai_responses WHERE done_at IS NULL "
+                "AND next_poll_at <= ? AND (lease_until IS NULL OR lease_until <= ?) "
+                "ORDER BY next_poll_at LIMIT ?",
+                now,
+                now,
+                limit,
+            )
+        claimed = []
+        for row in rows:
+            job = _row(row)
+            async with self.db.transaction() as conn:
+                won = await conn.execute(
+                    "UPDATE ai_responses SET lease_until = ? WHERE response_id = ? "
+                    "AND done_at IS NULL AND (lease_until IS NULL OR lease_until <= ?)",
+                    now + lease_seconds,
+                    job.response_id,
+                    now,
+                )
+            if won:
+                claimed.append(job)
+        return claimed
+
+    async def reschedule(self, response_id: str, *, next_poll_at: int) -> None:
+        """Poll again at `next_poll_at`; the claim ends."""
+        async with self.db.transaction() as conn:
+            await conn.execute(
+                "UPDATE ai_responses SET next_poll_at = ?, polls = polls + 1, lease_until = NULL "
+                "WHERE response_id = ? AND done_at IS NULL",
+                next_poll_at,
+                response_id,
+            )
+
+    async def finish(self, conn: Connection, response: StoredResponse) -> bool:
+        """Mark a background response settled and drop its hold, in `conn`'s transaction.
+
+        False when it was settled already (by another instance, or the client's poll).
+        """
+        done = await conn.execute(
+            "UPDATE ai_responses SET done_at = ?, lease_until = NULL "
+            "WHERE response_id = ? AND done_at IS NULL",
+            int(self._clock()),
+            response.response_id,
+        )
+        await conn.execute(
+            "DELETE FROM ai_budget_holds WHERE hold_id = ?",
+            background_hold_id(response.response_id),
+        )
+        return bool(done)
