@@ -148,7 +148,7 @@ async def test_gateway_polls_when_the_client_never_comes_back(start: Start) -> N
     """Nobody polls: the gateway's follower settles it at the completed usage."""
     async with start(poll=0.05) as gateway:
         created = await background(gateway, "Niemand fragt nach")
-        [event] = await gateway.settled(1)
+        [event] = await gateway.settled(1, within_seconds=30)
         final = gateway.fake.stored_responses[created.id]
         usage = SimpleNamespace(**final["usage"])
         assert event["estimated_cost_micro_usd"] == expected_micros(usage)
@@ -161,7 +161,7 @@ async def test_settled_after_a_restart(start: Start) -> None:
         created = await background(first, "Vor dem Neustart gestellt")
         key = first.key
     async with start(poll=0.05, key=key) as second:
-        [event] = await second.settled(1)
+        [event] = await second.settled(1, within_seconds=30)
         final = second.fake.stored_responses[created.id]
         usage = SimpleNamespace(**final["usage"])
         assert event["estimated_cost_micro_usd"] == expected_micros(usage)
