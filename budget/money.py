@@ -21,20 +21,33 @@ _RAPPEN = Decimal("0.01")
 _EXACT = Context(prec=60, traps=[InvalidOperation])
 
 
-def _to_decimal(amount: Decimal | str | int | float) -> Decimal:
-    if isinstance(amount, bool):
-        raise TypeError("a money amount cannot be a bool")
-    if isinstance(amount, float):
-        # str() gives the shortest text that reads back as this float, e.g.
-        # 0.1 -> "0.1", where Decimal(0.1) would carry the binary error along.
-        amount = str(amount)
+class InvalidAmount(ValueError):
+    """An amount that is not a finite, exact, sensible number of its currency."""
+
+
+def parse_decimal(value: object, *, what: str = "amount", finite: bool = True) -> Decimal:
+    """The one parser of decimal numbers from outside (config, user input, Stripe metadata).
+
+    Takes a Decimal, an int, a numeric string (stripped) or a float (through
+    its shortest text, so 0.1 is 0.1 and not the binary neighbour); refuses
+    booleans, other types, empty text and non-numbers, and with `finite`
+    NaN and infinities, raising InvalidAmount (a ValueError) that names `what`.
+    """
+    if isinstance(value, bool) or not isinstance(value, Decimal | str | int | float):
+        raise InvalidAmount(f"{what} must be a number, not {type(value).__name__}")
+    if isinstance(value, float):
+        value = repr(value)
+    if isinstance(value, str):
+        value = value.strip()
+        if not value:
+            raise InvalidAmount(f"{what} is empty")
     try:
-        value = Decimal(amount.strip() if isinstance(amount, str) else amount)
-    except InvalidOperation:
-        raise ValueError(f"not a number: {amount!r}") from None
-    if not value.is_finite():
-        raise ValueError(f"not a finite amount: {amount!r}")
-    return value
+        amount = Decimal(value)
+    except (InvalidOperation, ValueError, TypeError):
+        raise InvalidAmount(f"{what} is not a number: {value!r}") from None
+    if finite and not amount.is_finite():
+        raise InvalidAmount(f"{what} must be a finite number")
+    return amount
 
 
 def _to_units(value: Decimal, places: int, rounding: str) -> int:
@@ -49,7 +62,7 @@ def usd_to_micros(amount: Decimal | str | int) -> int:
     """USD amount -> integer micro-USD, rounded half-even; NaN/inf raise ValueError."""
     if isinstance(amount, float):
         raise TypeError("pass USD as Decimal, str or int, not float")
-    value = _to_decimal(amount)
+    value = parse_decimal(amount)
     return _to_units(value, 6, ROUND_HALF_EVEN)
 
 
@@ -58,7 +71,7 @@ def cost_to_micros(amount: Decimal) -> int:
 
     This is the one place a usage cost is rounded.
     """
-    value = _to_decimal(amount)
+    value = parse_decimal(amount)
     return _to_units(value, 6, ROUND_CEILING)
 
 
@@ -77,7 +90,7 @@ def chf_to_rappen(amount: Decimal | str | int | float) -> int:
 
     A float goes through str() first; NaN/inf raise ValueError.
     """
-    value = _to_decimal(amount)
+    value = parse_decimal(amount)
     return _to_units(value, 2, ROUND_HALF_EVEN)
 
 

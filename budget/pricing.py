@@ -15,7 +15,7 @@ from decimal import ROUND_CEILING, Context, Decimal, InvalidOperation
 from types import MappingProxyType
 from typing import Any
 
-from budget.money import cost_to_micros, usd_to_micros
+from budget.money import InvalidAmount, cost_to_micros, parse_decimal, usd_to_micros
 from budget.operations import IMAGE_OPERATIONS, Operation
 from budget.usage import Usage
 
@@ -93,14 +93,14 @@ class UnpricedModel(Exception):
 
 
 def _price(value: Any, where: str) -> Decimal:
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
+    if isinstance(value, Decimal):
         raise ValueError(f"{where}: a price must be a string or number, not {value!r}")
     try:
-        # A float goes through str() (its shortest text): prices should be strings.
-        price = Decimal(str(value))
-    except InvalidOperation:
-        raise ValueError(f"{where}: not a number: {value!r}") from None
-    if not price.is_finite() or price < 0:
+        # A float goes through its shortest text: prices should be strings.
+        price = parse_decimal(value, what=where)
+    except InvalidAmount as exc:
+        raise ValueError(str(exc)) from None
+    if price < 0:
         raise ValueError(f"{where}: a price must be a finite amount >= 0, not {value!r}")
     return price
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from credit.checkout import PURPOSE_AUTO_TOPUP
-from credit.config import CreditConfigLike
+from credit.config import CreditConfig
 from credit.ledger import (
     EventType,
     LedgerEntry,
@@ -141,7 +141,7 @@ class AutoTopup:
         db: Database,
         *,
         stripe: StripePort | None,
-        config: CreditConfigLike,
+        config: CreditConfig,
         feature_enabled: bool,
         dry_run: bool,
         live_key: bool,
@@ -431,7 +431,7 @@ def _paused_reason(reason: Reason) -> str:
 
 
 async def pause(
-    conn: Connection, practice_id: str, paused_reason: str, config: CreditConfigLike, *, now: int
+    conn: Connection, practice_id: str, paused_reason: str, config: CreditConfig, *, now: int
 ) -> None:
     """Switch automatic top-up off after a failure; the saved card stays."""
     settings = await load_settings(conn, practice_id, config)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from credit.config import CreditConfigLike
+from credit.config import CreditConfig
 from credit.ports import Connection
 from credit.stripe_events import CheckoutSession, SetupIntent
 from credit.stripe_port import SetupIntentResult
@@ -25,7 +25,7 @@ async def apply_setup(
     *,
     customer_id: str | None,
     payment_method_id: str | None,
-    config: CreditConfigLike,
+    config: CreditConfig,
     now: int,
 ) -> HandlerResult:
     """Save a completed card setup and enable auto top-up; an incomplete one changes nothing set.

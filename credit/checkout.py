@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
-from credit.config import CreditConfigLike
+from credit.config import CreditConfig
 from credit.errors import CreditError, invalid
 from credit.money import (
     InvalidAmount,
@@ -41,9 +41,7 @@ class Mode:
     allow_live: bool
 
 
-def validate_topup_amount(
-    amount_chf: Decimal | str | float | int, config: CreditConfigLike
-) -> Decimal:
+def validate_topup_amount(amount_chf: Decimal | str | float | int, config: CreditConfig) -> Decimal:
     """The CHF amount of a manual top-up, or a 422 `INVALID_TOPUP_AMOUNT` saying what is wrong."""
     low, high = config.min_topup_chf, config.max_topup_chf
     hint = f"Bitte einen Betrag zwischen {low} und {high} CHF wählen."
@@ -61,7 +59,7 @@ def validate_topup_amount(
     return chf
 
 
-def vat_footer(chf: Decimal, config: CreditConfigLike) -> str | None:
+def vat_footer(chf: Decimal, config: CreditConfig) -> str | None:
     """The invoice's VAT line: the VAT included in `chf` at the configured rate (Rappen,
     rounded half up, as Swiss VAT is)."""
     if config.stripe_tax or config.vat_rate <= 0:
@@ -121,7 +119,7 @@ async def create_topup_checkout(
     stripe: StripePort | None,
     *,
     mode: Mode,
-    config: CreditConfigLike,
+    config: CreditConfig,
     practice_id: str,
     subscription_id: str | None,
     customer_email: str | None,
@@ -191,7 +189,7 @@ async def create_setup_checkout(
     stripe: StripePort | None,
     *,
     mode: Mode,
-    config: CreditConfigLike,
+    config: CreditConfig,
     practice_id: str,
     customer_id: str | None,
     customer_email: str | None,

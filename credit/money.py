@@ -8,10 +8,16 @@ rate 3: 30 CHF → 10 USD, 10 CHF → 3.333333 USD, 50 CHF → 16.666667 USD).
 
 from __future__ import annotations
 
-import math
-from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from decimal import ROUND_HALF_EVEN, Decimal
 
-from budget.money import chf_to_rappen, micros_to_usd, rappen_to_chf, usd_to_micros
+from budget.money import (
+    InvalidAmount,
+    chf_to_rappen,
+    micros_to_usd,
+    parse_decimal,
+    rappen_to_chf,
+    usd_to_micros,
+)
 
 __all__ = [
     "InvalidAmount",
@@ -27,32 +33,6 @@ __all__ = [
 ]
 
 MICRO_USD = Decimal("0.000001")
-SEED_CHF_PER_INTERNAL_USD = Decimal("3")
-
-
-class InvalidAmount(ValueError):
-    """An amount that is not a finite, exact, sensible number of its currency."""
-
-
-def _to_decimal(value: Decimal | str | float | int, *, what: str) -> Decimal:
-    if isinstance(value, bool):
-        raise InvalidAmount(f"{what} must be a number, not a boolean")
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise InvalidAmount(f"{what} must be a finite number")
-        # repr gives the shortest decimal that round-trips: 30.1 → "30.1", not 30.0999…
-        value = repr(value)
-    if isinstance(value, str):
-        value = value.strip()
-        if not value:
-            raise InvalidAmount(f"{what} is empty")
-    try:
-        amount = Decimal(value)
-    except (InvalidOperation, ValueError, TypeError):
-        raise InvalidAmount(f"{what} is not a number: {value!r}") from None
-    if not amount.is_finite():
-        raise InvalidAmount(f"{what} must be a finite number")
-    return amount
 
 
 def _exact(amount: Decimal, places: int, *, what: str) -> Decimal:
@@ -66,26 +46,22 @@ def _exact(amount: Decimal, places: int, *, what: str) -> Decimal:
 
 def parse_chf(value: Decimal | str | float | int, *, what: str = "amount_chf") -> Decimal:
     """A CHF amount from user input: finite and whole Rappen (sign is not checked here)."""
-    return _exact(_to_decimal(value, what=what), 2, what=what)
+    return _exact(parse_decimal(value, what=what), 2, what=what)
 
 
 def parse_usd(value: Decimal | str | float | int, *, what: str = "amount_usd") -> Decimal:
     """A USD amount from user input: finite and whole micro-USD (sign is not checked here)."""
-    return _exact(_to_decimal(value, what=what), 6, what=what)
+    return _exact(parse_decimal(value, what=what), 6, what=what)
 
 
-def chf_to_internal_usd(
-    chf: Decimal | str | int, chf_per_internal_usd: Decimal = SEED_CHF_PER_INTERNAL_USD
-) -> Decimal:
+def chf_to_internal_usd(chf: Decimal | str | int, chf_per_internal_usd: Decimal) -> Decimal:
     """Internal USD credit bought by `chf` CHF, rounded half-even to the micro-USD."""
     if chf_per_internal_usd <= 0:
         raise InvalidAmount("chf_per_internal_usd must be positive")
     return (Decimal(chf) / chf_per_internal_usd).quantize(MICRO_USD, rounding=ROUND_HALF_EVEN)
 
 
-def chf_to_internal_micros(
-    chf: Decimal | str | int, chf_per_internal_usd: Decimal = SEED_CHF_PER_INTERNAL_USD
-) -> int:
+def chf_to_internal_micros(chf: Decimal | str | int, chf_per_internal_usd: Decimal) -> int:
     """`chf_to_internal_usd` in integer micro-USD."""
     return usd_to_micros(chf_to_internal_usd(chf, chf_per_internal_usd))
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from credit.autotopup import AutoTopup, AutoTopupOutcome
 from credit.checkout import Mode, create_setup_checkout, create_topup_checkout
-from credit.config import CreditConfigLike
+from credit.config import CreditConfig
 from credit.errors import CreditError, WebhookSignatureError, invalid
 from credit.ledger import (
     EventType,
@@ -66,7 +66,7 @@ class CreditPolicy:
     allow_live: bool  # AZA_AI_TOPUP_ALLOW_LIVE
     live_key: bool  # STRIPE_SECRET_KEY is sk_live_/rk_live_
     webhook_secret: str | None = field(repr=False)  # STRIPE_WEBHOOK_SECRET (never logged)
-    config: CreditConfigLike
+    config: CreditConfig
 
 
 class CreditService:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from credit.config import CreditConfigLike
+from credit.config import CreditConfig
 from credit.money import chf_to_rappen, micros_to_usd, rappen_to_chf, usd_to_micros
 from credit.ports import Connection, Row
 
@@ -47,7 +47,7 @@ class TopupSettings:
         return chf_to_rappen(self.monthly_limit_chf)
 
 
-def default_settings(practice_id: str, config: CreditConfigLike) -> TopupSettings:
+def default_settings(practice_id: str, config: CreditConfig) -> TopupSettings:
     """The settings of a practice that never saved any: the configured defaults, auto off."""
     return TopupSettings(
         practice_id=practice_id,
@@ -73,9 +73,7 @@ def _from_row(row: Row) -> TopupSettings:
     )
 
 
-async def load_settings(
-    conn: Connection, practice_id: str, config: CreditConfigLike
-) -> TopupSettings:
+async def load_settings(conn: Connection, practice_id: str, config: CreditConfig) -> TopupSettings:
     """The practice's saved settings, or the defaults when it has none."""
     row = await conn.fetchone(
         "SELECT practice_id, auto_topup_enabled, topup_amount_rappen, internal_credit_micro_usd, "

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from credit.config import CreditConfigLike
+from credit.config import CreditConfig
 from credit.ports import Connection
 from credit.stripe_events import StripeEvent
 from credit.stripe_port import SetupIntentResult
@@ -49,7 +49,7 @@ class Delivery:
 
     event: StripeEvent
     now: int
-    config: CreditConfigLike
+    config: CreditConfig
     retrieved: SetupIntentResult | None = None
 
 

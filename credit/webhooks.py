@@ -25,7 +25,7 @@ from typing import Any
 
 from credit import autotopup_events, card_setup, refunds, subscriptions, topups
 from credit.checkout import PURPOSE_AUTO_TOPUP, PURPOSE_SETUP, PURPOSE_TOPUP
-from credit.config import CreditConfigLike
+from credit.config import CreditConfig
 from credit.errors import CreditError, WebhookSignatureError
 from credit.licenses import practice_of_subscription
 from credit.ports import Database, UniqueViolation
@@ -87,7 +87,7 @@ class WebhookHandler:
         db: Database,
         *,
         stripe: StripePort | None,
-        config: CreditConfigLike,
+        config: CreditConfig,
         webhook_secret: str | None,
         clock: Callable[[], float],
     ) -> None:

@@ -11,14 +11,14 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
-from decimal import Decimal
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from budget.pricing import PlanBook, PriceBook
 from config import CONFIG_DIR
+from credit.config import CreditConfig
 from gateway.messages import LANGUAGES, Language
 
 if TYPE_CHECKING:
@@ -70,41 +70,6 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a whole number, not {raw!r}") from None
-
-
-@dataclass(frozen=True, slots=True)
-class CreditConfig:
-    """Top-up constants (config/defaults.toml [credit]); the seed's values by default."""
-
-    currency: str = "chf"
-    chf_per_internal_usd: Decimal = Decimal("3")
-    default_topup_amount_chf: Decimal = Decimal("30")
-    default_internal_usd: Decimal = Decimal("10")
-    default_trigger_percent: int = 5
-    default_monthly_limit_chf: Decimal = Decimal("300")
-    auto_topup_cooldown_seconds: int = 86_400
-    min_topup_chf: Decimal = Decimal("10")
-    max_topup_chf: Decimal = Decimal("1000")
-    topup_success_url: str = "https://aza-medwork.ch/succes2"
-    setup_success_url: str = "https://aza-medwork.ch/ki-topup-setup-success/"
-    cancel_url: str = "https://aza-medwork.ch"
-    month_timezone: str = "Europe/Zurich"  # the auto top-up limit's calendar month
-    # VAT in percent included in every top-up's CHF price (8.1: Swiss standard
-    # rate), shown on the Checkout invoice and receipts; 0: none. With
-    # stripe_tax, Stripe Tax computes it instead (the operator enables it in Stripe).
-    vat_rate: Decimal = Decimal("0")
-    stripe_tax: bool = False
-
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any]) -> CreditConfig:
-        base = cls()
-        kwargs: dict[str, Any] = {}
-        for name in cls.__dataclass_fields__:
-            if name in data:
-                current = getattr(base, name)
-                raw = data[name]
-                kwargs[name] = Decimal(str(raw)) if isinstance(current, Decimal) else raw
-        return replace(base, **kwargs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +140,7 @@ class Settings:
     public_url: str | None = None
     prices: PriceBook = field(default_factory=lambda: PriceBook.load(CONFIG_DIR / "prices.toml"))
     plans: PlanBook = field(default_factory=lambda: PlanBook.load(CONFIG_DIR / "plans.toml"))
-    credit: CreditConfig = field(default_factory=CreditConfig)
+    credit: CreditConfig = field(default_factory=CreditConfig.defaults)
     # Several upstreams (config/upstreams.toml or AZA_UPSTREAMS_FILE); empty:
     # the one upstream of upstream_base_url and upstream_api_key.
     upstreams: tuple[UpstreamConfig, ...] = ()
@@ -220,7 +185,7 @@ class Settings:
         language = env.get("AZA_USER_LANGUAGE", gw.get("user_language", "de"))
         if language not in LANGUAGES:
             raise ConfigError(f"AZA_USER_LANGUAGE must be de, fr, it or en, not {language!r}")
-        credit = CreditConfig.from_mapping(defaults.get("credit", {}))
+        credit = CreditConfig.from_mapping(defaults.get("credit", {}), base=CreditConfig.defaults())
         smtp_url = env.get("AZA_SMTP_URL", "")
         if smtp_url and not smtp_url.startswith(("smtp://", "smtp+starttls://", "smtps://")):
             raise ConfigError("AZA_SMTP_URL must start with smtp://, smtp+starttls:// or smtps://")

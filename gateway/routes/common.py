@@ -7,12 +7,13 @@ import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from budget.money import InvalidAmount, parse_decimal
 from credit.ports import DatabaseUnavailable
 from gateway.auth import Caller, require_admin, require_practice
 from gateway.errors import GatewayError, bad_request, forbidden, unavailable, unprocessable
@@ -129,11 +130,9 @@ def decimal_field(data: dict[str, Any], name: str, *, required: bool = True) -> 
             raise unprocessable(f"'{name}' is required.", code="missing_field", param=name)
         return None
     raw = data[name]
-    if isinstance(raw, bool) or not isinstance(raw, int | float | str):
-        raise unprocessable(f"'{name}' must be a number.", code="invalid_amount", param=name)
     try:
-        value = Decimal(str(raw).strip())
-    except InvalidOperation:
+        value = parse_decimal(raw, what=name, finite=False)
+    except InvalidAmount:
         raise unprocessable(
             f"'{name}' must be a number.", code="invalid_amount", param=name
         ) from None

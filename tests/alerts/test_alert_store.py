@@ -11,7 +11,7 @@ import pytest
 from budget.pricing import PlanBook
 from budget.usage import Operation, Usage
 from credit.autotopup import pause
-from credit.config import CreditDefaults
+from credit.config import CreditConfig
 from credit.ledger import EventType, NewEntry, Status, fail_pending, insert_entry, settle_pending
 from gateway.alerts.delivery import AlertDispatcher, WebhookSender
 from gateway.alerts.store import AlertSettings, AlertStore
@@ -125,7 +125,7 @@ async def test_ledger_entries_write_their_alerts_once(
         assert await fail_pending(
             conn, failing, payment_intent_id="pi_2", reason="requires_action", now=now
         )
-        await pause(conn, practice, "AUTO_TOPUP_REQUIRES_ACTION", CreditDefaults(), now=now)
+        await pause(conn, practice, "AUTO_TOPUP_REQUIRES_ACTION", CreditConfig.defaults(), now=now)
     assert await rows(db, practice) == [
         ("auto_topup.failed", str(failing)),
         ("auto_topup.paused", str(now)),

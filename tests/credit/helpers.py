@@ -13,7 +13,7 @@ from urllib.parse import parse_qs
 
 import httpx
 
-from credit.config import CreditDefaults
+from credit.config import CreditConfig
 from credit.ledger import EventType, NewEntry, Status, insert_entry
 from credit.ports import Database
 from credit.service import CreditPolicy, CreditService
@@ -58,7 +58,7 @@ def policy(
         allow_live=allow_live,
         live_key=live_key,
         webhook_secret=secret,
-        config=CreditDefaults(),
+        config=CreditConfig.defaults(),
     )
 
 

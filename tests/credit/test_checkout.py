@@ -9,7 +9,7 @@ import httpx
 import pytest
 import respx
 
-from credit.config import DEFAULT_SETUP_SUCCESS_URL, DEFAULT_TOPUP_SUCCESS_URL
+from credit.config import CreditConfig
 from credit.errors import CreditError
 from credit.ledger import EventType
 from credit.ports import Database
@@ -116,7 +116,7 @@ async def test_topup_success_url_is_succes2(db: Database, stripe_api: respx.Mock
         subscription_id=SUBSCRIPTION,
         customer_email=None,
         amount_chf=30,
-        success_url=DEFAULT_TOPUP_SUCCESS_URL,
+        success_url=CreditConfig.defaults().topup_success_url,
         cancel_url="https://aza-medwork.ch",
     )
     assert form(stripe_api.calls.last.request)["success_url"] == "https://aza-medwork.ch/succes2"
@@ -132,8 +132,8 @@ async def test_abo_checkout_success_url_unchanged(
     )
     await svc.create_setup_checkout(PRACTICE, customer_email=None)
     topup, setup = (form(call.request)["success_url"] for call in stripe_api.calls)
-    assert topup == DEFAULT_TOPUP_SUCCESS_URL
-    assert setup == DEFAULT_SETUP_SUCCESS_URL
+    assert topup == CreditConfig.defaults().topup_success_url
+    assert setup == CreditConfig.defaults().setup_success_url
     assert topup != setup
 
 

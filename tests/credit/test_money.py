@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
-from credit.config import (
-    AUTO_TOPUP_COOLDOWN_SEC,
-    DEFAULT_INTERNAL_USD,
-    DEFAULT_MONTHLY_LIMIT_CHF,
-    DEFAULT_SETUP_SUCCESS_URL,
-    DEFAULT_TOPUP_SUCCESS_URL,
-    DEFAULT_TRIGGER_PERCENT,
-    CreditDefaults,
-)
+from config import CONFIG_DIR
+from credit.config import CreditConfig
 from credit.money import (
     InvalidAmount,
     chf_to_internal_micros,
@@ -24,24 +19,26 @@ from credit.money import (
     refund_share_micros,
 )
 
+RATE = CreditConfig.defaults().chf_per_internal_usd  # the shipped rate, 3
+
 
 def test_chf30_gives_10_usd() -> None:
     """30 CHF buy exactly 10 internal USD (seed rate 3)."""
-    assert chf_to_internal_usd(30) == Decimal("10")
-    assert chf_to_internal_micros(30) == 10_000_000
+    assert chf_to_internal_usd(30, RATE) == Decimal("10")
+    assert chf_to_internal_micros(30, RATE) == 10_000_000
 
 
 def test_chf10_gives_3333_usd() -> None:
     """10 CHF buy 3.333333 USD, rounded half-even to the micro-USD."""
-    assert chf_to_internal_usd(10) == Decimal("3.333333")
+    assert chf_to_internal_usd(10, RATE) == Decimal("3.333333")
 
 
 def test_custom_amount_formula() -> None:
     """Any amount converts at CHF/3: 45 → 15, 50 → 16.666667, 300 → 100."""
-    assert chf_to_internal_usd(45) == Decimal("15")
-    assert chf_to_internal_usd(50) == Decimal("16.666667")
-    assert chf_to_internal_usd(300) == Decimal("100")
-    assert chf_to_internal_usd(Decimal("22.50")) == Decimal("7.5")
+    assert chf_to_internal_usd(45, RATE) == Decimal("15")
+    assert chf_to_internal_usd(50, RATE) == Decimal("16.666667")
+    assert chf_to_internal_usd(300, RATE) == Decimal("100")
+    assert chf_to_internal_usd(Decimal("22.50"), RATE) == Decimal("7.5")
 
 
 def test_rate_is_configurable() -> None:
@@ -81,28 +78,38 @@ def test_refund_share_at_original_rate() -> None:
 
 def test_default_product_constants() -> None:
     """The seed's constants: 10 USD, 300 CHF monthly limit, 5 % trigger, 24 h cooldown."""
-    assert Decimal("10") == DEFAULT_INTERNAL_USD
-    assert Decimal("300") == DEFAULT_MONTHLY_LIMIT_CHF
-    assert DEFAULT_TRIGGER_PERCENT == 5
-    assert AUTO_TOPUP_COOLDOWN_SEC == 86_400
-    defaults = CreditDefaults()
+    defaults = CreditConfig.defaults()
+    assert defaults.default_internal_usd == Decimal("10")
+    assert defaults.default_monthly_limit_chf == Decimal("300")
+    assert defaults.default_trigger_percent == 5
+    assert defaults.auto_topup_cooldown_seconds == 86_400
     assert defaults.chf_per_internal_usd == Decimal("3")
     assert defaults.default_topup_amount_chf == Decimal("30")
 
 
 def test_setup_success_url_constant() -> None:
     """The seed's setup success URL, and the top-up one (succes2) differs from it."""
-    assert DEFAULT_SETUP_SUCCESS_URL == "https://aza-medwork.ch/ki-topup-setup-success/"
-    assert DEFAULT_TOPUP_SUCCESS_URL == "https://aza-medwork.ch/succes2"
-    assert DEFAULT_TOPUP_SUCCESS_URL != DEFAULT_SETUP_SUCCESS_URL
+    defaults = CreditConfig.defaults()
+    assert defaults.setup_success_url == "https://aza-medwork.ch/ki-topup-setup-success/"
+    assert defaults.topup_success_url == "https://aza-medwork.ch/succes2"
 
 
-def test_gateway_credit_config_matches_credit_defaults() -> None:
-    """gateway.settings.CreditConfig (what the app passes in) has the same defaults as credit's."""
-    from dataclasses import fields
+def _folder_with_credit(folder: Path, line: str) -> Path:
+    """A config folder like the shipped one whose defaults.toml [credit] has only `line`."""
+    for entry in CONFIG_DIR.glob("*.toml"):
+        shutil.copy(entry, folder / entry.name)
+    (folder / "defaults.toml").write_text(f"[credit]\n{line}\n", encoding="utf-8")
+    return folder
 
-    from gateway.settings import CreditConfig
 
-    ours, theirs = CreditDefaults(), CreditConfig()
-    for f in fields(CreditDefaults):
-        assert getattr(theirs, f.name) == getattr(ours, f.name), f.name
+def test_gateway_settings_carry_the_credit_defaults(tmp_path: Path) -> None:
+    """The gateway's settings (from the environment and config files) hold credit's one config."""
+    from gateway.settings import Settings
+
+    assert Settings().credit == CreditConfig.defaults()
+    assert Settings.from_env({}).credit == CreditConfig.defaults()
+    overridden = Settings.from_env(
+        {}, config_dir=_folder_with_credit(tmp_path, 'cancel_url = "https://x.test"')
+    )
+    assert overridden.credit.cancel_url == "https://x.test"
+    assert overridden.credit.currency == CreditConfig.defaults().currency

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from credit.checkout import vat_footer
-from credit.config import CreditDefaults
+from credit.config import CreditConfig
 from credit.service import CreditPolicy, CreditService
 from credit.stripe_port import StripeClientAdapter
 from gateway.demo.stripe_standin import StripeStandIn, stripe_signature
@@ -30,6 +30,9 @@ from tests.credit.helpers import (
     save,
 )
 from tests.integration.conftest import serve
+
+# The shipped config without VAT (what these tests start from; each sets its own rate).
+NO_VAT = replace(CreditConfig.defaults(), vat_rate=Decimal("0"))
 
 
 @pytest.fixture
@@ -56,7 +59,7 @@ def credit_service(db: AnyDatabase, adapter: StripeClientAdapter, **config: Any)
         allow_live=False,
         live_key=False,
         webhook_secret=WEBHOOK_SECRET,
-        config=replace(CreditDefaults(), **config),
+        config=replace(NO_VAT, **config),
     )
     return CreditService(db, stripe=adapter, policy=policy, clock=Clock())
 
@@ -74,11 +77,11 @@ async def ledger(db: AnyDatabase) -> list[Any]:
 
 def test_the_invoice_footer_states_the_vat_included() -> None:
     """8.1 % included in 30 CHF is 2.25 CHF (30 x 8.1 / 108.1, to the Rappen)."""
-    config = replace(CreditDefaults(), vat_rate=Decimal("8.1"))
+    config = replace(NO_VAT, vat_rate=Decimal("8.1"))
     assert vat_footer(Decimal("30"), config) == (
         "Im Betrag von CHF 30.00 enthalten: 8.1 % MWST, CHF 2.25."
     )
-    assert vat_footer(Decimal("30"), CreditDefaults()) is None
+    assert vat_footer(Decimal("30"), NO_VAT) is None
     assert vat_footer(Decimal("30"), replace(config, stripe_tax=True)) is None
 
 

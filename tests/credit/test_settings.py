@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from credit.config import CreditDefaults
+from credit.config import CreditConfig
 from credit.errors import CreditError
 from credit.ports import Database
 from credit.topup_settings import load_settings
@@ -18,7 +18,7 @@ from .helpers import PRACTICE, count, save, service
 
 async def _load(db: Database, practice: str = PRACTICE) -> Any:
     async with db.read() as conn:
-        return await load_settings(conn, practice, CreditDefaults())
+        return await load_settings(conn, practice, CreditConfig.defaults())
 
 
 async def test_auto_topup_settings_save(db: Database) -> None:

@@ -14,7 +14,7 @@ import pytest
 import respx
 
 from credit import card_setup, subscriptions
-from credit.config import CreditDefaults
+from credit.config import CreditConfig
 from credit.errors import CreditError, WebhookSignatureError
 from credit.ledger import EventType, Status
 from credit.ports import Connection, Database, Row
@@ -67,7 +67,7 @@ def topup_intent(pi_id: str, **extra: Any) -> dict[str, Any]:
 
 async def _settings(db: Database) -> Any:
     async with db.read() as conn:
-        return await load_settings(conn, PRACTICE, CreditDefaults())
+        return await load_settings(conn, PRACTICE, CreditConfig.defaults())
 
 
 # -- signatures ---------------------------------------------------------------------
@@ -488,7 +488,7 @@ async def test_setup_stripe_object_pm_normalized_not_json(db: Database) -> None:
             Delivery(
                 event=parse_event("evt_obj", "checkout.session.completed", None, session),
                 now=int(time.time()),
-                config=CreditDefaults(),
+                config=CreditConfig.defaults(),
             ),
         )
     assert r.auto_topup_enabled is True
@@ -762,7 +762,7 @@ async def test_same_event_twice_is_idempotent(db: Database) -> None:
             Delivery(
                 event=parse_event("evt_again", "customer.subscription.updated", T, sub),
                 now=int(time.time()),
-                config=CreditDefaults(),
+                config=CreditConfig.defaults(),
             ),
         )
     assert (again.handled, again.reason) == (True, None)
