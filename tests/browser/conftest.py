@@ -31,6 +31,7 @@ from gateway.keys import KeyRole
 from gateway.settings import Secret, Settings
 from gateway.storage import AnyDatabase, open_database
 from gateway.storage.metering import MeteringStore
+from tests.credit.helpers import CREDIT
 from tests.integration.conftest import serve
 
 CHROMIUM = os.environ.get("AZA_TEST_CHROMIUM", "/usr/bin/chromium")
@@ -129,6 +130,7 @@ async def console(db: AnyDatabase, plans: Any) -> AsyncIterator[Console]:
             topup_dry_run=False,
             auto_topup_enabled=True,
             console_secret=Secret("console-secret-for-tests"),
+            credit=CREDIT,  # no VAT, as these tests were written
         )
         async with serve(create_app(settings, database=db)) as root:
             stripe.webhook_url = root + "/v1/stripe/webhook"

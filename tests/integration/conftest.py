@@ -27,6 +27,7 @@ from gateway.keys import KeyRole
 from gateway.settings import Secret, Settings
 from gateway.storage import AnyDatabase
 from gateway.storage.metering import MeteringStore
+from tests.credit.helpers import CREDIT
 
 
 @asynccontextmanager
@@ -164,6 +165,7 @@ def gateway_settings(upstream: Upstream) -> Settings:
         upstream_api_key=Secret(FAKE_UPSTREAM_KEY),
         upstream_timeout_seconds=5.0,
         database_url="sqlite:///unused-the-database-is-injected",
+        credit=CREDIT,  # no VAT, as these tests' Stripe fakes expect
     )
 
 
