@@ -44,7 +44,7 @@ from budget.batch import (
 from budget.pricing import UnpricedModel
 from budget.usage import Usage
 from gateway import files
-from gateway.errors import GatewayError, bad_request
+from gateway.errors import GatewayError, bad_request, unavailable
 from gateway.files import (
     FilesUpstream,
     _Passthrough,
@@ -57,6 +57,7 @@ from gateway.files import (
     passthrough,
     practice_of_scope,
     service_of,
+    small_body,
 )
 from gateway.followers import Again, Done, Follower, PollResult
 from gateway.routes.common import endpoint
@@ -238,7 +239,7 @@ async def create_batch(request: Request) -> Response:
     practice_id = practice_of_scope(request)
     service = service_of(request)
     services = service.services
-    raw = await request.body()
+    raw = await small_body(request)
     try:
         body = json.loads(raw)
     except ValueError:
@@ -299,16 +300,25 @@ async def create_batch(request: Request) -> Response:
         created_at=int(time.time()),
         settled_at=None,
     )
-    async with services.db.transaction(lock=practice_id) as conn:
-        await service.store.record(batch_id, BATCH, practice_id, conn=conn)
-        await service.store.insert_batch(conn, row)
-        await service.jobs.add(
-            JOB_KIND,
-            batch_id,
-            practice_id=practice_id,
-            conn=conn,
-            first_poll_in_ms=int(service.follower.min_seconds * 1000),
-        )
+    try:
+        async with services.db.transaction(lock=practice_id) as conn:
+            await service.store.record(batch_id, BATCH, practice_id, conn=conn)
+            await service.store.insert_batch(conn, row)
+            await service.jobs.add(
+                JOB_KIND,
+                batch_id,
+                practice_id=practice_id,
+                conn=conn,
+                first_poll_in_ms=int(service.follower.min_seconds * 1000),
+            )
+    except Exception:
+        # Not recorded, so never followed nor charged: it must not run.
+        log.exception("recording batch %s failed; cancelling it upstream", batch_id)
+        with contextlib.suppress(Exception):
+            await service.upstream.json(practice_id, "POST", f"/batches/{batch_id}/cancel")
+        with contextlib.suppress(Exception):
+            await services.metering.release(hold)
+        raise unavailable() from None
     service.follower.poke()
     return passthrough(response)
 

@@ -29,7 +29,12 @@ from starlette.responses import Response, StreamingResponse
 
 from gateway.auth import Caller, require_practice
 from gateway.errors import GatewayError, bad_request
-from gateway.proxy import upstream_refused_credentials, upstream_timeout, upstream_unreachable
+from gateway.proxy import (
+    too_large,
+    upstream_refused_credentials,
+    upstream_timeout,
+    upstream_unreachable,
+)
 from gateway.routing import Upstream
 from gateway.storage.batches import FILE, UPLOAD, BatchStore
 from gateway.upstream import NoProxy
@@ -190,6 +195,25 @@ async def lines_of(response: httpx.Response, *, limit: int | None = None) -> Asy
             yield line.rstrip(b"\r")
     if pending:
         yield pending.rstrip(b"\r")
+
+
+# A JSON body of these routes (an upload's or batch's description) is small.
+MAX_JSON_BODY_BYTES = 1024 * 1024
+
+
+async def small_body(request: Request, limit: int = MAX_JSON_BODY_BYTES) -> bytes:
+    """A JSON request body, refused (413) as soon as it exceeds `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def practice_of_scope(request: Request) -> str:
@@ -353,9 +377,7 @@ async def file_content(request: Request) -> Response:
 async def create_upload(request: Request) -> Response:
     practice_id = practice_of_scope(request)
     service = service_of(request)
-    body = await request.body()
-    if len(body) > 64 * 1024:
-        raise bad_request("The upload's description is too large.")
+    body = await small_body(request)
     response = await service.upstream.json(
         practice_id, "POST", "/uploads", content=body, headers={"content-type": "application/json"}
     )
@@ -391,7 +413,7 @@ async def add_upload_part(request: Request) -> Response:
 async def complete_upload(request: Request) -> Response:
     """POST /v1/uploads/{id}/complete: the file it makes is the practice's."""
     service, practice_id, upload_id = await _owned_upload(request)
-    body = await request.body()
+    body = await small_body(request)
     response = await service.upstream.json(
         practice_id,
         "POST",

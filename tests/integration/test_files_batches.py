@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from decimal import Decimal
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -332,3 +333,19 @@ async def test_another_practice_cannot_see_read_cancel_or_delete_them(
     assert (await a.files.retrieve(done.file.id)).bytes == 6
     with pytest.raises(openai.NotFoundError):
         await b.files.retrieve(done.file.id)
+
+
+async def test_an_oversized_batch_description_is_refused_unread(
+    fast_gateway: Gateway, upstream: Upstream
+) -> None:
+    """A 2 MB JSON body to POST /v1/batches: 413 in the OpenAI shape, nothing forwarded."""
+    gw = fast_gateway
+    async with httpx.AsyncClient(base_url=gw.base_url, timeout=10) as http:
+        response = await http.post(
+            "/batches",
+            content=b'{"metadata": "' + b"x" * 2_000_000 + b'"}',
+            headers={"Authorization": f"Bearer {gw.key}", "content-type": "application/json"},
+        )
+    assert response.status_code == 413
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert fake(upstream).batches == {} and await gw.holds() == 0
