@@ -231,3 +231,42 @@ async def test_a_cross_site_form_post_is_refused(page: Any, console: Console) ->
             "SELECT COUNT(*) FROM ai_topup_settings WHERE practice_id = ?", console.practice
         )
     assert saved == 0
+
+
+async def test_a_paused_automatic_top_up_shows_why_and_resumes(page: Any, console: Console) -> None:
+    """After a declined card the console says so; Resume switches it back on."""
+    from credit.autotopup import pause
+    from credit.config import CreditDefaults
+    from credit.topup_settings import TopupSettings, save_settings
+
+    async with console.db.transaction(lock=console.practice) as conn:
+        await save_settings(
+            conn,
+            TopupSettings(
+                practice_id=console.practice,
+                auto_topup_enabled=True,
+                topup_amount_chf=Decimal("30"),
+                internal_credit_usd=Decimal("10"),
+                trigger_below_percent=5,
+                monthly_limit_chf=Decimal("300"),
+                stripe_customer_id="cus_test_paused",
+                default_payment_method_id="pm_test_paused",
+            ),
+            now=1,
+        )
+        await pause(conn, console.practice, "AUTO_TOPUP_PAYMENT_FAILED", CreditDefaults(), now=2)
+    await sign_in(page, console)
+    paused = await page.inner_text("#paused")
+    assert "fehlgeschlagen" in paused and "AUTO_TOPUP_PAYMENT_FAILED" in paused
+    assert not await page.is_checked("#enabled")
+    await shot(page, "12-paused")
+    await page.click("#paused button[type=submit]")
+    await page.wait_for_url("**/console/?saved=1")
+    assert await page.locator("#paused").count() == 0
+    assert await page.is_checked("#enabled")
+    async with console.db.read() as conn:
+        row = await conn.fetchone(
+            "SELECT auto_topup_enabled, paused_reason FROM ai_topup_settings WHERE practice_id = ?",
+            console.practice,
+        )
+    assert row is not None and tuple(row) == (1, None)

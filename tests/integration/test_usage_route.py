@@ -271,3 +271,28 @@ async def test_a_client_key_cannot_read_usage(http: tuple[httpx.AsyncClient, Gat
         )
         assert response.status_code == 403
         assert response.json()["error"]["code"] == "admin_key_required"
+
+
+async def test_the_csv_is_written_page_by_page(
+    db: AnyDatabase, metering: MeteringStore, practice: str, plans: PlanBook
+) -> None:
+    """Each page of events becomes one chunk of the response: it is never held whole."""
+    from gateway.routes.usage import UsageQuery, csv_chunks
+    from gateway.storage.usage_report import EventFilters, GroupBy
+
+    state = await metering.state(practice)
+    assert state.license is not None and state.period is not None
+    for n in range(23):
+        await metering.record_usage(
+            state.license,
+            state.period,
+            Usage(operation=Operation.CHAT, model="gpt-4o-mini", input_tokens=n),
+            cost_micros=n,
+            request_id=f"page-{n}",
+        )
+    query = UsageQuery(state.period.start, state.period.end, GroupBy.DAY, EventFilters())
+    chunks = [chunk async for chunk in csv_chunks(UsageReport(db), practice, query, page_size=5)]
+    assert len(chunks) == 1 + 5  # the header, then 5 + 5 + 5 + 5 + 3 events
+    lines = b"".join(chunks).decode().splitlines()
+    assert len(lines) == 24 and lines[0].startswith("time_utc,")
+    assert [line.split(",")[2] for line in lines[1:]] == [f"page-{n}" for n in range(23)]
