@@ -17,7 +17,7 @@ from budget.money import InvalidAmount, parse_decimal
 from credit.ports import DatabaseUnavailable
 from gateway.auth import Caller, require_admin, require_practice
 from gateway.errors import GatewayError, bad_request, forbidden, unavailable, unprocessable
-from gateway.messages import credit_user_message
+from gateway.messages import credit_user_message, user_message
 
 if TYPE_CHECKING:
     from gateway.services import Services
@@ -97,7 +97,14 @@ async def practice_of(request: Request) -> tuple[Caller, str]:
 async def admin_practice_of(request: Request) -> tuple[Caller, str]:
     """Like `practice_of`, for routes that need an admin key (or the service token)."""
     caller = await caller_of(request)
-    require_admin(caller)
+    try:
+        require_admin(caller)
+    except GatewayError as exc:
+        # The sentence a person reads, in the configured language.
+        exc.message_user = user_message(
+            "ADMIN_KEY_REQUIRED", services_of(request).settings.user_language
+        )
+        raise
     return caller, require_practice(caller)
 
 

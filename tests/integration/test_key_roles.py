@@ -69,6 +69,7 @@ async def test_a_client_key_is_refused_at_every_other_credit_route(
     error = refused.json()["error"]
     assert error["code"] == "admin_key_required"
     assert error["type"] == "permission_error"
+    assert error["message_user"].startswith("Dafür braucht es einen Admin-Schlüssel")
     assert set(error) >= {"message", "type", "code", "param"}
     allowed = await http.request(method, path, headers=bearer(gw.key), json=body)
     assert allowed.status_code != 403, allowed.text
