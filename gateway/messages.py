@@ -250,6 +250,15 @@ def credit_user_message(
     return texts[language].format(**values)
 
 
+def credit_user_text(
+    error_code: str, param: str | None, language: Language, **values: object
+) -> str | None:
+    """The sentence of a credit error's code and field in `language` (German included);
+    None for a code without one."""
+    texts = _CREDIT.get((error_code, param)) or _CREDIT.get((error_code, None))
+    return None if texts is None else texts[language].format(**values)
+
+
 def developer_message(error_code: str) -> str:
     """The OpenAI-shaped `message` (English) for `error_code`."""
     return _DEVELOPER.get(error_code, _DEVELOPER[BUDGET_EXHAUSTED])

@@ -38,6 +38,12 @@ _TEXTS: dict[str, tuple[str, str, str, str]] = {
         "Il modulo è scaduto o non proviene da questa pagina. Riprovate.",
         "The form expired or did not come from this page. Please try again.",
     ),
+    "error_generic": (
+        "Das hat nicht geklappt (Code {code}). Bitte erneut versuchen.",
+        "Cela n'a pas fonctionné (code {code}). Veuillez réessayer.",
+        "Non ha funzionato (codice {code}). Riprovate.",
+        "That did not work (code {code}). Please try again.",
+    ),
     "available_now": (
         "Jetzt verfügbar",
         "Disponible maintenant",
@@ -250,6 +256,9 @@ _TEXTS: dict[str, tuple[str, str, str, str]] = {
     ),
     "resume": ("Fortsetzen", "Reprendre", "Riprendi", "Resume"),
     "language": ("Sprache", "Langue", "Lingua", "Language"),
+    "status_succeeded": ("erfolgreich", "réussi", "riuscito", "succeeded"),
+    "status_pending": ("in Bearbeitung", "en cours", "in corso", "pending"),
+    "status_failed": ("fehlgeschlagen", "échoué", "non riuscito", "failed"),
     "event_topup_purchase": ("Aufladung", "Recharge", "Ricarica", "Top-up"),
     "event_auto_topup_purchase": (
         "Automatische Aufladung",

@@ -43,8 +43,7 @@ from gateway.console.session import (
 )
 from gateway.errors import GatewayError
 from gateway.keys import KeyIdentity
-from gateway.messages import LANGUAGES, Language, credit_user_message, user_message
-from gateway.routes.common import credit_error
+from gateway.messages import LANGUAGES, Language, credit_user_text, user_message
 from gateway.routes.usage import (
     UsageQuery,
     csv_response,
@@ -291,7 +290,16 @@ async def _result_banner(
         return "info", words["dry_run"]
     error = params.get("error")
     if error:
-        return "error", error[:300]
+        # Only a code travels in the URL; the sentence is ours (no text can be injected).
+        cfg = _services(request).settings.credit
+        text = credit_user_text(
+            error,
+            params.get("field") or None,
+            _language(request),
+            min_chf=cfg.min_topup_chf,
+            max_chf=cfg.max_topup_chf,
+        )
+        return "error", text or words["error_generic"].format(code=error[:60])
     return None
 
 
@@ -547,19 +555,6 @@ def _chf_field(form: FormData, name: str) -> Decimal | None:
     return value
 
 
-def _credit_message(request: Request, exc: CreditError) -> str:
-    services = _services(request)
-    text = credit_user_message(
-        exc.error_code,
-        exc.param,
-        _language(request),
-        german=exc.message_user,
-        min_chf=services.settings.credit.min_topup_chf,
-        max_chf=services.settings.credit.max_topup_chf,
-    )
-    return text or credit_error(exc).message
-
-
 async def buy_page(request: Request) -> Response:
     """GET /console/buy?amount_chf=…: what the amount buys, and the button to pay."""
     signed = await _signed_in(request)
@@ -574,7 +569,7 @@ async def buy_page(request: Request) -> Response:
     try:
         chf = validate_topup_amount(raw.replace(",", ".") or "0", services.settings.credit)
     except CreditError as exc:
-        return _redirect("", error=_credit_message(request, exc))
+        return _redirect("", error=exc.error_code, field=exc.param or "")
     credit_usd = chf_to_internal_usd(chf, services.settings.credit.chf_per_internal_usd)
     context = {
         "csrf": session.csrf,
@@ -607,7 +602,7 @@ async def topup(request: Request) -> Response:
             cancel_url=base + "/console/?topup=cancel",
         )
     except CreditError as exc:
-        return _redirect("", error=_credit_message(request, exc))
+        return _redirect("", error=exc.error_code, field=exc.param or "")
     url = result.get("checkout_url")
     if not url:
         return _redirect("", dry_run="1")
@@ -632,7 +627,7 @@ async def card(request: Request) -> Response:
             cancel_url=base + "/console/",
         )
     except CreditError as exc:
-        return _redirect("", error=_credit_message(request, exc))
+        return _redirect("", error=exc.error_code, field=exc.param or "")
     url = result.get("setup_url")
     if not url:
         return _redirect("", dry_run="1")
@@ -659,7 +654,7 @@ async def settings_save(request: Request) -> Response:
             monthly_limit_chf=_chf_field(form, "monthly_limit_chf"),
         )
     except CreditError as exc:
-        return _redirect("", error=_credit_message(request, exc))
+        return _redirect("", error=exc.error_code, field=exc.param or "")
     return _redirect("", saved="1")
 
 
@@ -672,7 +667,7 @@ async def resume(request: Request) -> Response:
     try:
         await _services(request).credit.update_settings(identity.practice_id, enabled=True)
     except CreditError as exc:
-        return _redirect("", error=_credit_message(request, exc))
+        return _redirect("", error=exc.error_code, field=exc.param or "")
     return _redirect("", saved="1")
 
 

@@ -41,6 +41,7 @@ class StripeFake:
             routes=[
                 Route("/v1/checkout/sessions", self.checkout, methods=["POST"]),
                 Route("/v1/payment_intents", self.payment_intent, methods=["POST"]),
+                Route("/v1/tax_rates", self.tax_rate, methods=["POST"]),
             ]
         )
 
@@ -57,6 +58,21 @@ class StripeFake:
                 "object": "checkout.session",
                 "mode": form.get("mode"),
                 "url": "http://stripe.fake/checkout/cs_fake_1",
+            }
+        )
+
+    async def tax_rate(self, request: Request) -> JSONResponse:
+        """The VAT rate of config/defaults.toml ([credit] vat_rate), made once per process."""
+        form = await self._record(request)
+        return JSONResponse(
+            {
+                "id": "txr_fake_1",
+                "object": "tax_rate",
+                "active": True,
+                "display_name": form.get("display_name"),
+                "percentage": float(form["percentage"]),
+                "inclusive": form.get("inclusive") == "true",
+                "country": form.get("country"),
             }
         )
 
@@ -91,6 +107,7 @@ async def test_gateway_process_uses_the_stripe_base_from_its_environment(tmp_pat
         lookup_key="aza_basic_monthly",
         period_start=now - 60,
         period_end=now + 86_400,
+        customer_email="e2e@example.test",
     )
     key = await store.create_key("prac_e2e", role=KeyRole.ADMIN)
     stripe = StripeFake()
@@ -155,11 +172,16 @@ async def test_gateway_process_uses_the_stripe_base_from_its_environment(tmp_pat
     finally:
         await db.close()
     paths = [path for path, _, _ in stripe.requests]
-    assert paths == ["/v1/checkout/sessions", "/v1/payment_intents"]
-    _, checkout_form, checkout_headers = stripe.requests[0]
+    assert paths == ["/v1/tax_rates", "/v1/checkout/sessions", "/v1/payment_intents"]
+    _, rate_form, _ = stripe.requests[0]
+    assert (rate_form["percentage"], rate_form["inclusive"]) == ("8.1", "true")
+    _, checkout_form, checkout_headers = stripe.requests[1]
     assert checkout_form["metadata[aza_purpose]"] == "ai_topup"
+    assert checkout_form["line_items[0][tax_rates][0]"] == "txr_fake_1"
+    assert checkout_form["invoice_creation[enabled]"] == "true"
     assert checkout_headers["authorization"] == "Bearer sk_test_e2e_fake"
-    _, charge_form, charge_headers = stripe.requests[1]
+    _, charge_form, charge_headers = stripe.requests[2]
     assert charge_form["metadata[aza_purpose]"] == "ai_auto_topup"
     assert charge_form["payment_method"] == "pm_e2e" and charge_form["off_session"] == "true"
     assert "idempotency-key" in charge_headers
+    assert charge_form["receipt_email"] == "e2e@example.test"
