@@ -236,7 +236,7 @@ async def test_a_cross_site_form_post_is_refused(page: Any, console: Console) ->
 async def test_a_paused_automatic_top_up_shows_why_and_resumes(page: Any, console: Console) -> None:
     """After a declined card the console says so; Resume switches it back on."""
     from credit.autotopup import pause
-    from credit.config import CreditDefaults
+    from credit.config import CreditConfig
     from credit.topup_settings import TopupSettings, save_settings
 
     async with console.db.transaction(lock=console.practice) as conn:
@@ -254,7 +254,9 @@ async def test_a_paused_automatic_top_up_shows_why_and_resumes(page: Any, consol
             ),
             now=1,
         )
-        await pause(conn, console.practice, "AUTO_TOPUP_PAYMENT_FAILED", CreditDefaults(), now=2)
+        await pause(
+            conn, console.practice, "AUTO_TOPUP_PAYMENT_FAILED", CreditConfig.defaults(), now=2
+        )
     await sign_in(page, console)
     paused = await page.inner_text("#paused")
     assert "fehlgeschlagen" in paused and "AUTO_TOPUP_PAYMENT_FAILED" in paused
