@@ -44,6 +44,11 @@ class Operation(StrEnum):
     # files cost nothing, a batch is held and charged as a whole.
     FILES = "files"
     BATCHES = "batches"
+    # A Realtime session's response, and the transcription of a committed
+    # input buffer in a Realtime session (gateway/realtime.py: a WebSocket,
+    # not a row of ENDPOINTS).
+    REALTIME = "realtime"
+    REALTIME_TRANSCRIPTION = "realtime_transcription"
 
 
 # Operations that are forwarded without a hold or a usage event.

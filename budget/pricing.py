@@ -35,6 +35,7 @@ _TOKEN_OPERATIONS = frozenset(
         Operation.RESPONSES,
         Operation.EMBEDDING,
         Operation.MODERATION,
+        Operation.REALTIME,
     }
 )
 
@@ -289,7 +290,11 @@ class PriceBook:
             return _token_cost(usage, price)
         if not (usage.audio_seconds or usage.characters or usage.images):
             return Decimal(0)  # tool calls only
-        if op in (Operation.TRANSCRIPTION, Operation.TRANSLATION):
+        if op in (
+            Operation.TRANSCRIPTION,
+            Operation.TRANSLATION,
+            Operation.REALTIME_TRANSCRIPTION,
+        ):
             per_minute = _needed(price.per_audio_minute, usage.model, "per_audio_minute")
             # Multiply first: the division is then exact whenever the cost
             # has a finite decimal form (7 s x 0.003 / 60 = 0.00035).

@@ -127,6 +127,16 @@ class Settings:
     # Per-key and per-device rate limits count requests and tokens in fixed
     # windows of this many seconds (requests_per_minute is per window).
     rate_limit_window_seconds: float = 60.0
+    # Realtime (gateway/realtime.py): `POST /v1/realtime/client_secrets` and
+    # `/v1/realtime/sessions` hand a browser a key to OpenAI itself, past the
+    # gateway; refused unless the operator turns them on, and then each is
+    # charged this fixed amount (an approximation: the gateway never sees
+    # what such a session uses).
+    realtime_ephemeral_keys: bool = False
+    realtime_session_cap_usd: Decimal | None = None
+    # How long a Realtime session whose client left waits for the responses
+    # it cancelled to report their usage before they are charged at their estimate.
+    realtime_drain_seconds: float = 5.0
     log_level: str = "info"
     # uvicorn's per-request access log (AZA_ACCESS_LOG=1). Off by default: a
     # log line and a write per request cost more CPU than the gateway's own
@@ -154,6 +164,16 @@ class Settings:
     https_proxy: str | None = None
     no_proxy: str = ""
     ssl_cert_file: str | None = None
+
+    @property
+    def realtime_upstream_url(self) -> str:
+        """The upstream's Realtime WebSocket URL: the base URL as ws(s):// plus /realtime."""
+        base = self.upstream_base_url.rstrip("/")
+        for http, ws in (("https://", "wss://"), ("http://", "ws://")):
+            if base.startswith(http):
+                base = ws + base[len(http) :]
+                break
+        return base + "/realtime"
 
     @property
     def stripe_live_key(self) -> bool:
@@ -220,6 +240,23 @@ class Settings:
                 ProxyConfig.parse(proxy)
             except ValueError as exc:
                 raise ConfigError(f"HTTPS_PROXY: {exc}") from None
+        ephemeral = _flag(env, "AZA_REALTIME_EPHEMERAL_KEYS", False)
+        cap_raw = env.get("AZA_REALTIME_SESSION_CAP_USD", "").strip()
+        session_cap: Decimal | None = None
+        if cap_raw:
+            try:
+                session_cap = Decimal(cap_raw)
+            except ArithmeticError:
+                session_cap = None
+            if session_cap is None or not session_cap.is_finite() or session_cap <= 0:
+                raise ConfigError(
+                    f"AZA_REALTIME_SESSION_CAP_USD must be an amount above 0, not {cap_raw!r}"
+                )
+        if ephemeral and session_cap is None:
+            raise ConfigError(
+                "AZA_REALTIME_EPHEMERAL_KEYS=1 needs AZA_REALTIME_SESSION_CAP_USD, "
+                "the amount each ephemeral Realtime session is charged"
+            )
         return cls(
             upstreams=upstreams,
             default_regions=parse_regions(env.get("AZA_DEFAULT_REGIONS", "")),
@@ -272,6 +309,8 @@ class Settings:
             alert_retry_base_seconds=float(env.get("AZA_ALERT_RETRY_BASE_SECONDS", 30.0)),
             alert_max_attempts=_int(env, "AZA_ALERT_MAX_ATTEMPTS", 12),
             rate_limit_window_seconds=float(env.get("AZA_RATE_LIMIT_WINDOW_SECONDS", 60.0)),
+            realtime_ephemeral_keys=ephemeral,
+            realtime_session_cap_usd=session_cap,
             log_level=env.get("AZA_LOG_LEVEL", "info"),
             access_log=_flag(env, "AZA_ACCESS_LOG", False),
             console_secret=Secret(env.get("AZA_CONSOLE_SECRET", "")),
