@@ -30,6 +30,7 @@ from gateway.errors import GatewayError, not_found
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import MeteringMiddleware, Pricing, RequestContextMiddleware
 from gateway.proxy import Proxy
+from gateway.realtime import realtime_routes
 from gateway.residency import Residency
 from gateway.routes import all_routes
 from gateway.services import Services, build_alerts, build_credit, build_router
@@ -176,7 +177,7 @@ def create_app(
         for template, methods in methods_by_template().items()
     ]
     app = Starlette(
-        routes=[*proxied, *all_routes()],
+        routes=[*proxied, *realtime_routes(services), *all_routes()],
         middleware=[
             Middleware(RequestContextMiddleware, services=lambda: holder.get("services")),
             Middleware(

@@ -344,7 +344,9 @@ def _serve(settings: Settings, host: str, port: int) -> int:
         log_level=settings.log_level,
         access_log=settings.access_log,
         lifespan="on",
-        ws="none",
+        # The Realtime route (gateway/realtime.py) is a WebSocket: websockets'
+        # Sans-I/O server, the implementation uvicorn keeps current.
+        ws="websockets-sansio",
         # "auto" picks uvloop and httptools where they are installed.
         loop="auto",
         http="auto",

@@ -52,7 +52,7 @@ class _WithFakeUpstream:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
-        if scope["type"] == "http":
+        if scope["type"] in ("http", "websocket"):
             for prefix, app in self.mounts:
                 if path.startswith(prefix + "/"):
                     inner = dict(scope)
@@ -142,7 +142,12 @@ async def run_demo(base: Settings, *, host: str, port: int, out: TextIO = sys.st
                 stripe_standin_for(settings, host=host, port=port).app,
             )
             config = uvicorn.Config(
-                app, host=host, port=port, log_level="warning", ws="none", lifespan="on"
+                app,
+                host=host,
+                port=port,
+                log_level="warning",
+                ws="websockets-sansio",
+                lifespan="on",
             )
             server = uvicorn.Server(config)
             base_url = f"http://{_connect_host(host)}:{port}/v1"

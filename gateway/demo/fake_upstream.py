@@ -18,12 +18,13 @@ from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway.demo import answers, audio, images, media
 from gateway.demo.answers import Answer, Streamed, error_body
 from gateway.demo.files_batches import FakeFilesBatches
+from gateway.demo.realtime import FakeRealtime
 from gateway.demo.sse import EventStream, dumps
 
 FAKE_UPSTREAM_KEY = "sk-fake-upstream-key"
@@ -77,9 +78,12 @@ class FakeUpstream:
         self.last_chunk_sent_at = 0.0
         # Files, uploads and batches (gateway/demo/files_batches.py).
         self.files_batches = FakeFilesBatches()
+        # The Realtime WebSocket (`/v1/realtime`), with knobs and records of its own.
+        self.realtime = FakeRealtime(api_key=api_key)
         self._router = Starlette(
             routes=[
                 *self.files_batches.routes(),
+                WebSocketRoute("/v1/realtime", self.realtime),
                 self._json_route(
                     "/v1/chat/completions",
                     lambda body: answers.chat_completion(

@@ -44,9 +44,9 @@ async def serving(
         log_level="warning",
         access_log=False,
         lifespan="auto",
-        # No websockets: nothing here needs them, and importing their
-        # implementation would warn about deprecated modules.
-        ws="none",
+        # The Realtime route and the fake's: websockets' Sans-I/O server (its
+        # legacy one would warn about deprecated modules).
+        ws="websockets-sansio",
         timeout_graceful_shutdown=graceful_shutdown_seconds,
     )
     server = uvicorn.Server(config)

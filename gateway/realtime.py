@@ -1,0 +1,806 @@
+"""Realtime sessions through the gateway: the `/v1/realtime` WebSocket, metered per response.
+
+A client connects as the official SDK does (`client.realtime.connect(model=...)`,
+`Authorization: Bearer <gateway key>` on the upgrade). The gateway
+authenticates it, holds the estimate of the session's first response (the
+session opens only if the practice can afford it), opens the upstream's
+Realtime WebSocket with the upstream key, and relays events both ways
+unchanged, in order, as they arrive.
+
+On the way it watches a few event types (read from each event's first
+bytes; audio chunks are not parsed):
+
+- before forwarding a client's `response.create` (and, in a transcription
+  session, its `input_audio_buffer.commit`) it holds that response's
+  estimate through the metering store, as for an HTTP request; when the
+  practice cannot afford it (after one auto top-up attempt) the client gets
+  an `error` event with `code: insufficient_quota` and the HTTP 429's
+  `error_code` and `message_user`, the event is not forwarded, and the
+  socket closes with 1008;
+- each `response.done` is charged by its usage, each transcription's
+  `conversation.item.input_audio_transcription.completed` by its own, as one
+  usage event with the request id `rt:<session id>:<response or item id>`, so
+  a replay never charges twice.
+
+When the client leaves mid-response the gateway cancels the response
+upstream and waits briefly for its `response.done` (its usage); a response
+that never reports one is charged at its estimate when the session ends;
+holds not used are released (or expire, if the gateway dies).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from decimal import Decimal
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.types import Message, Receive, Scope, Send
+from starlette.websockets import WebSocket
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import (
+    ConnectionClosed,
+    InvalidHandshake,
+    InvalidStatus,
+    InvalidURI,
+)
+
+from budget.money import usd_to_micros
+from budget.pricing import UnpricedModel
+from budget.realtime import (
+    DEFAULT_TRANSCRIPTION_MODEL,
+    SessionKind,
+    SessionMeter,
+    event_type,
+    response_usage,
+    transcription_model_of,
+    transcription_usage,
+)
+from budget.usage import Operation, Usage
+from credit.ports import DatabaseUnavailable
+from gateway.auth import require_practice
+from gateway.errors import GatewayError, bad_request, forbidden, unavailable
+from gateway.gate import gate
+from gateway.middleware import Pricing, model_not_priced, new_request_id
+from gateway.proxy import (
+    client_response_headers,
+    read_bounded_body,
+    upstream_request_headers,
+    upstream_unreachable,
+)
+from gateway.services import Services
+from gateway.storage.metering import Hold
+from gateway.upstream import UpstreamError
+
+log = logging.getLogger("aza.gateway.realtime")
+
+REALTIME_PATH = "/v1/realtime"
+# The ephemeral-key routes: a browser with such a key talks to OpenAI
+# directly over WebRTC, past the gateway (refused unless the operator allows them).
+EPHEMERAL_KEY_PATHS = (
+    "/v1/realtime/client_secrets",
+    "/v1/realtime/sessions",
+    "/v1/realtime/transcription_sessions",
+)
+# WebSocket close codes (RFC 6455): policy violation (the budget), internal error.
+CLOSE_POLICY = 1008
+CLOSE_INTERNAL = 1011
+CLOSE_NORMAL = 1000
+# Headers of the client's upgrade that the upstream needs (the beta protocol's switch).
+_FORWARDED_HEADERS = ("openai-beta",)
+_SESSION_EVENTS = frozenset(
+    {
+        "session.created",
+        "session.updated",
+        "transcription_session.created",
+        "transcription_session.updated",
+    }
+)
+_SERVER_WATCHED = _SESSION_EVENTS | {
+    "response.created",
+    "response.done",
+    "input_audio_buffer.committed",
+    "conversation.item.input_audio_transcription.completed",
+    "conversation.item.input_audio_transcription.failed",
+}
+_CLIENT_WATCHED = frozenset(
+    {
+        "session.update",
+        "transcription_session.update",
+        "conversation.item.create",
+        "input_audio_buffer.commit",
+        "input_audio_buffer.clear",
+        "response.create",
+    }
+)
+_APPEND = "input_audio_buffer.append"
+_server_event_ids = itertools.count(1)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _parse(text: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def error_event(error: GatewayError, request_id: str, client_event_id: Any = None) -> str:
+    """A gateway error as a Realtime `error` event, with the HTTP error's extra members."""
+    body = error.body(request_id)
+    details = dict(body["error"])
+    details["event_id"] = client_event_id if isinstance(client_event_id, str) else None
+    event = {
+        "type": "error",
+        "event_id": f"event_gw{next(_server_event_ids):08d}",
+        **body,
+        "error": details,
+    }
+    return _dumps(event)
+
+
+def close_reason(error: GatewayError) -> str:
+    """A close reason a person can read, within the 123 bytes a close frame allows."""
+    code = error.error_code or error.code or "error"
+    reason = f"{error.message} ({code})"
+    return reason.encode()[:123].decode(errors="ignore")
+
+
+@dataclass(slots=True)
+class _Held:
+    """A hold placed for one response or transcription, and what it was sized for."""
+
+    hold: Hold | None  # None: placed after the upstream started it (see _hold_late)
+    estimate: Usage
+    started_at: int
+    upstream_id: str | None = None
+    late: asyncio.Task[Hold | None] | None = None
+
+
+class _Refused(Exception):
+    """A gate refused the session's next response: `error` says why."""
+
+    def __init__(self, error: GatewayError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class RealtimeSession:
+    """One relayed Realtime session: its client, its upstream, its holds and charges."""
+
+    def __init__(
+        self,
+        services: Services,
+        *,
+        practice_id: str,
+        device_id: str | None,
+        request_id: str,
+        meter: SessionMeter,
+        first: _Held,
+        receive: Receive,
+        send: Send,
+        upstream: ClientConnection,
+    ) -> None:
+        self.services = services
+        self.pricing = Pricing(services.settings)
+        self.practice_id = practice_id
+        self.device_id = device_id
+        self.request_id = request_id
+        self.meter = meter
+        self.session_id = request_id  # the upstream's own id once session.created names it
+        assert first.hold is not None
+        self.license = first.hold.license
+        self.period = first.hold.period
+        self.ready: _Held | None = first  # held at the open, for the first response
+        self.waiting: deque[_Held] = deque()  # held for a response.create / commit sent on
+        self.running: dict[str, _Held] = {}  # by upstream response or item id
+        self.receive = receive
+        self.send = send
+        self.upstream = upstream
+        self.client_open = True
+        self._holds = itertools.count(1)
+        self._work: set[asyncio.Task[Any]] = set()
+        self._drained = asyncio.Event()
+
+    # -- the relay --------------------------------------------------------
+
+    async def run(self) -> None:
+        """Relay until either side ends, then settle what is left."""
+        services = self.services
+        services.metrics.holds_in_flight.inc()
+        to_upstream = asyncio.create_task(self._client_to_upstream(), name="realtime:client")
+        to_client = asyncio.create_task(self._upstream_to_client(), name="realtime:upstream")
+        try:
+            await asyncio.wait({to_upstream, to_client}, return_when=asyncio.FIRST_COMPLETED)
+            if to_client.done():
+                # The upstream ended the session: so does the client.
+                to_upstream.cancel()
+                code, reason = CLOSE_INTERNAL, "The upstream Realtime API closed the session."
+                close = self.upstream.protocol.close_rcvd
+                if close is not None and close.code in (CLOSE_NORMAL, CLOSE_POLICY):
+                    code, reason = close.code, close.reason
+                await self._close_client(code, reason)
+            else:
+                # The client left, or the gateway closed it (budget): cancel what
+                # runs upstream and wait a little for its usage.
+                await self._drain_upstream()
+                to_client.cancel()
+            for task in (to_upstream, to_client):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        finally:
+            await self.upstream.close()
+            # Settles in a task the session's cancellation cannot stop.
+            await asyncio.shield(services.spawn(self._finish(), name=f"realtime:{self.session_id}"))
+
+    async def _client_to_upstream(self) -> None:
+        receive, upstream = self.receive, self.upstream
+        while True:
+            message = await receive()
+            if message["type"] != "websocket.receive":
+                self.client_open = False
+                return
+            text: str | None = message.get("text")
+            if text is None:
+                await upstream.send(message.get("bytes") or b"")
+                continue
+            kind = event_type(text)
+            if kind == _APPEND:
+                self.meter.appended(len(text))
+            else:
+                parsed = None
+                if kind is None:
+                    parsed = _parse(text)
+                    kind = parsed.get("type") if parsed is not None else None
+                if kind in _CLIENT_WATCHED:
+                    try:
+                        forward = await self._on_client(str(kind), parsed or _parse(text) or {})
+                    except _Refused as refused:
+                        await self._refuse(refused.error, (parsed or _parse(text) or {}))
+                        return
+                    if not forward:
+                        continue
+            await upstream.send(text)
+
+    async def _upstream_to_client(self) -> None:
+        try:
+            async for message in self.upstream:
+                if isinstance(message, str):
+                    kind = event_type(message)
+                    if kind is None:
+                        parsed = _parse(message)
+                        kind = parsed.get("type") if parsed is not None else None
+                    if kind in _SERVER_WATCHED:
+                        self._on_server(str(kind), _parse(message) or {})
+                    if self.client_open:
+                        await self._to_client({"type": "websocket.send", "text": message})
+                elif self.client_open:
+                    await self._to_client({"type": "websocket.send", "bytes": message})
+                if not self.running and not self.client_open:
+                    self._drained.set()
+        except ConnectionClosed:
+            return
+        finally:
+            self._drained.set()
+
+    async def _to_client(self, message: Message) -> None:
+        try:
+            await self.send(message)
+        except (OSError, RuntimeError):
+            self.client_open = False
+
+    async def _close_client(self, code: int, reason: str) -> None:
+        if self.client_open:
+            self.client_open = False
+            with contextlib.suppress(OSError, RuntimeError):
+                await self.send({"type": "websocket.close", "code": code, "reason": reason})
+
+    async def _drain_upstream(self) -> None:
+        """Cancel the responses still running upstream; wait for their usage, briefly."""
+        self.client_open = False
+        if not self.running:
+            return
+        self._drained.clear()
+        if self.meter.kind is SessionKind.CONVERSATION:
+            with contextlib.suppress(ConnectionClosed):
+                await self.upstream.send(_dumps({"type": "response.cancel"}))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.services.settings.realtime_drain_seconds):
+                await self._drained.wait()
+
+    # -- what the client sends --------------------------------------------
+
+    async def _on_client(self, kind: str, event: Mapping[str, Any]) -> bool:
+        """Note a watched client event; hold before a response or commit. False: do not forward."""
+        meter = self.meter
+        if kind in ("session.update", "transcription_session.update"):
+            session = event.get("session")
+            problem = self._unpriced_models(session)
+            if problem is not None:
+                await self._to_client(
+                    {
+                        "type": "websocket.send",
+                        "text": error_event(problem, self.request_id, event.get("event_id")),
+                    }
+                )
+                return False
+            if isinstance(session, Mapping) and isinstance(session.get("instructions"), str):
+                meter.added_text(len(session["instructions"]))
+        elif kind == "conversation.item.create":
+            meter.added_text(len(_dumps(event.get("item"))))
+        elif kind == "input_audio_buffer.clear":
+            meter.cleared()
+        elif kind == "input_audio_buffer.commit":
+            seconds = meter.committed()
+            if meter.kind is SessionKind.TRANSCRIPTION:
+                self.waiting.append(await self._hold(meter.transcription_estimate(seconds)))
+        elif kind == "response.create":
+            options = event.get("response")
+            limit = None
+            if isinstance(options, Mapping):
+                value = options.get("max_output_tokens", options.get("max_response_output_tokens"))
+                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                    limit = value
+            self.waiting.append(await self._hold(meter.response_estimate(limit)))
+        return True
+
+    def _unpriced_models(self, session: Any) -> GatewayError | None:
+        """A session.update naming a model this gateway has no price for: refuse it."""
+        if not isinstance(session, Mapping):
+            return None
+        for model in (session.get("model"), transcription_model_of(session)):
+            if isinstance(model, str) and model:
+                try:
+                    self.pricing.check(model)
+                except GatewayError as exc:
+                    return exc
+        return None
+
+    async def _hold(self, estimate: Usage) -> _Held:
+        """Hold `estimate` for the next response (the open's hold when it covers it)."""
+        cost = self._cost(estimate)
+        ready, self.ready = self.ready, None
+        if ready is not None:
+            assert ready.hold is not None
+            if ready.hold.amount_micros >= cost:
+                return replace(ready, estimate=estimate)
+            await self.services.metering.release(ready.hold)
+        hold = await self._gate(cost)
+        return _Held(hold, estimate, int(time.time()))
+
+    async def _gate(self, cost: int) -> Hold:
+        request_id = f"rt:{self.request_id}:hold{next(self._holds)}"
+        try:
+            return await gate(self.services, self.practice_id, request_id, cost)
+        except GatewayError as exc:
+            raise _Refused(exc) from None
+        except DatabaseUnavailable:
+            log.exception("database unavailable at a realtime gate (%s)", self.request_id)
+            raise _Refused(unavailable()) from None
+
+    def _cost(self, usage: Usage) -> int:
+        try:
+            return self.pricing.cost_micros(usage)
+        except UnpricedModel:
+            raise _Refused(model_not_priced(usage.model)) from None
+
+    async def _refuse(self, error: GatewayError, event: Mapping[str, Any]) -> None:
+        """Tell the client why (an `error` event), and close with 1008 and a readable reason."""
+        await self._to_client(
+            {
+                "type": "websocket.send",
+                "text": error_event(error, self.request_id, event.get("event_id")),
+            }
+        )
+        code = CLOSE_POLICY if error.status in (403, 429) else CLOSE_INTERNAL
+        await self._close_client(code, close_reason(error))
+
+    # -- what the upstream sends ------------------------------------------
+
+    def _on_server(self, kind: str, event: Mapping[str, Any]) -> None:
+        """Note a watched server event; charge what it reports (in the background)."""
+        meter = self.meter
+        if kind in _SESSION_EVENTS:
+            session = event.get("session")
+            meter.configure(session)
+            if kind.endswith(".created") and isinstance(session, Mapping):
+                upstream_id = session.get("id")
+                if isinstance(upstream_id, str) and upstream_id:
+                    self.session_id = upstream_id
+        elif kind == "response.created":
+            response = event.get("response")
+            response_id = response.get("id") if isinstance(response, Mapping) else None
+            if isinstance(response_id, str):
+                self._started(response_id, meter.response_estimate)
+        elif kind == "response.done":
+            response = event.get("response")
+            if not isinstance(response, Mapping) or not isinstance(response.get("id"), str):
+                return
+            held = self.running.pop(response["id"], None)
+            usage = response_usage(meter.model, response)
+            if usage is not None:
+                meter.answered(usage)
+            elif response.get("status") in ("failed", "cancelled"):
+                if held is not None:
+                    self._background(self._release(held))
+                return
+            status = "success" if response.get("status") == "completed" else "partial"
+            if held is not None or usage is not None:
+                self._background(self._charge(held, usage, response["id"], status))
+        elif kind == "input_audio_buffer.committed":
+            item_id = event.get("item_id")
+            if isinstance(item_id, str) and meter.kind is SessionKind.TRANSCRIPTION:
+                self._started(item_id, meter.transcription_estimate)
+        elif kind == "conversation.item.input_audio_transcription.completed":
+            item_id = event.get("item_id")
+            if not isinstance(item_id, str):
+                return
+            held = self.running.pop(item_id, None)
+            model = meter.transcription_model or DEFAULT_TRANSCRIPTION_MODEL
+            usage = transcription_usage(model, event.get("usage"))
+            if held is not None or usage is not None:
+                self._background(self._charge(held, usage, item_id, "success"))
+        elif kind == "conversation.item.input_audio_transcription.failed":
+            item_id = event.get("item_id")
+            held = self.running.pop(item_id, None) if isinstance(item_id, str) else None
+            if held is not None:
+                self._background(self._release(held))
+        if not self.running and not self.client_open:
+            self._drained.set()
+
+    def _started(self, upstream_id: str, estimate: Callable[[], Usage]) -> None:
+        """The upstream started a response or transcription: give it its hold."""
+        if self.waiting:
+            held = self.waiting.popleft()
+        elif self.ready is not None:
+            held, self.ready = self.ready, None
+        else:
+            # Started by the upstream itself (voice detection): hold it now,
+            # without holding up the relay; if it cannot be afforded, it is the last.
+            held = _Held(None, estimate(), int(time.time()))
+            held.late = self.services.spawn(self._hold_late(held), name="realtime:late-hold")
+        held.upstream_id = upstream_id
+        self.running[upstream_id] = held
+
+    async def _hold_late(self, held: _Held) -> Hold | None:
+        try:
+            return await self._gate(self._cost(held.estimate))
+        except _Refused as refused:
+            with contextlib.suppress(ConnectionClosed):
+                if self.meter.kind is SessionKind.CONVERSATION:
+                    await self.upstream.send(_dumps({"type": "response.cancel"}))
+            await self._refuse(refused.error, {})
+            return None
+
+    def _background(self, work: Any) -> None:
+        task = self.services.spawn(work, name=f"realtime-settle:{self.session_id}")
+        self._work.add(task)
+        task.add_done_callback(self._work.discard)
+
+    # -- charging ---------------------------------------------------------
+
+    async def _charge(
+        self, held: _Held | None, usage: Usage | None, upstream_id: str, status: str
+    ) -> None:
+        """One usage event for one upstream response or transcription, its hold replaced."""
+        metering, metrics = self.services.metering, self.services.metrics
+        hold = held.hold if held is not None else None
+        if held is not None and hold is None and held.late is not None:
+            hold = await held.late
+        if usage is None:
+            assert held is not None
+            usage, status = held.estimate, "partial"
+        request_id = f"rt:{self.session_id}:{upstream_id}"
+        try:
+            try:
+                cost = self.pricing.cost_micros(usage)
+            except UnpricedModel:
+                # Checked before the session opened and at each session.update;
+                # an answer naming another model is charged at its estimate.
+                cost = self.pricing.cost_micros(held.estimate) if held else 0
+            if hold is not None:
+                settlement = await metering.settle(
+                    replace(hold, request_id=request_id),
+                    usage,
+                    cost_micros=cost,
+                    device_id=self.device_id,
+                    status=status,
+                    started_at=held.started_at if held else None,
+                )
+            else:
+                # The upstream produced it without a hold (its own voice
+                # detection, and the late hold was refused): still charged.
+                settlement = await metering.record_usage(
+                    self.license,
+                    self.period,
+                    usage,
+                    cost_micros=cost,
+                    request_id=request_id,
+                    device_id=self.device_id,
+                    status=status,
+                )
+            if settlement.event_id is not None:
+                metrics.usage_cost.inc(cost)
+                metrics.usage_events.labels(
+                    str(usage.operation), str(usage.estimated).lower()
+                ).inc()
+            state = settlement.state
+            if state is not None and state.snapshot.available_percent < 100 and hold is not None:
+                self.services.schedule_auto_topup(
+                    self.practice_id,
+                    available_percent=state.snapshot.available_percent,
+                    subscription_id=hold.license.subscription_id,
+                )
+        except Exception:
+            log.exception("charging %s failed; its hold expires by itself", request_id)
+
+    async def _release(self, held: _Held) -> None:
+        hold = held.hold
+        if hold is None and held.late is not None:
+            hold = await held.late
+        if hold is not None:
+            try:
+                await self.services.metering.release(hold)
+            except Exception:
+                log.exception("releasing a realtime hold failed; it expires by itself")
+
+    async def _finish(self) -> None:
+        """At the session's end: charge what started without a usage report, release the rest."""
+        try:
+            for upstream_id, held in list(self.running.items()):
+                await self._charge(held, None, upstream_id, "partial")
+            self.running.clear()
+            unused = [*self.waiting, *([self.ready] if self.ready else [])]
+            self.waiting.clear()
+            self.ready = None
+            for held in unused:
+                await self._release(held)
+            if self._work:
+                await asyncio.wait(list(self._work))
+        finally:
+            self.services.metrics.holds_in_flight.dec()
+
+
+# -- opening a session ------------------------------------------------------
+
+
+async def _deny(websocket: WebSocket, error: GatewayError, request_id: str) -> None:
+    """Refuse the upgrade with the error as an HTTP response (the OpenAI error shape)."""
+    response = error.response(request_id)
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(response)
+    else:
+        await websocket.close(CLOSE_POLICY, close_reason(error))
+
+
+def _session_kind(websocket: WebSocket, pricing: Pricing, max_output_tokens: int) -> SessionMeter:
+    query = websocket.query_params
+    if query.get("intent") == "transcription":
+        pricing.check(DEFAULT_TRANSCRIPTION_MODEL)
+        return SessionMeter(
+            SessionKind.TRANSCRIPTION,
+            model=DEFAULT_TRANSCRIPTION_MODEL,
+            transcription_model=DEFAULT_TRANSCRIPTION_MODEL,
+        )
+    model = query.get("model")
+    if not model:
+        raise bad_request(
+            "A Realtime session needs ?model=… (or ?intent=transcription).",
+            code="missing_model",
+            param="model",
+        )
+    pricing.check(model)
+    # A response's output is held at the gateway's default limit until the
+    # session or the response names one (Realtime's own default is "inf").
+    return SessionMeter(SessionKind.CONVERSATION, model=model, max_output_tokens=max_output_tokens)
+
+
+async def _connect_upstream(
+    services: Services, websocket: WebSocket, request_id: str
+) -> ClientConnection:
+    settings = services.settings
+    url = settings.realtime_upstream_url
+    query = websocket.scope.get("query_string", b"").decode("latin-1")
+    if query:
+        url += "?" + query
+    headers = {
+        name: websocket.headers[name] for name in _FORWARDED_HEADERS if name in websocket.headers
+    }
+    key = settings.upstream_api_key.reveal()
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    try:
+        return await connect(
+            url,
+            additional_headers=headers,
+            max_size=None,
+            compression=None,
+            open_timeout=10,
+            user_agent_header=None,
+        )
+    except InvalidStatus as exc:
+        status = exc.response.status_code
+        if status == 401:
+            log.warning("upstream refused the upstream API key on the Realtime route (401)")
+            raise GatewayError(
+                502,
+                "The upstream API refused the gateway's own credentials; the operator must fix "
+                "OPENAI_API_KEY.",
+                type="server_error",
+                code="upstream_auth_failed",
+            ) from None
+        raise _UpstreamAnswer(status, exc.response.body or b"") from None
+    except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
+        log.warning("upstream Realtime endpoint unreachable: %s", exc)
+        raise upstream_unreachable() from None
+
+
+class _UpstreamAnswer(Exception):
+    """The upstream refused the upgrade with an HTTP answer, passed on to the client."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(status)
+        self.status = status
+        self.body = body
+
+
+class RealtimeEndpoint:
+    """The `/v1/realtime` WebSocket route (an ASGI app for starlette's WebSocketRoute)."""
+
+    def __init__(self, services: Callable[[], Services]) -> None:
+        self.services = services
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        services = self.services()
+        websocket = WebSocket(scope, receive, send)
+        request_id = new_request_id()
+        pricing = Pricing(services.settings)
+        first: _Held | None = None
+        try:
+            caller = await services.auth.authenticate(websocket.headers)
+            practice_id = require_practice(caller)
+            meter = _session_kind(websocket, pricing, services.settings.default_max_output_tokens)
+            estimate = (
+                meter.transcription_estimate()
+                if meter.kind is SessionKind.TRANSCRIPTION
+                else meter.response_estimate()
+            )
+            hold = await gate(
+                services, practice_id, f"rt:{request_id}:hold0", pricing.cost_micros(estimate)
+            )
+            first = _Held(hold, estimate, int(time.time()))
+            upstream = await _connect_upstream(services, websocket, request_id)
+        except (GatewayError, _UpstreamAnswer, DatabaseUnavailable) as exc:
+            if first is not None and first.hold is not None:
+                await services.metering.release(first.hold)
+            if isinstance(exc, _UpstreamAnswer):
+                await websocket.send_denial_response(
+                    Response(exc.body, status_code=exc.status, media_type="application/json")
+                )
+                return
+            error = exc if isinstance(exc, GatewayError) else unavailable()
+            await _deny(websocket, error, request_id)
+            return
+        try:
+            await websocket.accept()
+        except BaseException:
+            await upstream.close()
+            await services.metering.release(hold)
+            raise
+        session = RealtimeSession(
+            services,
+            practice_id=practice_id,
+            device_id=caller.device_id,
+            request_id=request_id,
+            meter=meter,
+            first=first,
+            receive=receive,
+            send=send,
+            upstream=upstream,
+        )
+        await session.run()
+
+
+# -- ephemeral keys -----------------------------------------------------------
+
+
+def ephemeral_keys_refused() -> GatewayError:
+    return forbidden(
+        "Ephemeral Realtime keys are turned off at this gateway: a browser holding one talks "
+        "to OpenAI directly, past the practice's budget. Connect to the gateway's WebSocket "
+        "route instead (wss://<gateway>/v1/realtime?model=…, e.g. client.realtime.connect() "
+        "with the gateway key), or ask the operator to allow them "
+        "(AZA_REALTIME_EPHEMERAL_KEYS).",
+        code="realtime_ephemeral_keys_disabled",
+    )
+
+
+class EphemeralKeys:
+    """`POST /v1/realtime/client_secrets` (and the beta session routes).
+
+    Refused with 403 unless `Settings.realtime_ephemeral_keys`; then each is
+    held and charged at `realtime_session_cap_usd`, a fixed approximation of
+    a session the gateway never sees, and forwarded.
+    """
+
+    def __init__(self, services: Callable[[], Services]) -> None:
+        self.services = services
+
+    async def __call__(self, request: Request) -> Response:
+        services = self.services()
+        settings = services.settings
+        request_id = request.scope.get("state", {}).get("request_id") or new_request_id()
+        cap = settings.realtime_session_cap_usd
+        try:
+            if not settings.realtime_ephemeral_keys or cap is None:
+                raise ephemeral_keys_refused()
+            caller = await services.auth.authenticate(request.headers)
+            practice_id = require_practice(caller)
+            body = await read_bounded_body(request.scope, request.receive, 1_048_576)
+            cap_micros = usd_to_micros(Decimal(cap))
+            hold = await gate(services, practice_id, request_id, cap_micros)
+        except GatewayError as exc:
+            return exc.response(request_id)
+        except DatabaseUnavailable:
+            return unavailable().response(request_id)
+        model = _model_of(body)
+        try:
+            response = await services.http.send(
+                "POST",
+                request.url.path[len("/v1") :],
+                headers=upstream_request_headers(
+                    request.scope["headers"], settings.upstream_api_key.reveal()
+                ),
+                content=body,
+            )
+            answer = await response.aread()
+            await response.aclose()
+        except UpstreamError:
+            await services.metering.release(hold)
+            return upstream_unreachable().response(request_id)
+        if not 200 <= response.status_code < 300:
+            await services.metering.release(hold)
+        else:
+            await services.metering.settle(
+                hold,
+                Usage(Operation.REALTIME, model, estimated=True),
+                cost_micros=cap_micros,
+                device_id=caller.device_id,
+                status="success",
+            )
+        headers = dict(
+            (name.decode("latin-1"), value.decode("latin-1"))
+            for name, value in client_response_headers(response.headers)
+            if name != b"content-length"
+        )
+        return Response(answer, status_code=response.status_code, headers=headers)
+
+
+def _model_of(body: bytes) -> str:
+    data = _parse(body.decode("utf-8", errors="replace")) or {}
+    session = data.get("session")
+    model = session.get("model") if isinstance(session, Mapping) else data.get("model")
+    return model if isinstance(model, str) and model else "realtime-ephemeral"
+
+
+def realtime_routes(services: Callable[[], Services]) -> list[Route | WebSocketRoute]:
+    """The Realtime routes: the WebSocket, and the ephemeral-key routes (403 by default)."""
+    keys = EphemeralKeys(services)
+    return [
+        WebSocketRoute(REALTIME_PATH, RealtimeEndpoint(services)),
+        *(Route(path, keys, methods=["POST"]) for path in EPHEMERAL_KEY_PATHS),
+    ]
