@@ -237,6 +237,10 @@ class RealtimeSession:
             else:
                 # The client left, or the gateway closed it (budget): cancel what
                 # runs upstream and wait a little for its usage.
+                failure = None if to_upstream.cancelled() else to_upstream.exception()
+                if failure is not None and not isinstance(failure, ConnectionClosed):
+                    log.error("realtime session %s failed", self.session_id, exc_info=failure)
+                await self._close_client(CLOSE_INTERNAL, "The gateway closed the session.")
                 await self._drain_upstream()
                 to_client.cancel()
             for task in (to_upstream, to_client):
@@ -740,7 +744,7 @@ class EphemeralKeys:
     def __init__(self, services: Callable[[], Services]) -> None:
         self.services = services
 
-    async def __call__(self, request: Request) -> Response:
+    async def handle(self, request: Request) -> Response:
         services = self.services()
         settings = services.settings
         request_id = request.scope.get("state", {}).get("request_id") or new_request_id()
@@ -802,5 +806,5 @@ def realtime_routes(services: Callable[[], Services]) -> list[Route | WebSocketR
     keys = EphemeralKeys(services)
     return [
         WebSocketRoute(REALTIME_PATH, RealtimeEndpoint(services)),
-        *(Route(path, keys, methods=["POST"]) for path in EPHEMERAL_KEY_PATHS),
+        *(Route(path, keys.handle, methods=["POST"]) for path in EPHEMERAL_KEY_PATHS),
     ]

@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import Message, Receive, Scope, Send
 
-from gateway.demo import answers, audio, images, media
+from gateway.demo import answers, audio, images, media, realtime
 from gateway.demo.answers import Answer, Streamed, error_body
 from gateway.demo.files_batches import FakeFilesBatches
 from gateway.demo.realtime import FakeRealtime
@@ -84,6 +84,7 @@ class FakeUpstream:
             routes=[
                 *self.files_batches.routes(),
                 WebSocketRoute("/v1/realtime", self.realtime),
+                self._json_route("/v1/realtime/client_secrets", realtime.client_secret),
                 self._json_route(
                     "/v1/chat/completions",
                     lambda body: answers.chat_completion(

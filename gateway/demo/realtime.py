@@ -475,3 +475,13 @@ def _merge(into: dict[str, Any], update: Mapping[str, Any]) -> None:
             _merge(current, value)
         else:
             into[key] = value
+
+
+def client_secret(body: Any) -> dict[str, Any]:
+    """`POST /v1/realtime/client_secrets`: an ephemeral key and the session it is for."""
+    session = body.get("session") if isinstance(body, dict) else None
+    session = dict(session) if isinstance(session, dict) else {"type": "realtime"}
+    session.setdefault("model", "gpt-realtime")
+    session.setdefault("object", "realtime.session")
+    session["id"] = "sess_fake_ephemeral"
+    return {"value": "ek_fake_ephemeral_key", "expires_at": 1_700_000_600, "session": session}

@@ -40,12 +40,13 @@ async def until(condition: Callable[[], Awaitable[bool]], seconds: float = 5.0) 
         await asyncio.sleep(0.02)
 
 
-async def next_of(connection: Any, kind: str) -> Any:
-    """Read events until one of `kind` arrives; return it."""
-    while True:
-        event = await connection.recv()
-        if event.type == kind:
-            return event
+async def next_of(connection: Any, kind: str, seconds: float = 5.0) -> Any:
+    """Read events until one of `kind` arrives (within `seconds`); return it."""
+    async with asyncio.timeout(seconds):
+        while True:
+            event = await connection.recv()
+            if event.type == kind:
+                return event
 
 
 async def speak(connection: Any, tenths: int = 10) -> None:
@@ -59,11 +60,12 @@ async def turn(connection: Any, **response: Any) -> tuple[Any, list[str]]:
     await speak(connection)
     await connection.response.create(**({"response": response} if response else {}))
     seen: list[str] = []
-    while True:
-        event = await connection.recv()
-        seen.append(event.type)
-        if event.type == "response.done":
-            return event, seen
+    async with asyncio.timeout(5):
+        while True:
+            event = await connection.recv()
+            seen.append(event.type)
+            if event.type == "response.done":
+                return event, seen
 
 
 def cost_of(done: Any, model: str) -> int:
@@ -133,3 +135,287 @@ async def test_a_voice_conversation_of_three_responses_is_charged_per_response(
     assert fake.client_events.count("response.create") == 3
     assert fake.client_events.count("input_audio_buffer.append") == 30
     assert await gateway.holds() == 0
+
+
+async def test_a_transcription_session_of_five_segments_is_charged_per_segment(
+    gateway: Gateway,
+) -> None:
+    """intent=transcription: each committed segment held, then charged by its own usage."""
+    client = gateway.client()
+    async with client.realtime.connect(extra_query={"intent": "transcription"}) as connection:
+        created = await next_of(connection, "session.created")
+        assert created.session.type == "transcription"
+        await connection.session.update(
+            session={
+                "type": "transcription",
+                "audio": {"input": {"transcription": {"model": "gpt-4o-mini-transcribe"}}},
+            }
+        )
+        await next_of(connection, "session.updated")
+        completed = []
+        for tenths in (5, 10, 15, 20, 25):
+            await speak(connection, tenths)
+            completed.append(
+                await next_of(connection, "conversation.item.input_audio_transcription.completed")
+            )
+    events = await gateway.settled(5)
+    assert [e["request_id"] for e in events] == [
+        f"rt:{created.session.id}:{done.item_id}" for done in completed
+    ]
+    for event, done in zip(events, completed, strict=True):
+        usage = done.usage
+        assert event["operation_type"] == "realtime_transcription"
+        assert event["model"] == "gpt-4o-mini-transcribe"
+        expected = PRICES.cost_micros(
+            Usage(
+                Operation.REALTIME_TRANSCRIPTION,
+                "gpt-4o-mini-transcribe",
+                input_tokens=usage.input_tokens,
+                output_tokens=usage.output_tokens,
+                audio_input_tokens=usage.input_token_details.audio_tokens,
+            )
+        )
+        assert event["estimated_cost_micro_usd"] == expected > 0
+        assert (event["input_tokens"], event["output_tokens"]) == (
+            usage.input_tokens,
+            usage.output_tokens,
+        )
+    # Longer segments cost more: the fake bills 10 audio tokens a second.
+    costs = [e["estimated_cost_micro_usd"] for e in events]
+    assert costs == sorted(costs) and costs[0] < costs[-1]
+    assert await gateway.holds() == 0
+
+
+async def test_money_running_out_after_the_second_response_ends_the_session(
+    start_gateway: StartGateway,
+) -> None:
+    """The third response.create gets an insufficient_quota error event, is not forwarded, 1008."""
+    # Without budget leases: a lease would (by design) admit the third
+    # response on what the gate saw a moment before the money went.
+    async with start_gateway(gate_lease_requests=0) as gateway:
+        fake = gateway.fake.realtime
+        async with gateway.client().realtime.connect(model="gpt-realtime") as connection:
+            await next_of(connection, "session.created")
+            await turn(connection)
+            await turn(connection)
+            await gateway.settled(2)
+            await leave_available(gateway, 0)  # another device used the rest meanwhile
+            await speak(connection)
+            await connection.response.create()
+            error = await next_of(connection, "error")
+            with pytest.raises(ConnectionClosed) as closed:
+                await connection.recv()
+        await until(lambda: _no_holds(gateway))
+        assert len(await realtime_events(gateway)) == 2
+    raw = json.loads(error.to_json())
+    assert raw["error"]["type"] == "insufficient_quota"
+    assert raw["error"]["code"] == "insufficient_quota"
+    assert raw["error"]["error_code"] == raw["error_code"] == "AI_BUDGET_EXHAUSTED"
+    assert "KI-Budget" in raw["message_user"]
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+    assert "AI_BUDGET_EXHAUSTED" in closed.value.rcvd.reason
+    assert fake.client_events.count("response.create") == 2  # the third never left
+
+
+async def _no_holds(gateway: Gateway) -> bool:
+    return await gateway.holds() == 0
+
+
+async def test_a_session_opens_only_when_its_first_response_is_affordable(
+    gateway: Gateway,
+) -> None:
+    """Nothing left: the upgrade is answered with the HTTP 429 body; the upstream is not called."""
+    await leave_available(gateway, 0)
+    with pytest.raises(InvalidStatus) as refused:
+        async with gateway.client().realtime.connect(model="gpt-realtime"):
+            pass
+    response = refused.value.response
+    assert response.status_code == 429
+    body = json.loads(response.body)
+    assert body["error"]["code"] == "insufficient_quota"
+    assert body["error_code"] == "AI_BUDGET_EXHAUSTED"
+    assert gateway.fake.realtime.sessions == []
+    assert await gateway.holds() == 0
+
+
+async def test_a_model_without_a_price_is_refused_before_the_upstream_is_called(
+    gateway: Gateway,
+) -> None:
+    with pytest.raises(InvalidStatus) as refused:
+        async with gateway.client().realtime.connect(model="gpt-unknown-realtime"):
+            pass
+    assert refused.value.response.status_code == 400
+    assert json.loads(refused.value.response.body)["error"]["code"] == "model_not_priced"
+    assert gateway.fake.realtime.sessions == []
+
+
+async def test_a_wrong_gateway_key_is_refused_with_401(gateway: Gateway) -> None:
+    with pytest.raises(InvalidStatus) as refused:
+        async with gateway.client(key="aza_wrong").realtime.connect(model="gpt-realtime"):
+            pass
+    assert refused.value.response.status_code == 401
+    assert gateway.fake.realtime.sessions == []
+
+
+async def _conversation_until_refused(gateway: Gateway) -> int:
+    """Turns until the gateway refuses one; returns how many responses completed."""
+    done = 0
+    try:
+        async with gateway.client().realtime.connect(model="gpt-realtime") as connection:
+            await next_of(connection, "session.created")
+            while True:
+                await speak(connection, 2)
+                await connection.response.create(response={"max_output_tokens": 400})
+                kind = ""
+                while kind not in ("response.done", "error"):
+                    kind = (await connection.recv()).type
+                done += kind == "response.done"
+    except ConnectionClosed as closed:
+        assert closed.rcvd is not None and closed.rcvd.code == 1008
+    except InvalidStatus as refused:
+        assert refused.response.status_code == 429
+    return done
+
+
+async def test_two_sessions_of_one_practice_never_overspend_a_nearly_empty_budget(
+    gateway: Gateway,
+) -> None:
+    """Two concurrent sessions, money for a few responses: both stop, at most one overspends."""
+    gateway.fake.realtime.deltas = 100  # 200 audio tokens a response, half its estimate
+    meter = SessionMeter(
+        SessionKind.CONVERSATION,
+        model="gpt-realtime",
+        max_output_tokens=gateway.settings.default_max_output_tokens,
+    )
+    first = PRICES.cost_micros(meter.response_estimate())
+    available = 2 * first + first // 2
+    await leave_available(gateway, available)
+    results = await asyncio.gather(
+        _conversation_until_refused(gateway), _conversation_until_refused(gateway)
+    )
+    await until(lambda: _no_holds(gateway))
+    events = await realtime_events(gateway)
+    assert len(events) == sum(results) >= 2
+    spent = sum(e["estimated_cost_micro_usd"] for e in events)
+    # The gate admits while anything is left (after the other session's
+    # holds), holding at most what is left: only the one response admitted
+    # on the last scrap can cost more than that. A session refused while the
+    # other's hold was larger than that response turned out leaves a rest.
+    assert available // 2 < spent <= available + max(e["estimated_cost_micro_usd"] for e in events)
+    state = await gateway.metering.state(gateway.practice)
+    assert state.snapshot.available_micros == max(0, available - spent)
+
+
+async def test_a_client_that_leaves_mid_response_is_charged_what_the_upstream_reports(
+    start_gateway: StartGateway,
+) -> None:
+    """The gateway cancels the response upstream and charges its response.done's usage."""
+    async with start_gateway() as gateway:
+        fake = gateway.fake.realtime
+        fake.deltas, fake.delta_delay = 200, 0.01
+        async with gateway.client().realtime.connect(model="gpt-realtime") as connection:
+            await next_of(connection, "session.created")
+            await speak(connection)
+            await connection.response.create()
+            await next_of(connection, "response.output_audio.delta")
+        events = await gateway.settled(1)
+        assert fake.cancelled == 1
+    [event] = events
+    assert event["usage_estimated"] == 0 and event["status"] == "partial"
+    assert 0 < event["output_tokens"] < 2 * 200
+    assert await gateway.holds() == 0
+
+
+async def test_a_response_that_never_reports_usage_is_charged_at_its_estimate(
+    start_gateway: StartGateway,
+) -> None:
+    """No response.done even after the cancel: charged from the estimate when the session ends."""
+    async with start_gateway(realtime_drain_seconds=0.2) as gateway:
+        fake = gateway.fake.realtime
+        fake.hang_before_done = True
+        async with gateway.client().realtime.connect(model="gpt-realtime") as connection:
+            await next_of(connection, "session.created")
+            await speak(connection)
+            await connection.response.create()
+            await next_of(connection, "response.output_audio.delta")
+        events = await gateway.settled(1)
+    [event] = events
+    assert event["usage_estimated"] == 1 and event["status"] == "partial"
+    assert event["output_tokens"] == gateway.settings.default_max_output_tokens
+    assert await gateway.holds() == 0
+
+
+async def test_an_upstream_that_dies_mid_response_ends_the_session_and_charges_the_estimate(
+    gateway: Gateway,
+) -> None:
+    """The upstream drops after 2 deltas: the client sees 1011; the response is charged once."""
+    fake = gateway.fake.realtime
+    async with gateway.client().realtime.connect(model="gpt-realtime") as connection:
+        await next_of(connection, "session.created")
+        done, _ = await turn(connection)  # a complete one first, charged by its usage
+        fake.drop_after_deltas = 2
+        await speak(connection)
+        await connection.response.create()
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await connection.recv()
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
+    events = await gateway.settled(2)
+    assert [e["usage_estimated"] for e in events] == [0, 1]
+    assert events[0]["estimated_cost_micro_usd"] == cost_of(done, "gpt-realtime")
+    assert events[1]["status"] == "partial"
+    assert await gateway.holds() == 0
+
+
+async def test_the_beta_realtime_client_is_relayed_with_its_protocol_header(
+    gateway: Gateway,
+) -> None:
+    """client.beta.realtime.connect sends OpenAI-Beta: realtime=v1, which the upstream gets."""
+    # The beta client takes its WebSocket URL from websocket_base_url (else wss://).
+    client = gateway.client(websocket_base_url=gateway.base_url.replace("http://", "ws://"))
+    async with client.beta.realtime.connect(model="gpt-4o-realtime-preview") as conn:
+        await next_of(conn, "session.created")
+        await conn.input_audio_buffer.append(audio=AUDIO_100MS)
+        await conn.input_audio_buffer.commit()
+        await conn.response.create()
+        await next_of(conn, "response.done")
+    assert gateway.fake.realtime.last_headers.get("openai-beta") == "realtime=v1"
+    [event] = await gateway.settled(1)
+    assert event["model"] == "gpt-4o-realtime-preview"
+
+
+async def test_ephemeral_keys_are_refused_and_point_to_the_websocket_route(
+    gateway: Gateway,
+) -> None:
+    client = gateway.client()
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        await client.realtime.client_secrets.create(session={"type": "realtime"})
+    error = refused.value.body
+    assert isinstance(error, dict)
+    assert error["code"] == "realtime_ephemeral_keys_disabled"
+    assert "/v1/realtime?model=" in error["message"]
+    async with httpx.AsyncClient() as http:
+        answer = await http.post(
+            gateway.base_url + "/realtime/sessions",
+            headers={"authorization": f"Bearer {gateway.key}"},
+            json={"model": "gpt-realtime"},
+        )
+    assert answer.status_code == 403
+    assert answer.json()["error"]["type"] == "permission_error"
+    assert gateway.fake.requests == 0
+
+
+async def test_ephemeral_keys_when_allowed_are_charged_at_the_session_cap(
+    start_gateway: StartGateway,
+) -> None:
+    async with start_gateway(
+        realtime_ephemeral_keys=True, realtime_session_cap_usd=Decimal("0.50")
+    ) as gateway:
+        secret = await gateway.client().realtime.client_secrets.create(
+            session={"type": "realtime", "model": "gpt-realtime"}
+        )
+        assert secret.value.startswith("ek_")
+        [event] = await gateway.settled(1)
+    assert event["estimated_cost_micro_usd"] == USD // 2
+    assert event["usage_estimated"] == 1
+    assert event["model"] == "gpt-realtime"
