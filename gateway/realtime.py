@@ -56,6 +56,7 @@ from websockets.exceptions import (
 )
 
 from budget.money import usd_to_micros
+from budget.operations import Operation
 from budget.pricing import UnpricedModel
 from budget.realtime import (
     DEFAULT_TRANSCRIPTION_MODEL,
@@ -66,7 +67,7 @@ from budget.realtime import (
     transcription_model_of,
     transcription_usage,
 )
-from budget.usage import Operation, Usage
+from budget.usage import Usage
 from credit.ports import DatabaseUnavailable
 from gateway.auth import require_practice
 from gateway.errors import GatewayError, bad_request, forbidden, unavailable
@@ -74,12 +75,14 @@ from gateway.gate import gate
 from gateway.middleware import Pricing, model_not_priced, new_request_id
 from gateway.proxy import (
     client_response_headers,
+    no_upstream_serves,
     read_bounded_body,
     upstream_request_headers,
     upstream_unreachable,
 )
+from gateway.routing import Upstream
 from gateway.services import Services
-from gateway.storage.metering import Hold
+from gateway.storage.holds import Hold
 from gateway.upstream import UpstreamError
 
 log = logging.getLogger("aza.gateway.realtime")
@@ -194,9 +197,11 @@ class RealtimeSession:
         receive: Receive,
         send: Send,
         upstream: ClientConnection,
+        uplift: Decimal,
     ) -> None:
         self.services = services
         self.pricing = Pricing(services.settings)
+        self.uplift = uplift  # the chosen upstream's price uplift, percent
         self.practice_id = practice_id
         self.device_id = device_id
         self.request_id = request_id
@@ -398,7 +403,7 @@ class RealtimeSession:
 
     def _cost(self, usage: Usage) -> int:
         try:
-            return self.pricing.cost_micros(usage)
+            return self.pricing.cost_micros(usage, self.uplift)
         except UnpricedModel:
             raise _Refused(model_not_priced(usage.model)) from None
 
@@ -511,11 +516,11 @@ class RealtimeSession:
         request_id = f"rt:{self.session_id}:{upstream_id}"
         try:
             try:
-                cost = self.pricing.cost_micros(usage)
+                cost = self.pricing.cost_micros(usage, self.uplift)
             except UnpricedModel:
                 # Checked before the session opened and at each session.update;
                 # an answer naming another model is charged at its estimate.
-                cost = self.pricing.cost_micros(held.estimate) if held else 0
+                cost = self.pricing.cost_micros(held.estimate, self.uplift) if held else 0
             if hold is not None:
                 settlement = await metering.settle(
                     replace(hold, request_id=request_id),
@@ -613,20 +618,36 @@ def _session_kind(websocket: WebSocket, pricing: Pricing, max_output_tokens: int
     return SessionMeter(SessionKind.CONVERSATION, model=model, max_output_tokens=max_output_tokens)
 
 
-async def _connect_upstream(
-    services: Services, websocket: WebSocket, request_id: str
-) -> ClientConnection:
-    settings = services.settings
-    url = settings.realtime_upstream_url
+def _choose_upstream(services: Services, practice_id: str, model: str) -> Upstream:
+    """The upstream a session goes to: the first OpenAI-kind one serving `model` in the
+    practice's regions (Azure's Realtime endpoint takes another URL scheme: not served)."""
+    route = services.router.route(model, services.residency.regions_for(practice_id))
+    for upstream in route.upstreams:
+        if upstream.config.kind == "openai":
+            return upstream
+    raise no_upstream_serves(route)
+
+
+def realtime_url(base_url: str) -> str:
+    """An upstream's Realtime WebSocket URL: its base URL as ws(s):// plus /realtime."""
+    base = base_url.rstrip("/")
+    for http, ws in (("https://", "wss://"), ("http://", "ws://")):
+        if base.startswith(http):
+            return ws + base[len(http) :] + "/realtime"
+    return base + "/realtime"
+
+
+async def _connect_upstream(upstream: Upstream, websocket: WebSocket) -> ClientConnection:
+    url = realtime_url(upstream.config.base_url)
     query = websocket.scope.get("query_string", b"").decode("latin-1")
     if query:
         url += "?" + query
     headers = {
         name: websocket.headers[name] for name in _FORWARDED_HEADERS if name in websocket.headers
     }
-    key = settings.upstream_api_key.reveal()
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
+    if upstream.auth is not None:
+        name, value = upstream.auth
+        headers[name.decode("latin-1")] = value.decode("latin-1")
     try:
         return await connect(
             url,
@@ -683,11 +704,15 @@ class RealtimeEndpoint:
                 if meter.kind is SessionKind.TRANSCRIPTION
                 else meter.response_estimate()
             )
+            chosen = _choose_upstream(services, practice_id, estimate.model)
             hold = await gate(
-                services, practice_id, f"rt:{request_id}:hold0", pricing.cost_micros(estimate)
+                services,
+                practice_id,
+                f"rt:{request_id}:hold0",
+                pricing.cost_micros(estimate, chosen.uplift),
             )
             first = _Held(hold, estimate, int(time.time()))
-            upstream = await _connect_upstream(services, websocket, request_id)
+            upstream = await _connect_upstream(chosen, websocket)
         except (GatewayError, _UpstreamAnswer, DatabaseUnavailable) as exc:
             if first is not None and first.hold is not None:
                 await services.metering.release(first.hold)
@@ -715,6 +740,7 @@ class RealtimeEndpoint:
             receive=receive,
             send=send,
             upstream=upstream,
+            uplift=chosen.uplift,
         )
         await session.run()
 
@@ -755,20 +781,19 @@ class EphemeralKeys:
             caller = await services.auth.authenticate(request.headers)
             practice_id = require_practice(caller)
             body = await read_bounded_body(request.scope, request.receive, 1_048_576)
+            model = _model_of(body)
+            chosen = _choose_upstream(services, practice_id, model)
             cap_micros = usd_to_micros(Decimal(cap))
             hold = await gate(services, practice_id, request_id, cap_micros)
         except GatewayError as exc:
             return exc.response(request_id)
         except DatabaseUnavailable:
             return unavailable().response(request_id)
-        model = _model_of(body)
         try:
-            response = await services.http.send(
+            response = await chosen.client.send(
                 "POST",
                 request.url.path[len("/v1") :],
-                headers=upstream_request_headers(
-                    request.scope["headers"], settings.upstream_api_key.reveal()
-                ),
+                headers=upstream_request_headers(request.scope["headers"], chosen.auth),
                 content=body,
             )
             answer = await response.aread()
@@ -798,7 +823,7 @@ def _model_of(body: bytes) -> str:
     data = _parse(body.decode("utf-8", errors="replace")) or {}
     session = data.get("session")
     model = session.get("model") if isinstance(session, Mapping) else data.get("model")
-    return model if isinstance(model, str) and model else "realtime-ephemeral"
+    return model if isinstance(model, str) and model else "gpt-realtime"
 
 
 def realtime_routes(services: Callable[[], Services]) -> list[Route | WebSocketRoute]:

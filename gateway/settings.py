@@ -166,16 +166,6 @@ class Settings:
     ssl_cert_file: str | None = None
 
     @property
-    def realtime_upstream_url(self) -> str:
-        """The upstream's Realtime WebSocket URL: the base URL as ws(s):// plus /realtime."""
-        base = self.upstream_base_url.rstrip("/")
-        for http, ws in (("https://", "wss://"), ("http://", "ws://")):
-            if base.startswith(http):
-                base = ws + base[len(http) :]
-                break
-        return base + "/realtime"
-
-    @property
     def stripe_live_key(self) -> bool:
         """True when the Stripe key moves real money (sk_live_ / rk_live_)."""
         key = self.stripe_secret_key.reveal()
