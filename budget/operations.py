@@ -104,6 +104,9 @@ class Endpoint:
         return params
 
 
+# Not rows here: the Realtime WebSocket (`/v1/realtime`) and its ephemeral-key
+# routes (`/v1/realtime/client_secrets`, `/sessions`), which the gateway
+# answers itself (gateway/realtime.py) instead of forwarding over HTTP.
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("POST", "/v1/chat/completions", Operation.CHAT),
     Endpoint("POST", "/v1/completions", Operation.COMPLETION),
