@@ -99,6 +99,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="give the benchmark key a monthly cap and rate limits it never reaches",
     )
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs, databases)")
+    p.add_argument(
+        "--realtime",
+        action="store_true",
+        help="also run bench/realtime.py (50 Realtime sessions x 20 events/s, added latency)",
+    )
     p.add_argument("--out", type=Path, default=BENCH / "results")
     a = p.parse_args(argv)
     if a.quick:
@@ -202,6 +207,11 @@ def main(argv: list[str]) -> int:
                     db.drop()
         vers_line = vers
         text, ok = report(a, arms, vers_line, mach, paced)
+        if a.realtime:
+            import realtime  # bench/realtime.py, beside this script
+
+            log("realtime relay: 50 sessions x 20 events/s")
+            text += "\n\n" + realtime.report(realtime.run(seconds=a.seconds)) + "\n"
         out = a.out / f"{a.stamp}.md"
         out.write_text(text)
         print()

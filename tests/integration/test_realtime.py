@@ -16,13 +16,18 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import respx
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from budget.pricing import PriceBook
 from budget.realtime import SessionKind, SessionMeter
 from budget.usage import Operation, Usage
 from config import CONFIG_DIR
+from gateway.settings import Secret
+from gateway.storage import AnyDatabase
+from tests.credit.helpers import STRIPE_BASE, STRIPE_HTTPX_DEPRECATION, WEBHOOK_SECRET, save
 from tests.integration.conftest import Gateway, StartGateway
+from tests.integration.test_auto_topup import auto_topups, payment_intent
 
 PRICES = PriceBook.load(CONFIG_DIR / "prices.toml")
 USD = 1_000_000
@@ -135,6 +140,7 @@ async def test_a_voice_conversation_of_three_responses_is_charged_per_response(
     assert fake.client_events.count("response.create") == 3
     assert fake.client_events.count("input_audio_buffer.append") == 30
     assert await gateway.holds() == 0
+    assert list(await gateway.metering.totals_mismatches()) == []  # aza-gateway verify
 
 
 async def test_a_transcription_session_of_five_segments_is_charged_per_segment(
@@ -184,6 +190,7 @@ async def test_a_transcription_session_of_five_segments_is_charged_per_segment(
     costs = [e["estimated_cost_micro_usd"] for e in events]
     assert costs == sorted(costs) and costs[0] < costs[-1]
     assert await gateway.holds() == 0
+    assert list(await gateway.metering.totals_mismatches()) == []  # aza-gateway verify
 
 
 async def test_money_running_out_after_the_second_response_ends_the_session(
@@ -236,6 +243,7 @@ async def test_a_session_opens_only_when_its_first_response_is_affordable(
     assert body["error_code"] == "AI_BUDGET_EXHAUSTED"
     assert gateway.fake.realtime.sessions == []
     assert await gateway.holds() == 0
+    assert list(await gateway.metering.totals_mismatches()) == []  # aza-gateway verify
 
 
 async def test_a_model_without_a_price_is_refused_before_the_upstream_is_called(
@@ -324,6 +332,7 @@ async def test_a_client_that_leaves_mid_response_is_charged_what_the_upstream_re
     assert event["usage_estimated"] == 0 and event["status"] == "partial"
     assert 0 < event["output_tokens"] < 2 * 200
     assert await gateway.holds() == 0
+    assert list(await gateway.metering.totals_mismatches()) == []  # aza-gateway verify
 
 
 async def test_a_response_that_never_reports_usage_is_charged_at_its_estimate(
@@ -343,6 +352,7 @@ async def test_a_response_that_never_reports_usage_is_charged_at_its_estimate(
     assert event["usage_estimated"] == 1 and event["status"] == "partial"
     assert event["output_tokens"] == gateway.settings.default_max_output_tokens
     assert await gateway.holds() == 0
+    assert list(await gateway.metering.totals_mismatches()) == []  # aza-gateway verify
 
 
 async def test_an_upstream_that_dies_mid_response_ends_the_session_and_charges_the_estimate(
@@ -365,6 +375,7 @@ async def test_an_upstream_that_dies_mid_response_ends_the_session_and_charges_t
     assert events[0]["estimated_cost_micro_usd"] == cost_of(done, "gpt-realtime")
     assert events[1]["status"] == "partial"
     assert await gateway.holds() == 0
+    assert list(await gateway.metering.totals_mismatches()) == []  # aza-gateway verify
 
 
 async def test_the_beta_realtime_client_is_relayed_with_its_protocol_header(
@@ -419,3 +430,36 @@ async def test_ephemeral_keys_when_allowed_are_charged_at_the_session_cap(
     assert event["estimated_cost_micro_usd"] == USD // 2
     assert event["usage_estimated"] == 1
     assert event["model"] == "gpt-realtime"
+
+
+@pytest.mark.filterwarnings(STRIPE_HTTPX_DEPRECATION)
+async def test_an_auto_top_up_at_the_gate_lets_the_session_go_on_unnoticed(
+    start_gateway: StartGateway, db: AnyDatabase
+) -> None:
+    """Money gone before the third response: the gate tops up and forwards it; no error event."""
+    with respx.mock(assert_all_called=False) as stripe:
+        stripe.route(host="127.0.0.1").pass_through()
+        charge = stripe.post(f"{STRIPE_BASE}/v1/payment_intents").mock(side_effect=payment_intent)
+        async with start_gateway(
+            stripe_secret_key=Secret("sk_test_realtime"),
+            stripe_api_base=STRIPE_BASE,
+            stripe_webhook_secret=Secret(WEBHOOK_SECRET),
+            topup_dry_run=False,
+            auto_topup_enabled=True,
+            gate_lease_requests=0,
+        ) as gateway:
+            await save(db, trigger=10, practice=gateway.practice)
+            fake = gateway.fake.realtime
+            async with gateway.client().realtime.connect(model="gpt-realtime") as connection:
+                await next_of(connection, "session.created")
+                await turn(connection)
+                await turn(connection)
+                await gateway.settled(2)
+                await leave_available(gateway, 0)
+                _, seen = await turn(connection)
+            assert "error" not in seen
+            assert fake.client_events.count("response.create") == 3
+            assert charge.call_count == 1
+            assert await auto_topups(db, gateway.practice) == [("succeeded", 10 * USD)]
+            await until(lambda: _no_holds(gateway))
+            assert len(await realtime_events(gateway)) == 3

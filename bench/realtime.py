@@ -1,0 +1,323 @@
+#!/usr/bin/env python3
+"""Realtime relay benchmark: the latency the gateway adds to each relayed event.
+
+    python3 bench/realtime.py                       # 50 sessions x 20 events/s, 10 s per arm
+    python3 bench/realtime.py --sessions 10 --seconds 3
+
+One run measures two arms with the same client: straight to a fake Realtime
+upstream ("direct"), and through `aza-gateway serve` (SQLite) to the same
+upstream ("gateway"). The upstream (a process of its own) streams each
+session's responses at the given rate: `response.created`, audio deltas of
+50 ms of 24 kHz PCM16 each, and `response.done` with usage, once a second,
+so the gateway meters one response per session per second (a hold when the
+response starts, a usage event when it is done) while it relays. Each event's
+`event_id` carries the upstream's send time (`time.time_ns()`); the client
+takes its receive time minus that. Added latency = gateway percentile minus
+direct percentile (p50, p99). Goals: p50 <= 0.2 ms, p99 <= 2 ms added.
+
+Nothing here is imported by the gateway or its tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+UPSTREAM_KEY = "sk-bench-realtime"
+DELTA = base64.b64encode(bytes(2_400)).decode()  # 50 ms of 24 kHz 16-bit silence
+MODEL = "gpt-realtime-mini"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- the fake upstream (a process of its own) ---------------------------------
+
+
+async def serve_upstream(port: int, rate: float) -> None:
+    """A Realtime upstream that streams one response a second at `rate` events a second."""
+    from websockets.asyncio.server import ServerConnection, serve
+
+    per_response = max(3, int(rate))
+    interval = 1.0 / rate
+
+    async def session(ws: ServerConnection) -> None:
+        number = 0
+        stamp = time.time_ns
+
+        async def send(event: dict[str, object]) -> None:
+            await ws.send(
+                json.dumps(
+                    {"type": event.pop("type"), "event_id": f"event_{stamp()}", **event},
+                    separators=(",", ":"),
+                )
+            )
+
+        await send(
+            {
+                "type": "session.created",
+                "session": {
+                    "id": f"sess_{id(ws)}",
+                    "type": "realtime",
+                    "model": MODEL,
+                    "max_output_tokens": 200,
+                },
+            }
+        )
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        try:
+            while True:
+                number += 1
+                rid = f"resp_{id(ws)}_{number}"
+                for index in range(per_response):
+                    next_at += interval
+                    await asyncio.sleep(max(0.0, next_at - loop.time()))
+                    if index == 0:
+                        await send(
+                            {
+                                "type": "response.created",
+                                "response": {
+                                    "id": rid,
+                                    "object": "realtime.response",
+                                    "status": "in_progress",
+                                },
+                            }
+                        )
+                    elif index == per_response - 1:
+                        usage = {
+                            "total_tokens": 60,
+                            "input_tokens": 20,
+                            "output_tokens": 40,
+                            "input_token_details": {
+                                "text_tokens": 10,
+                                "audio_tokens": 10,
+                                "cached_tokens": 0,
+                            },
+                            "output_token_details": {"text_tokens": 4, "audio_tokens": 36},
+                        }
+                        await send(
+                            {
+                                "type": "response.done",
+                                "response": {
+                                    "id": rid,
+                                    "object": "realtime.response",
+                                    "status": "completed",
+                                    "usage": usage,
+                                },
+                            }
+                        )
+                    else:
+                        await send(
+                            {
+                                "type": "response.output_audio.delta",
+                                "response_id": rid,
+                                "item_id": f"item_{number}",
+                                "output_index": 0,
+                                "content_index": 0,
+                                "delta": DELTA,
+                            }
+                        )
+        except Exception:
+            return
+
+    async def handler(ws: ServerConnection) -> None:
+        await session(ws)
+
+    async with serve(handler, "127.0.0.1", port, max_size=None, compression=None):
+        await asyncio.Event().wait()
+
+
+# -- the client -------------------------------------------------------------------
+
+
+async def measure(url: str, key: str, sessions: int, seconds: float, warmup: float) -> list[int]:
+    """Open `sessions` sessions at `url`; per event received after `warmup`, its latency in ns."""
+    from websockets.asyncio.client import connect
+
+    samples: list[int] = []
+    stop_at = time.monotonic() + warmup + seconds
+    record_from = time.monotonic() + warmup
+
+    async def one() -> None:
+        async with connect(
+            url,
+            additional_headers={"Authorization": f"Bearer {key}"},
+            max_size=None,
+            compression=None,
+        ) as ws:
+            while time.monotonic() < stop_at:
+                try:
+                    async with asyncio.timeout(max(0.01, stop_at - time.monotonic())):
+                        message = await ws.recv()
+                except TimeoutError:
+                    break
+                now = time.time_ns()
+                if isinstance(message, bytes):
+                    continue
+                start = message.find('"event_id":"event_')
+                if start < 0 or time.monotonic() < record_from:
+                    continue
+                start += len('"event_id":"event_')
+                samples.append(now - int(message[start : message.index('"', start)]))
+
+    await asyncio.gather(*(one() for _ in range(sessions)))
+    return samples
+
+
+def percentile(values: list[int], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1e6
+
+
+# -- orchestration --------------------------------------------------------------
+
+
+def gateway_command() -> list[str]:
+    found = shutil.which("aza-gateway") or str(Path(sys.executable).with_name("aza-gateway"))
+    return [found]
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port} after {seconds} s")
+
+
+def prepare_gateway(env: dict[str, str]) -> str:
+    """Migrate, one practice with a license, one key; returns the key."""
+    cmd = gateway_command()
+    subprocess.run([*cmd, "migrate"], env=env, check=True, capture_output=True)
+    subprocess.run(
+        [*cmd, "license", "create", "--practice", "bench", "--plan", "aza_team_monthly"],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    out = subprocess.run(
+        [*cmd, "key", "create", "--practice", "bench"], env=env, check=True, capture_output=True
+    )
+    return out.stdout.decode().strip().splitlines()[-1]
+
+
+def run(
+    sessions: int = 50, rate: float = 20.0, seconds: float = 10.0, warmup: float = 2.0
+) -> dict[str, float]:
+    """Both arms in one run; returns the figures (milliseconds, counts)."""
+    procs: list[subprocess.Popen[bytes]] = []
+    folder = Path(tempfile.mkdtemp(prefix="aza-bench-realtime-"))
+    try:
+        up_port = free_port()
+        upstream = subprocess.Popen(
+            [sys.executable, __file__, "--serve-upstream", str(up_port), "--rate", str(rate)],
+        )
+        procs.append(upstream)
+        wait_port(up_port, upstream)
+        env = {
+            **os.environ,
+            "AZA_DATABASE_URL": f"sqlite:///{folder / 'gateway.sqlite'}",
+            "AZA_UPSTREAM_BASE_URL": f"http://127.0.0.1:{up_port}/v1",
+            "OPENAI_API_KEY": UPSTREAM_KEY,
+            "AZA_LOG_LEVEL": "warning",
+        }
+        key = prepare_gateway(env)
+        gw_port = free_port()
+        gateway = subprocess.Popen(
+            [*gateway_command(), "serve", "--host", "127.0.0.1", "--port", str(gw_port)],
+            env=env,
+        )
+        procs.append(gateway)
+        wait_port(gw_port, gateway)
+        query = f"/v1/realtime?model={MODEL}"
+        direct = asyncio.run(
+            measure(f"ws://127.0.0.1:{up_port}{query}", UPSTREAM_KEY, sessions, seconds, warmup)
+        )
+        through = asyncio.run(
+            measure(f"ws://127.0.0.1:{gw_port}{query}", key, sessions, seconds, warmup)
+        )
+        figures = {
+            "sessions": sessions,
+            "events_per_second": rate,
+            "direct_events": len(direct),
+            "gateway_events": len(through),
+            "direct_p50_ms": percentile(direct, 0.50),
+            "direct_p99_ms": percentile(direct, 0.99),
+            "gateway_p50_ms": percentile(through, 0.50),
+            "gateway_p99_ms": percentile(through, 0.99),
+            "gateway_mean_ms": statistics.fmean(through) / 1e6,
+        }
+        figures["added_p50_ms"] = figures["gateway_p50_ms"] - figures["direct_p50_ms"]
+        figures["added_p99_ms"] = figures["gateway_p99_ms"] - figures["direct_p99_ms"]
+        return figures
+    finally:
+        for proc in reversed(procs):
+            proc.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+            if proc.poll() is None:
+                proc.kill()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def report(figures: dict[str, float]) -> str:
+    ok50 = figures["added_p50_ms"] <= 0.2
+    ok99 = figures["added_p99_ms"] <= 2.0
+    return "\n".join(
+        [
+            f"Realtime relay: {figures['sessions']:.0f} sessions x "
+            f"{figures['events_per_second']:.0f} events/s "
+            f"({figures['gateway_events']:.0f} events through the gateway, "
+            f"{figures['direct_events']:.0f} direct)",
+            *(
+                f"  {arm:<7} p50 {figures[arm + '_p50_ms']:.3f} ms  "
+                f"p99 {figures[arm + '_p99_ms']:.3f} ms"
+                for arm in ("direct", "gateway")
+            ),
+            f"  added   p50 {figures['added_p50_ms']:.3f} ms (goal <= 0.2: "
+            f"{'met' if ok50 else 'MISSED'})  p99 {figures['added_p99_ms']:.3f} ms "
+            f"(goal <= 2: {'met' if ok99 else 'MISSED'})",
+        ]
+    )
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--sessions", type=int, default=50)
+    p.add_argument("--rate", type=float, default=20.0, help="events a second per session")
+    p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per arm")
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--serve-upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.serve_upstream:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve_upstream(a.serve_upstream, a.rate))
+        return 0
+    print(report(run(a.sessions, a.rate, a.seconds, a.warmup)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
