@@ -71,8 +71,7 @@ from budget.usage import Usage
 from credit.ports import DatabaseUnavailable
 from gateway.auth import require_practice
 from gateway.errors import GatewayError, bad_request, forbidden, unavailable
-from gateway.gate import gate
-from gateway.middleware import Pricing, model_not_priced, new_request_id
+from gateway.middleware import Pricing, gate, model_not_priced, new_request_id
 from gateway.proxy import (
     client_response_headers,
     no_upstream_serves,
@@ -82,7 +81,7 @@ from gateway.proxy import (
 )
 from gateway.routing import Upstream
 from gateway.services import Services
-from gateway.storage.holds import Hold
+from gateway.storage.holds import Hold, Reservation
 from gateway.upstream import UpstreamError
 
 log = logging.getLogger("aza.gateway.realtime")
@@ -140,6 +139,20 @@ def _parse(text: str) -> dict[str, Any] | None:
     except ValueError:
         return None
     return value if isinstance(value, dict) else None
+
+
+async def hold_budget(
+    services: Services, practice_id: str, request_id: str, estimate_micros: int
+) -> Hold:
+    """The gate for one Realtime response (or an ephemeral key): its hold, else 403/429."""
+    metering = services.metering
+
+    async def reserve() -> Reservation:
+        return await metering.reserve(
+            practice_id, request_id=request_id, estimate_micros=estimate_micros
+        )
+
+    return await gate(services, practice_id, reserve)
 
 
 def error_event(error: GatewayError, request_id: str, client_event_id: Any = None) -> str:
@@ -394,7 +407,7 @@ class RealtimeSession:
     async def _gate(self, cost: int) -> Hold:
         request_id = f"rt:{self.request_id}:hold{next(self._holds)}"
         try:
-            return await gate(self.services, self.practice_id, request_id, cost)
+            return await hold_budget(self.services, self.practice_id, request_id, cost)
         except GatewayError as exc:
             raise _Refused(exc) from None
         except DatabaseUnavailable:
@@ -705,7 +718,7 @@ class RealtimeEndpoint:
                 else meter.response_estimate()
             )
             chosen = _choose_upstream(services, practice_id, estimate.model)
-            hold = await gate(
+            hold = await hold_budget(
                 services,
                 practice_id,
                 f"rt:{request_id}:hold0",
@@ -784,7 +797,7 @@ class EphemeralKeys:
             model = _model_of(body)
             chosen = _choose_upstream(services, practice_id, model)
             cap_micros = usd_to_micros(Decimal(cap))
-            hold = await gate(services, practice_id, request_id, cap_micros)
+            hold = await hold_budget(services, practice_id, request_id, cap_micros)
         except GatewayError as exc:
             return exc.response(request_id)
         except DatabaseUnavailable:
