@@ -132,17 +132,14 @@ def create_app(
         files_batches = BatchService(current)
         app.state.files_batches = files_batches
         files_batches.start()
+        background_responses = BackgroundResponses(
+            current, price=Pricing(settings).cost_micros, poll_seconds=background_poll_seconds
+        )
+        app.state.background_responses = background_responses
+        background_responses.start()
         background = [
             asyncio.create_task(current.maintenance_loop(maintenance_interval), name="maintenance"),
             asyncio.create_task(dispatcher.run(), name="alerts"),
-            asyncio.create_task(
-                BackgroundResponses(
-                    current,
-                    price=Pricing(settings).cost_micros,
-                    poll_seconds=background_poll_seconds,
-                ).follow(),
-                name="background responses",
-            ),
         ]
         background.append(
             asyncio.create_task(
@@ -159,6 +156,7 @@ def create_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await files_batches.aclose()
+            await background_responses.aclose()
             await current.drain()
             await metering.aclose()
             await router.aclose()

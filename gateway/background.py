@@ -8,20 +8,18 @@ hold for a durable one of the same amount (`bg:<response id>` in
 
 - the client polls `GET /v1/responses/{id}` (or cancels) through the
   gateway and the answer is finished: its usage is charged;
-- the gateway's own follower (`follow`), which polls the upstream itself
-  with a bounded backoff, claiming each job with a lease so several
-  instances share the work and a restart resumes it.
+- the gateway's own polls: a job of kind `background_response` in the
+  generic follower's queue (`gateway.followers`, shared with batches),
+  queued in the transaction that records the response; whichever instance
+  claims it polls the upstream that made the response, with the follower's
+  bounded backoff, and a restart resumes it.
 
 A response that is gone upstream (404), or still unfinished after
 `MAX_FOLLOW_SECONDS`, is charged its hold (recorded as estimated): never free.
-
-Issue 16 plans a generic follower of upstream jobs; once it lands, `follow`
-should become one of its job kinds.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -32,8 +30,11 @@ from budget.operations import Operation
 from budget.request import RequestInfo
 from budget.response import exact_json, usage_of_object
 from budget.usage import Usage
+from credit.ports import Connection
+from gateway.followers import Again, Done, Follower, PollResult
 from gateway.routing import Upstream
 from gateway.services import Services
+from gateway.storage.jobs import Job, JobStore
 from gateway.storage.responses import ResponseStore, StoredResponse
 from gateway.storage.settle import write_usage
 
@@ -46,8 +47,7 @@ FINISHED = frozenset({"completed", "failed", "cancelled", "incomplete"})
 MAX_FOLLOW_SECONDS = 24 * 3600
 # Polls back off from the base interval to this, doubling.
 MAX_POLL_GAP_SECONDS = 300
-LEASE_SECONDS = 60
-BATCH = 20
+JOB_KIND = "background_response"
 
 
 def response_status(data: dict[str, Any] | None) -> str | None:
@@ -68,11 +68,21 @@ class BackgroundResponses:
         self.services = services
         self.price = price  # usage and upstream uplift -> micro-USD (the middleware's Pricing)
         self.store = ResponseStore(services.db)
+        self.jobs = JobStore(services.db)
         self.poll_seconds = poll_seconds
+        self.follower = Follower(
+            self.jobs,
+            {JOB_KIND: self.poll},
+            min_seconds=poll_seconds,
+            max_seconds=max(poll_seconds, MAX_POLL_GAP_SECONDS),
+        )
 
-    def _next_poll(self, polls: int) -> int:
-        gap = min(MAX_POLL_GAP_SECONDS, self.poll_seconds * (2**polls))
-        return int(time.time() + gap)
+    def start(self) -> None:
+        """Follow the background responses of every instance (in the lifespan)."""
+        self.follower.start()
+
+    async def aclose(self) -> None:
+        await self.follower.aclose()
 
     async def register(
         self,
@@ -87,7 +97,17 @@ class BackgroundResponses:
         pending: bool,
     ) -> bool:
         """Record a stored response; a pending (background) one becomes a job with its hold."""
-        return await self.store.register(
+
+        async def queue(conn: Connection) -> None:
+            await self.jobs.add(
+                JOB_KIND,
+                response_id,
+                practice_id=practice_id,
+                first_poll_in_ms=int(self.poll_seconds * 1000),
+                conn=conn,
+            )
+
+        added = await self.store.register(
             StoredResponse(
                 response_id=response_id,
                 practice_id=practice_id,
@@ -98,12 +118,12 @@ class BackgroundResponses:
                 web_search_preview=info.web_search_preview,
                 hold_micros=hold_micros if pending else 0,
                 created_at=int(time.time()),
-                polls=0,
                 pending=pending,
             ),
-            first_poll_at=self._next_poll(0),
             hold_seconds=MAX_FOLLOW_SECONDS + 3600,
+            queue=queue,
         )
+        return added
 
     async def settle(self, job: StoredResponse, data: dict[str, Any] | None) -> bool:
         """Charge a finished (or abandoned) background response once; False if settled before.
@@ -166,30 +186,20 @@ class BackgroundResponses:
                 return upstream
         return upstreams[0] if upstreams else None
 
-    async def poll_once(self) -> int:
-        """Poll the due background responses this instance claims; the number settled."""
-        settled = 0
-        for job in await self.store.claim_due(limit=BATCH, lease_seconds=LEASE_SECONDS):
-            try:
-                if await self._poll(job):
-                    settled += 1
-            except Exception:
-                log.exception("following background response %s failed", job.response_id)
-                await self.store.reschedule(
-                    job.response_id, next_poll_at=self._next_poll(job.polls)
-                )
-        return settled
-
-    async def _poll(self, job: StoredResponse) -> bool:
-        upstream = self.upstream(job.upstream)
+    async def poll(self, job: Job) -> PollResult:
+        """The follower's handler: poll one background response, settle it when it ended."""
+        stored = await self.store.get(job.job_id)
+        if stored is None or not stored.pending:
+            return Done()  # settled meanwhile (the client's poll)
+        upstream = self.upstream(stored.upstream)
         if upstream is None:
-            return False
+            return Again()
         headers = [(b"accept-encoding", b"identity")]
         if upstream.auth is not None:
             headers.append(upstream.auth)
         response = await upstream.client.send(
             "GET",
-            upstream.target(f"/responses/{job.response_id}", "", job.model),
+            upstream.target(f"/responses/{stored.response_id}", "", stored.model),
             headers=headers,
             content=b"",
         )
@@ -198,21 +208,14 @@ class BackgroundResponses:
         finally:
             await response.aclose()
         if response.status_code == 404:
-            return await self.settle(job, None)  # gone: the hold is charged
+            await self.settle(stored, None)  # gone: the hold is charged
+            return Done()
         data = exact_json(body) if response.status_code == 200 else None
         if response_status(data) in FINISHED:
-            return await self.settle(job, data)
-        if time.time() - job.created_at > MAX_FOLLOW_SECONDS:
-            log.warning("background response %s unfinished after 24 h", job.response_id)
-            return await self.settle(job, None)
-        await self.store.reschedule(job.response_id, next_poll_at=self._next_poll(job.polls + 1))
-        return False
-
-    async def follow(self) -> None:
-        """Poll due background responses every `poll_seconds`, until cancelled."""
-        while True:
-            try:
-                await self.poll_once()
-            except Exception:
-                log.exception("following background responses failed")
-            await asyncio.sleep(self.poll_seconds)
+            await self.settle(stored, data)
+            return Done()
+        if time.time() - stored.created_at > MAX_FOLLOW_SECONDS:
+            log.warning("background response %s unfinished after 24 h", stored.response_id)
+            await self.settle(stored, None)
+            return Done()
+        return Again()

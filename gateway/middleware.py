@@ -260,6 +260,8 @@ class _Watch:
     # The price uplift of the upstream that answered (percent), and its name.
     uplift: Decimal = Decimal(0)
     upstream: str | None = None
+    # Where a stored (or background) response is recorded; None for other requests.
+    background: BackgroundResponses | None = None
 
 
 class MeteringMiddleware:
@@ -360,7 +362,7 @@ class MeteringMiddleware:
         settled comes back finished (a poll or a cancel), it is settled here.
         """
         practice_id = require_practice(caller)
-        background = self._background(services)
+        background = _background(scope)
         stored = await background.store.get(response_id)
         if stored is None or stored.practice_id != practice_id:
             raise GatewayError(
@@ -395,7 +397,11 @@ class MeteringMiddleware:
                 await background.settle(stored, data)
 
     async def _stored_response(
-        self, services: Services, admitted: _Admitted, watch: _Watch
+        self,
+        services: Services,
+        admitted: _Admitted,
+        watch: _Watch,
+        background: BackgroundResponses,
     ) -> bool:
         """Record whose a stored response is; True when it runs on in the background.
 
@@ -415,7 +421,7 @@ class MeteringMiddleware:
             return False
         model = data.get("model") if data is not None else None
         pending = info.background and response_status(data) in RUNNING
-        await self._background(services).register(
+        await background.register(
             response_id=response_id,
             practice_id=hold.practice_id,
             request_id=hold.request_id,
@@ -428,10 +434,6 @@ class MeteringMiddleware:
         if pending:
             await services.metering.release(hold)  # the durable hold replaced it
         return pending
-
-    @staticmethod
-    def _background(services: Services) -> BackgroundResponses:
-        return BackgroundResponses(services, price=Pricing(services.settings).cost_micros)
 
     async def _admit(
         self,
@@ -517,6 +519,8 @@ class MeteringMiddleware:
         services.metrics.holds_in_flight.inc()
         started_at = int(time.time())
         watch = _Watch()
+        if info.operation is Operation.RESPONSES and (info.store or info.background):
+            watch.background = _background(scope)
         replayed = False
 
         async def receive_forward() -> Message:
@@ -615,9 +619,9 @@ class MeteringMiddleware:
                     await release_limits(services.limits, admitted.caps)
                 return
             await _ensure_alert_marks(services, hold)
-            info = admitted.info
-            stored = info.operation is Operation.RESPONSES and (info.store or info.background)
-            if stored and await self._stored_response(services, admitted, watch):
+            if watch.background is not None and await self._stored_response(
+                services, admitted, watch, watch.background
+            ):
                 return  # a background response: settled when it ends
             usage = _usage_of(admitted.info, admitted.estimate, watch)
             pricing = Pricing(services.settings)
@@ -670,6 +674,12 @@ async def _ensure_alert_marks(services: Services, hold: Hold) -> None:
         await alerts.ensure_marks(hold.practice_id, hold.period.start, hold.budget_micros)
     except Exception:
         log.exception("writing the alert marks of practice %s failed", hold.practice_id)
+
+
+def _background(scope: Scope) -> BackgroundResponses:
+    """The app's background responses (made in the lifespan, with its follower)."""
+    found: BackgroundResponses = scope["app"].state.background_responses
+    return found
 
 
 async def _record_refusal(services: Services, model: str) -> None:

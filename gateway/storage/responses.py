@@ -3,15 +3,17 @@
 `ai_responses` has one row per response a practice made with `store` or
 `background` through the gateway (other responses are not stored upstream,
 so need none: the hot path writes nothing for them). A background response
-is a job until settled: it keeps a hold row of its own (`bg:<response id>`,
-counted by the gate like any hold) and is polled by whichever instance
-claims it (a lease in `lease_until`), so a restart loses nothing.
+is a job until settled (`done_at`): it keeps a hold row of its own
+(`bg:<response id>`, counted by the gate like any hold), and its polling is
+a job of the generic follower's queue (`aza_upstream_jobs`,
+`gateway.followers`), queued in the same transaction, so a restart loses
+nothing.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from credit.ports import Connection, Database, Row
@@ -30,13 +32,12 @@ class StoredResponse:
     web_search_preview: bool
     hold_micros: int
     created_at: int
-    polls: int
     pending: bool  # a background response not yet settled
 
 
 _COLUMNS = (
     "response_id, practice_id, request_id, model, upstream, service_tier, web_search_preview, "
-    "hold_micro_usd, created_at, polls, done_at"
+    "hold_micro_usd, created_at, done_at"
 )
 
 
@@ -52,7 +53,6 @@ def _row(row: Row) -> StoredResponse:
         web_search_preview=bool(get("web_search_preview")),
         hold_micros=int(get("hold_micro_usd")),
         created_at=int(get("created_at")),
-        polls=int(get("polls")),
         pending=get("done_at") is None,
     )
 
@@ -72,16 +72,17 @@ class ResponseStore:
         self,
         response: StoredResponse,
         *,
-        first_poll_at: int | None = None,
         hold_seconds: int = 0,
+        queue: Callable[[Connection], Awaitable[object]] | None = None,
     ) -> bool:
-        """Record a stored response; a pending one also gets its own hold. False if known."""
+        """Record a stored response; a pending one also gets its own hold, and `queue`
+        (which queues its follower job) runs in the same transaction. False if known."""
         now = int(self._clock())
         async with self.db.transaction(lock=response.practice_id) as conn:
             added = await conn.execute(
                 "INSERT INTO ai_responses (response_id, practice_id, request_id, model, upstream, "
-                "service_tier, web_search_preview, hold_micro_usd, created_at, next_poll_at, "
-                "done_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "service_tier, web_search_preview, hold_micro_usd, created_at, done_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (response_id) DO NOTHING",
                 response.response_id,
                 response.practice_id,
@@ -92,7 +93,6 @@ class ResponseStore:
                 int(response.web_search_preview),
                 response.hold_micros,
                 now,
-                first_poll_at if response.pending else None,
                 None if response.pending else now,
             )
             if added and response.pending and response.hold_micros > 0:
@@ -106,6 +106,8 @@ class ResponseStore:
                     now,
                     now + hold_seconds,
                 )
+            if added and response.pending and queue is not None:
+                await queue(conn)
         return bool(added)
 
     async def get(self, response_id: str) -> StoredResponse | None:
@@ -116,51 +118,13 @@ class ResponseStore:
             )
         return None if row is None else _row(row)
 
-    async def claim_due(self, *, limit: int, lease_seconds: int) -> list[StoredResponse]:
-        """Background responses due for a poll, claimed by this instance for `lease_seconds`."""
-        now = int(self._clock())
-        async with self.db.read() as conn:
-            rows = await conn.fetchall(
-                f"SELECT {_COLUMNS} FROM ai_responses WHERE done_at IS NULL "
-                "AND next_poll_at <= ? AND (lease_until IS NULL OR lease_until <= ?) "
-                "ORDER BY next_poll_at LIMIT ?",
-                now,
-                now,
-                limit,
-            )
-        claimed = []
-        for row in rows:
-            job = _row(row)
-            async with self.db.transaction() as conn:
-                won = await conn.execute(
-                    "UPDATE ai_responses SET lease_until = ? WHERE response_id = ? "
-                    "AND done_at IS NULL AND (lease_until IS NULL OR lease_until <= ?)",
-                    now + lease_seconds,
-                    job.response_id,
-                    now,
-                )
-            if won:
-                claimed.append(job)
-        return claimed
-
-    async def reschedule(self, response_id: str, *, next_poll_at: int) -> None:
-        """Poll again at `next_poll_at`; the claim ends."""
-        async with self.db.transaction() as conn:
-            await conn.execute(
-                "UPDATE ai_responses SET next_poll_at = ?, polls = polls + 1, lease_until = NULL "
-                "WHERE response_id = ? AND done_at IS NULL",
-                next_poll_at,
-                response_id,
-            )
-
     async def finish(self, conn: Connection, response: StoredResponse) -> bool:
         """Mark a background response settled and drop its hold, in `conn`'s transaction.
 
         False when it was settled already (by another instance, or the client's poll).
         """
         done = await conn.execute(
-            "UPDATE ai_responses SET done_at = ?, lease_until = NULL "
-            "WHERE response_id = ? AND done_at IS NULL",
+            "UPDATE ai_responses SET done_at = ? WHERE response_id = ? AND done_at IS NULL",
             int(self._clock()),
             response.response_id,
         )

@@ -21,8 +21,10 @@ import openai
 import pytest
 
 from gateway.app import create_app
+from gateway.background import JOB_KIND
 from gateway.settings import Settings
 from gateway.storage import AnyDatabase
+from gateway.storage.jobs import JobStore
 from gateway.storage.metering import MeteringStore
 from tests.integration.conftest import Gateway, Upstream, serve
 
@@ -160,6 +162,9 @@ async def test_settled_after_a_restart(start: Start) -> None:
     async with start() as first:
         created = await background(first, "Vor dem Neustart gestellt")
         key = first.key
+        await until(lambda: _holds_are(first, 1))
+    # Its first poll was due in an hour; let that hour pass for the job alone.
+    await JobStore(first.db).wake(JOB_KIND, created.id)
     async with start(poll=0.05, key=key) as second:
         [event] = await second.settled(1, within_seconds=30)
         final = second.fake.stored_responses[created.id]

@@ -11,8 +11,8 @@ CREATE TABLE IF NOT EXISTS ai_unpriced_refusals (
 
 -- Responses stored upstream (store or background) and the practice that made
 -- each: only that practice may read, delete or cancel it. A background one
--- is a job until it is settled (done_at): its hold row is 'bg:' || response_id,
--- the gateway polls it at next_poll_at, an instance claims it with lease_until.
+-- is pending until it is settled (done_at): its hold row is 'bg:' || response_id,
+-- and the generic follower (aza_upstream_jobs, kind background_response) polls it.
 CREATE TABLE IF NOT EXISTS ai_responses (
     response_id TEXT PRIMARY KEY,
     practice_id TEXT NOT NULL,
@@ -23,9 +23,5 @@ CREATE TABLE IF NOT EXISTS ai_responses (
     web_search_preview INTEGER NOT NULL DEFAULT 0,
     hold_micro_usd INTEGER NOT NULL DEFAULT 0,
     created_at INTEGER NOT NULL,
-    next_poll_at INTEGER,
-    polls INTEGER NOT NULL DEFAULT 0,
-    lease_until INTEGER,
     done_at INTEGER
 );
-CREATE INDEX IF NOT EXISTS ai_responses_due ON ai_responses (next_poll_at) WHERE done_at IS NULL;
