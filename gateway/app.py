@@ -27,6 +27,7 @@ from gateway.auth import Authenticator
 from gateway.background import BackgroundResponses
 from gateway.batches import BatchService, files_and_batches_app
 from gateway.errors import GatewayError, not_found
+from gateway.limit_leases import LimitLeases
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import MeteringMiddleware, Pricing, RequestContextMiddleware
 from gateway.proxy import Proxy
@@ -106,6 +107,11 @@ def create_app(
         )
         router = build_router(settings)
         alerts, dispatcher = build_alerts(settings, db)
+        limits = LimitStore(
+            db,
+            hold_ttl_seconds=settings.hold_ttl_seconds,
+            cache_seconds=settings.auth_cache_seconds,
+        )
         current = Services(
             settings=settings,
             db=db,
@@ -121,11 +127,8 @@ def create_app(
             credit=credit,
             alerts=alerts,
             dispatcher=dispatcher,
-            limits=LimitStore(
-                db,
-                hold_ttl_seconds=settings.hold_ttl_seconds,
-                cache_seconds=settings.auth_cache_seconds,
-            ),
+            limits=limits,
+            limit_leases=LimitLeases(limits, lease_seconds=settings.gate_lease_seconds),
         )
         holder["services"] = current
         app.state.services = current
@@ -158,6 +161,7 @@ def create_app(
             await files_batches.aclose()
             await background_responses.aclose()
             await current.drain()
+            await current.limit_leases.aclose()
             await metering.aclose()
             await router.aclose()
             await dispatcher.webhooks.aclose()

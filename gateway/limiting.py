@@ -22,6 +22,7 @@ from budget.limits import Scope, Subject, counted_tokens, window_at
 from budget.usage import Usage
 from gateway.auth import Caller
 from gateway.errors import GatewayError
+from gateway.limit_leases import LimitLeases
 from gateway.storage.holds import Hold, until_written
 from gateway.storage.limits import CapHold, LimitStore
 
@@ -138,7 +139,7 @@ def cap_reached(subject: Subject, language: str) -> GatewayError:
 
 
 async def take_rates(
-    limits: LimitStore, subjects: list[Subject], estimate: Usage, *, window_seconds: float
+    limits: LimitLeases, subjects: list[Subject], estimate: Usage, *, window_seconds: float
 ) -> tuple[Subject, int] | None:
     """Count the request in each subject's rate window; the first full one (and the
     milliseconds until its next window), or None when every window had room."""
@@ -154,7 +155,7 @@ async def take_rates(
 
 
 async def hold_caps(
-    limits: LimitStore, subjects: list[Subject], hold: Hold, estimate_micros: int
+    limits: LimitLeases, subjects: list[Subject], hold: Hold, estimate_micros: int
 ) -> tuple[list[CapHold], Subject | None]:
     """Place the estimate against each capped subject's cap. On a full one, the ones
     placed are released and that subject is returned (the caller releases the budget's
@@ -177,24 +178,29 @@ async def hold_caps(
 
 
 async def settle_limits(
-    limits: LimitStore, caps: Sequence[CapHold], cost_micros: int, *, retry_seconds: float
+    limits: LimitLeases, caps: Sequence[CapHold], cost_micros: int, *, retry_seconds: float
 ) -> None:
-    """Replace each cap's hold with the cost, retrying while the database is away."""
+    """Replace each cap's hold with the cost, retrying while the database is away (a
+    lease's share adds its cost to the lease, written when it closes)."""
     for cap in caps:
+        if limits.done(cap, cost_micros):
+            continue
         try:
             await until_written(
                 f"settling the cap of {cap.subject.scope} {cap.subject.name}",
-                lambda cap=cap: limits.settle_cap(cap, cost_micros),  # type: ignore[misc]
+                lambda cap=cap: limits.store.settle_cap(cap, cost_micros),  # type: ignore[misc]
                 retry_seconds,
             )
         except Exception:
             log.exception("settling the cap of %s %s failed", cap.subject.scope, cap.subject.name)
 
 
-async def release_limits(limits: LimitStore, caps: Sequence[CapHold]) -> None:
+async def release_limits(limits: LimitLeases, caps: Sequence[CapHold]) -> None:
     """Drop each cap's hold (its row expires by itself if this fails)."""
     for cap in caps:
+        if limits.done(cap, None):
+            continue
         try:
-            await limits.release_cap(cap)
+            await limits.store.release_cap(cap)
         except Exception:
             log.exception("releasing the cap of %s %s failed", cap.subject.scope, cap.subject.name)

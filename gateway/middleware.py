@@ -491,7 +491,7 @@ class MeteringMiddleware:
             subjects = subjects_of(caller, device)
         if subjects:
             refused = await take_rates(
-                services.limits,
+                services.limit_leases,
                 subjects,
                 estimate,
                 window_seconds=settings.rate_limit_window_seconds,
@@ -503,7 +503,7 @@ class MeteringMiddleware:
         hold = await self._gate(services, practice_id, request_id, estimate_micros)
         caps: Sequence[CapHold] = ()
         if subjects:
-            caps, full = await hold_caps(services.limits, subjects, hold, estimate_micros)
+            caps, full = await hold_caps(services.limit_leases, subjects, hold, estimate_micros)
             if full is not None:
                 await services.metering.release(hold)
                 services.metrics.gate_decisions.labels("cap_reached").inc()
@@ -616,7 +616,7 @@ class MeteringMiddleware:
             if not 200 <= watch.status < 300:
                 await metering.release(hold)
                 if admitted.caps:
-                    await release_limits(services.limits, admitted.caps)
+                    await release_limits(services.limit_leases, admitted.caps)
                 return
             await _ensure_alert_marks(services, hold)
             if watch.background is not None and await self._stored_response(
@@ -642,7 +642,7 @@ class MeteringMiddleware:
             )
             if admitted.caps:
                 await settle_limits(
-                    services.limits,
+                    services.limit_leases,
                     admitted.caps,
                     cost,
                     retry_seconds=metering.retry_seconds,

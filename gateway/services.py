@@ -24,6 +24,7 @@ from credit.stripe_port import StripeClientAdapter
 from gateway.alerts.delivery import AlertDispatcher, SmtpConfig, SmtpMailer, WebhookSender
 from gateway.alerts.store import AlertStore
 from gateway.auth import Authenticator
+from gateway.limit_leases import LimitLeases
 from gateway.metrics import GatewayMetrics
 from gateway.residency import Residency
 from gateway.routing import Router, Upstream
@@ -143,6 +144,7 @@ class Services:
     alerts: AlertStore
     dispatcher: AlertDispatcher
     limits: LimitStore
+    limit_leases: LimitLeases
     clock: Callable[[], float] = time.monotonic
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     _topups_in_flight: set[str] = field(default_factory=set)

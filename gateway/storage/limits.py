@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from budget.limits import Limits, Scope, Subject, Window, cap_admits
@@ -29,6 +29,8 @@ class CapHold:
     hold_id: str
     amount_micros: int
     period_start: int
+    # The cap lease it is a share of (gateway.limit_leases), None for a hold of its own.
+    lease: object | None = field(default=None, compare=False, repr=False)
 
 
 def limits_of(row: Row | None, prefix: str = "") -> Limits | None:
@@ -143,8 +145,11 @@ class LimitStore:
 
     # -- rate windows -------------------------------------------------------
 
-    async def take_rate(self, subject: Subject, *, tokens: int, window: Window) -> bool:
-        """Count one request of `tokens` in `window` if both limits leave room; atomically.
+    async def take_rate(
+        self, subject: Subject, *, tokens: int, window: Window, requests: int = 1
+    ) -> bool:
+        """Count `requests` requests of `tokens` in all in `window` if both limits leave
+        room; atomically.
 
         The first request of a window is always counted (a request larger
         than tokens_per_minute could otherwise never run).
@@ -155,15 +160,16 @@ class LimitStore:
         async with self.db.transaction() as conn:
             row = await conn.fetchone(
                 "INSERT INTO ai_rate_windows AS w (practice_id, scope, subject, window_start, "
-                "requests, tokens) VALUES (?, ?, ?, ?, 1, ?) "
+                "requests, tokens) VALUES (?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (practice_id, scope, subject, window_start) DO UPDATE SET "
-                "requests = w.requests + 1, tokens = w.tokens + excluded.tokens "
-                "WHERE w.requests + 1 <= ? AND w.tokens + excluded.tokens <= ? "
+                "requests = w.requests + excluded.requests, tokens = w.tokens + excluded.tokens "
+                "WHERE w.requests + excluded.requests <= ? AND w.tokens + excluded.tokens <= ? "
                 "RETURNING requests",
                 subject.practice_id,
                 str(subject.scope),
                 subject.name,
                 window.start_ms,
+                requests,
                 tokens,
                 _NO_LIMIT if rpm is None else rpm,
                 _NO_LIMIT if tpm is None else tpm,
@@ -173,9 +179,16 @@ class LimitStore:
     # -- caps ---------------------------------------------------------------
 
     async def hold_cap(
-        self, subject: Subject, *, hold_id: str, estimate_micros: int, period_start: int
+        self,
+        subject: Subject,
+        *,
+        hold_id: str,
+        estimate_micros: int,
+        period_start: int,
+        require_micros: int | None = None,
     ) -> CapHold | None:
-        """Place the request's estimate against the subject's cap, or None when it does not fit."""
+        """Place `estimate_micros` against the subject's cap, or None when it does not fit
+        (or, with `require_micros`, when less than that is left)."""
         cap = subject.limits.monthly_cap_micros
         assert cap is not None
         now = int(self._clock())
@@ -197,7 +210,7 @@ class LimitStore:
             if not cap_admits(
                 used_micros=int(row["used"]),
                 held_micros=int(row["held"]),
-                estimate_micros=amount,
+                estimate_micros=max(amount, require_micros or 0),
                 cap_micros=cap,
             ):
                 return None

@@ -246,3 +246,41 @@ async def test_rates_hold_over_two_instances(
         ]
         gateway.clients.append(clients[1])
         assert await burst(20) == 5
+
+
+async def test_limits_far_from_reached_are_leased_and_still_add_up(
+    start_gateway: StartGateway, db: AnyDatabase
+) -> None:
+    """A key far from its limits is admitted from rate slots and a cap lease (few database
+    writes); once the lease closes, its spend is exactly the usage charged, no hold is left,
+    and the window counted every request (plus at most one chunk of unused slots)."""
+    async with start_gateway(rate_limit_window_seconds=3600.0) as gateway:
+        prefix = prefix_of(gateway.client_key)
+        await put_limits(
+            gateway,
+            f"/v1/ai-credit/keys/{prefix}/limits",
+            {"monthly_cap_usd": "100", "requests_per_minute": 10_000},
+        )
+        client = gateway.client(key=gateway.client_key)
+        for _ in range(4):
+            await asyncio.gather(*(client.chat.completions.create(**CHAT) for _ in range(10)))
+        events = await gateway.settled(40)
+
+        async def spend() -> list[Any]:
+            return await rows(db, "SELECT used_micro_usd FROM ai_limit_totals")
+
+        async def written() -> bool:
+            found = await spend()
+            holds = await rows(db, "SELECT * FROM ai_limit_holds")
+            return (
+                bool(found)
+                and not holds
+                and int(found[0][0]) == sum(e["estimated_cost_micro_usd"] for e in events)
+            )
+
+        deadline = asyncio.get_running_loop().time() + 10
+        while not await written():
+            assert asyncio.get_running_loop().time() < deadline, await spend()
+            await asyncio.sleep(0.05)
+        [window] = await rows(db, "SELECT requests FROM ai_rate_windows")
+        assert 40 <= int(window[0]) < 40 + 16
