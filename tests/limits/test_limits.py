@@ -85,39 +85,53 @@ async def test_a_capped_key_stays_within_its_cap_in_a_burst(
 
 
 async def test_the_sdk_waits_for_retry_after_and_succeeds(start_gateway: StartGateway) -> None:
-    """One request per (1 s) window: the second gets 429 rate_limit_exceeded with
+    """One request per (2 s) window: the next gets 429 rate_limit_exceeded with
     retry-after, and the SDK's own retry gets through once the window turned."""
-    async with start_gateway(rate_limit_window_seconds=1.0) as gateway:
+    async with start_gateway(rate_limit_window_seconds=2.0) as gateway:
         prefix = prefix_of(gateway.client_key)
         answer = await put_limits(
             gateway, f"/v1/ai-credit/keys/{prefix}/limits", {"requests_per_minute": 1}
         )
         assert answer.json()["requests_per_minute"] == 1
         bare = gateway.client(key=gateway.client_key)  # no retries
-        await bare.chat.completions.create(**CHAT)
+        retrying = gateway.client(key=gateway.client_key, max_retries=3)
+
+        async def refusals() -> float:
+            async with httpx.AsyncClient(base_url=gateway.root) as http:
+                metrics = (await http.get("/metrics")).text
+            found = [
+                line
+                for line in metrics.splitlines()
+                if line.startswith('aza_gateway_gate_decisions_total{decision="rate_limited"}')
+            ]
+            return float(found[0].split()[-1]) if found else 0.0
+
+        # Get to the start of a window, with its one request used: refused, then admitted.
+        refused_once = False
+        while True:
+            try:
+                await bare.chat.completions.create(**CHAT)
+            except openai.RateLimitError:
+                refused_once = True
+                await asyncio.sleep(0.05)  # polling for the window to turn
+                continue
+            if refused_once:
+                break
+        seen = await refusals()
+        before = gateway.fake.requests
+        # The window's one request is used: refused, then retried after retry-after.
+        completion = await retrying.chat.completions.create(**CHAT)
+        assert completion.choices[0].message.content
+        assert gateway.fake.requests == before + 1
+        assert await refusals() >= seen + 1
+        # That retry used the new window's request: a client without retries sees the 429.
         with pytest.raises(openai.RateLimitError) as refused:
             await bare.chat.completions.create(**CHAT)
         response = refused.value.response
         assert response.json()["error"]["code"] == "rate_limit_exceeded"
         assert response.json()["error_code"] == "KEY_RATE_LIMITED"
-        assert int(response.headers["retry-after"]) == 1
-        assert 0 < int(response.headers["retry-after-ms"]) <= 1000
-
-        retrying = gateway.client(key=gateway.client_key, max_retries=3)
-        before = gateway.fake.requests
-        for _ in range(2):  # each waits for the next window
-            completion = await retrying.chat.completions.create(**CHAT)
-            assert completion.choices[0].message.content
-        assert gateway.fake.requests == before + 2
-        async with httpx.AsyncClient(base_url=gateway.root) as http:
-            metrics = (await http.get("/metrics")).text
-        refusals = [
-            line
-            for line in metrics.splitlines()
-            if line.startswith('aza_gateway_gate_decisions_total{decision="rate_limited"}')
-        ]
-        # The bare client's refusal and at least one the retrying client waited out.
-        assert refusals and float(refusals[0].split()[-1]) >= 2
+        assert 1 <= int(response.headers["retry-after"]) <= 2
+        assert 0 < int(response.headers["retry-after-ms"]) <= 2000
         # The admin key has no limits: never refused.
         await gateway.client().chat.completions.create(**CHAT)
 
