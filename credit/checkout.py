@@ -11,7 +11,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from credit.config import CreditConfig
-from credit.errors import CreditError, invalid
+from credit.errors import CreditError, Refusal, invalid
 from credit.money import (
     InvalidAmount,
     chf_to_internal_usd,
@@ -72,7 +72,7 @@ def vat_footer(chf: Decimal, config: CreditConfig) -> str | None:
 def _guard_live(mode: Mode) -> None:
     if mode.live_key and not mode.allow_live:
         raise CreditError(
-            403,
+            Refusal.FORBIDDEN,
             "LIVE_TOPUP_BLOCKED",
             "a live Stripe key is configured but AZA_AI_TOPUP_ALLOW_LIVE is off",
             message_user="Aufladen ist auf diesem Server noch nicht freigeschaltet.",
@@ -82,7 +82,7 @@ def _guard_live(mode: Mode) -> None:
 def _require(stripe: StripePort | None) -> StripePort:
     if stripe is None:
         raise CreditError(
-            503,
+            Refusal.NOT_CONFIGURED,
             "STRIPE_NOT_CONFIGURED",
             "STRIPE_SECRET_KEY is not set",
             message_user="Zahlungen sind zurzeit nicht verfügbar.",
@@ -95,14 +95,14 @@ async def _create(stripe: StripePort, request: CheckoutRequest) -> CheckoutSessi
         return await stripe.create_checkout_session(request)
     except StripeUnavailable as exc:
         raise CreditError(
-            503,
+            Refusal.UNAVAILABLE,
             "STRIPE_UNAVAILABLE",
             f"Stripe is unavailable: {exc}",
             message_user="Stripe ist gerade nicht erreichbar. Bitte später erneut versuchen.",
         ) from exc
     except StripeFailure as exc:
         raise CreditError(
-            502,
+            Refusal.REFUSED_UPSTREAM,
             "STRIPE_REQUEST_FAILED",
             f"Stripe refused the checkout session: {exc}",
             message_user="Die Zahlung konnte nicht vorbereitet werden.",
@@ -157,7 +157,9 @@ async def create_topup_checkout(
             tax_rate_id = await port.vat_tax_rate(config.vat_rate)
         except StripeFailure as exc:
             raise CreditError(
-                503 if isinstance(exc, StripeUnavailable) else 502,
+                Refusal.UNAVAILABLE
+                if isinstance(exc, StripeUnavailable)
+                else Refusal.REFUSED_UPSTREAM,
                 "STRIPE_UNAVAILABLE"
                 if isinstance(exc, StripeUnavailable)
                 else "STRIPE_REQUEST_FAILED",

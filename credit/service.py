@@ -18,7 +18,7 @@ from typing import Any
 from credit.autotopup import AutoTopup, AutoTopupOutcome
 from credit.checkout import Mode, create_setup_checkout, create_topup_checkout
 from credit.config import CreditConfig
-from credit.errors import CreditError, WebhookSignatureError, invalid
+from credit.errors import CreditError, Refusal, WebhookSignatureError, invalid
 from credit.ledger import (
     EventType,
     NewEntry,
@@ -248,7 +248,7 @@ class CreditService:
             if enabled is True:
                 if not settings.payment_method_configured:
                     raise CreditError(
-                        409,
+                        Refusal.CONFLICT,
                         "AUTO_TOPUP_NO_PAYMENT_METHOD",
                         "auto top-up needs a saved card (customer and payment method)",
                         message_user="Bitte zuerst eine Karte für das automatische Aufladen "

@@ -26,7 +26,7 @@ from typing import Any
 from credit import autotopup_events, card_setup, refunds, subscriptions, topups
 from credit.checkout import PURPOSE_AUTO_TOPUP, PURPOSE_SETUP, PURPOSE_TOPUP
 from credit.config import CreditConfig
-from credit.errors import CreditError, WebhookSignatureError
+from credit.errors import CreditError, Refusal, WebhookSignatureError
 from credit.licenses import practice_of_subscription
 from credit.ports import Database, UniqueViolation
 from credit.receipts import keep_receipt
@@ -103,7 +103,7 @@ class WebhookHandler:
     def _verify(self, payload: bytes, signature: str | None) -> StripeEvent:
         if not self._secret:
             raise CreditError(
-                503,
+                Refusal.NOT_CONFIGURED,
                 "STRIPE_WEBHOOK_NOT_CONFIGURED",
                 "STRIPE_WEBHOOK_SECRET is not set; webhooks cannot be verified",
                 message_user="Stripe-Webhooks sind nicht eingerichtet.",
@@ -129,7 +129,9 @@ class WebhookHandler:
             or not isinstance(event.get("type"), str)
             or not isinstance(obj, Mapping)
         ):
-            raise CreditError(400, "INVALID_WEBHOOK_PAYLOAD", "webhook body is not a Stripe event")
+            raise CreditError(
+                Refusal.BAD_REQUEST, "INVALID_WEBHOOK_PAYLOAD", "webhook body is not a Stripe event"
+            )
         return parse_event(event["id"], event["type"], event.get("created"), obj)
 
     async def _prefetch(self, event: StripeEvent) -> SetupIntentResult | None:

@@ -14,6 +14,24 @@ from typing import Any
 from starlette.responses import Response
 from starlette.types import Send
 
+from credit.errors import CreditError, Refusal
+
+# The HTTP status of each kind of credit refusal: the one place it is decided.
+CREDIT_REFUSAL_STATUS: Mapping[Refusal, int] = {
+    Refusal.INVALID: 422,
+    Refusal.BAD_REQUEST: 400,
+    Refusal.FORBIDDEN: 403,
+    Refusal.CONFLICT: 409,
+    Refusal.NOT_CONFIGURED: 503,
+    Refusal.UNAVAILABLE: 503,
+    Refusal.REFUSED_UPSTREAM: 502,
+}
+
+
+def credit_status(exc: CreditError) -> int:
+    """The HTTP status a credit refusal answers with."""
+    return CREDIT_REFUSAL_STATUS[exc.kind]
+
 
 class GatewayError(Exception):
     """A failure to report to the client; `status` is the HTTP status."""

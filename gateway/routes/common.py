@@ -14,9 +14,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from budget.money import InvalidAmount, parse_decimal
+from credit.errors import CreditError
 from credit.ports import DatabaseUnavailable
 from gateway.auth import Caller, require_admin, require_practice
-from gateway.errors import GatewayError, bad_request, forbidden, unavailable, unprocessable
+from gateway.errors import (
+    GatewayError,
+    bad_request,
+    credit_status,
+    forbidden,
+    unavailable,
+    unprocessable,
+)
 from gateway.messages import credit_user_message, user_message
 
 if TYPE_CHECKING:
@@ -36,7 +44,7 @@ def services_of(request: Request) -> Services:
 def credit_error(exc: Exception, settings: Settings | None = None) -> GatewayError:
     """A `credit.service.CreditError` as the client sees it, `message_user` in the
     configured language."""
-    status = int(getattr(exc, "status", 400))
+    status = credit_status(exc) if isinstance(exc, CreditError) else 400
     message_user = getattr(exc, "message_user", None)
     if settings is not None:
         message_user = credit_user_message(
@@ -63,8 +71,6 @@ def endpoint(handler: Handler) -> Handler:
 
     @functools.wraps(handler)
     async def wrapped(request: Request) -> Response:
-        from credit.service import CreditError
-
         # The id the request context middleware gave this request (and logs).
         request_id = request.scope.get("state", {}).get("request_id") or uuid.uuid4().hex
         try:

@@ -13,6 +13,7 @@ from credit.config import CreditConfig
 from credit.errors import CreditError
 from credit.ledger import EventType
 from credit.ports import Database
+from gateway.errors import credit_status
 
 from .helpers import (
     PRACTICE,
@@ -193,7 +194,7 @@ async def test_no_live_topup_when_allow_live_off(
     ):
         with pytest.raises(CreditError) as info:
             await call
-        assert info.value.error_code == "LIVE_TOPUP_BLOCKED" and info.value.status == 403
+        assert info.value.error_code == "LIVE_TOPUP_BLOCKED" and credit_status(info.value) == 403
     assert not stripe_api.calls
 
 
@@ -209,7 +210,7 @@ async def test_topup_amount_validated(db: Database, amount: object) -> None:
             customer_email=None,
             amount_chf=amount,  # type: ignore[arg-type]
         )
-    assert info.value.status == 422
+    assert credit_status(info.value) == 422
     assert info.value.error_code == "INVALID_TOPUP_AMOUNT"
     assert info.value.param == "amount_chf"
     assert "CHF" in info.value.message_user
@@ -249,9 +250,9 @@ async def test_stripe_errors_become_credit_errors(db: Database) -> None:
             await service(db, stripe=stripe_adapter()).create_topup_checkout(
                 PRACTICE, subscription_id=None, customer_email=None, amount_chf=30
             )
-        assert (info.value.status, info.value.error_code) == (503, "STRIPE_UNAVAILABLE")
+        assert (credit_status(info.value), info.value.error_code) == (503, "STRIPE_UNAVAILABLE")
     with pytest.raises(CreditError) as info:
         await service(db, stripe=None).create_topup_checkout(
             PRACTICE, subscription_id=None, customer_email=None, amount_chf=30
         )
-    assert (info.value.status, info.value.error_code) == (503, "STRIPE_NOT_CONFIGURED")
+    assert (credit_status(info.value), info.value.error_code) == (503, "STRIPE_NOT_CONFIGURED")

@@ -11,6 +11,7 @@ from credit.errors import CreditError
 from credit.ledger import EventType, Status, exists_for_checkout, exists_for_payment_intent
 from credit.ports import Database
 from credit.stripe_ids import mask_stripe_reference
+from gateway.errors import credit_status
 from gateway.storage import migrate
 
 from .helpers import PRACTICE, book, count, service
@@ -211,5 +212,5 @@ async def test_admin_adjustment_rejects_bad_input(
     """Zero, NaN, absurd or over-precise amounts and empty notes are 422s; nothing is written."""
     with pytest.raises(CreditError) as info:
         await service(db).adjust(PRACTICE, amount_usd=amount, note=note, actor="ops")
-    assert info.value.status == 422 and info.value.param == param
+    assert credit_status(info.value) == 422 and info.value.param == param
     assert await count(db, "SELECT COUNT(*) FROM ai_credit_ledger") == 0

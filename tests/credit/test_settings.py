@@ -12,6 +12,7 @@ from credit.config import CreditConfig
 from credit.errors import CreditError
 from credit.ports import Database
 from credit.topup_settings import load_settings
+from gateway.errors import credit_status
 
 from .helpers import PRACTICE, count, save, service
 
@@ -101,7 +102,7 @@ async def test_enable_auto_topup_without_payment_method_blocked(db: Database) ->
     with pytest.raises(CreditError) as info:
         await service(db).update_settings(PRACTICE, enabled=True)
     assert info.value.error_code == "AUTO_TOPUP_NO_PAYMENT_METHOD"
-    assert info.value.status == 409
+    assert credit_status(info.value) == 409
     assert (await _load(db)).auto_topup_enabled is False
     assert await count(db, "SELECT COUNT(*) FROM ai_topup_settings") == 0
 
@@ -151,7 +152,7 @@ async def test_update_settings_rejects_invalid_values(
     """Invalid values are 422s naming the field; nothing is saved."""
     with pytest.raises(CreditError) as info:
         await service(db).update_settings(PRACTICE, **kwargs)
-    assert info.value.status == 422
+    assert credit_status(info.value) == 422
     assert info.value.param == param
     assert info.value.message_user
     assert await count(db, "SELECT COUNT(*) FROM ai_topup_settings") == 0

@@ -21,6 +21,7 @@ from credit.ports import Connection, Database, Row
 from credit.stripe_events import parse_event
 from credit.topup_settings import load_settings
 from credit.webhook_handling import Delivery
+from gateway.errors import credit_status
 
 from .helpers import (
     PRACTICE,
@@ -81,7 +82,7 @@ async def test_bad_or_missing_signature_writes_nothing(db: Database) -> None:
     for header in (None, "", "garbage", sign(body, "whsec_other"), stale):
         with pytest.raises(WebhookSignatureError) as info:
             await svc.handle_webhook(body, header)
-        assert info.value.status == 400
+        assert credit_status(info.value) == 400
     with pytest.raises(WebhookSignatureError):
         await svc.handle_webhook(body.replace(b'"30"', b'"3000"'), sign(body))
     assert await count(db, LEDGER) == 0 and await count(db, EVENTS) == 0
@@ -92,7 +93,8 @@ async def test_webhook_secret_not_configured(db: Database) -> None:
     body = event("checkout.session.completed", session())
     with pytest.raises(CreditError) as info:
         await service(db, secret=None).handle_webhook(body, sign(body))
-    assert (info.value.status, info.value.error_code) == (503, "STRIPE_WEBHOOK_NOT_CONFIGURED")
+    assert credit_status(info.value) == 503
+    assert info.value.error_code == "STRIPE_WEBHOOK_NOT_CONFIGURED"
 
 
 # -- manual top-ups ----------------------------------------------------------------------
