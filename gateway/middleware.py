@@ -501,6 +501,9 @@ class MeteringMiddleware:
                 language = await services.alerts.language(practice_id)
                 raise rate_limited(refused[0], refused[1], language)
         hold = await self._gate(services, practice_id, request_id, estimate_micros)
+        if not services.alerts.marked(hold.practice_id, hold.period.start, hold.budget_micros):
+            # Once per practice and period here, at the gate: the settle is never delayed.
+            await _ensure_alert_marks(services, hold)
         caps: Sequence[CapHold] = ()
         if subjects:
             caps, full = await hold_caps(services.limit_leases, subjects, hold, estimate_micros)
@@ -618,7 +621,6 @@ class MeteringMiddleware:
                 if admitted.caps:
                     await release_limits(services.limit_leases, admitted.caps)
                 return
-            await _ensure_alert_marks(services, hold)
             if watch.background is not None and await self._stored_response(
                 services, admitted, watch, watch.background
             ):
@@ -666,7 +668,8 @@ class MeteringMiddleware:
 
 
 async def _ensure_alert_marks(services: Services, hold: Hold) -> None:
-    """The period's budget alert marks, before the settle that may cross one (once here)."""
+    """The period's budget alert marks, before the settle that may cross one (once here;
+    written at the gate, so that no settle waits for them)."""
     alerts = services.alerts
     if alerts.marked(hold.practice_id, hold.period.start, hold.budget_micros):
         return
