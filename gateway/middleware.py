@@ -180,8 +180,8 @@ def stored_content_refused() -> GatewayError:
         403,
         "This gateway keeps no content at the upstream (zero retention): routes that read "
         "or change stored content (stored chat completions) are refused. An operator may "
-        "allow them with AZA_UPSTREAM_STORE=allow, or for one practice on "
-        'PUT /v1/admin/practices/{id}/regions with {"store": "allow"}.',
+        "allow them for the whole gateway with AZA_UPSTREAM_STORE=allow (a listing spans "
+        "every practice on the upstream account, so no single practice can allow it).",
         type="permission_error",
         code="stored_content_disabled",
     )
@@ -332,10 +332,11 @@ class MeteringMiddleware:
                 except GatewayError as exc:
                     await exc.send(send, request_id)
                 return
-            if endpoint.operation is Operation.STORED_CONTENT and not (
-                services.residency.store_allowed(practice_id)
-                if practice_id
-                else services.settings.upstream_store_allowed
+            # Only the gateway-wide switch: a listing of stored completions
+            # spans every practice that shares the upstream account.
+            if (
+                endpoint.operation is Operation.STORED_CONTENT
+                and not services.settings.upstream_store_allowed
             ):
                 await stored_content_refused().send(send, request_id)
                 return

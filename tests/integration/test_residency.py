@@ -362,12 +362,22 @@ async def test_stored_completions_routes_are_refused_unless_allowed(residency: R
     assert "AZA_UPSTREAM_STORE=allow" in body["message"]
     with pytest.raises(openai.PermissionDeniedError):
         await client.chat.completions.messages.list("chatcmpl-abc")
-    assert residency.eu.requests == 0
+    # A practice's own allowance is not enough: a listing spans every practice.
     await residency.pin({"store": "allow"})
-    with pytest.raises(openai.APIStatusError):
-        await client.chat.completions.retrieve("chatcmpl-abc")  # the fake keeps nothing
-    assert residency.eu.paths == ["/v1/chat/completions/chatcmpl-abc"]
-    assert await residency.gateway.events() == []
+    with pytest.raises(openai.PermissionDeniedError):
+        await client.chat.completions.list()
+    assert residency.eu.requests == 0
+
+
+async def test_stored_completions_routes_pass_with_the_gateway_switch(
+    start_gateway: StartGateway,
+) -> None:
+    """AZA_UPSTREAM_STORE=allow: stored completions routes are forwarded, unmetered."""
+    async with start_gateway(upstream_store_allowed=True) as gw:
+        with pytest.raises(openai.APIStatusError):
+            await gw.client().chat.completions.retrieve("chatcmpl-abc")  # the fake keeps none
+        assert gw.fake.paths == ["/v1/chat/completions/chatcmpl-abc"]
+        assert await gw.events() == [] and await gw.holds() == 0
 
 
 async def test_connect_failover_and_the_breaker(
