@@ -25,6 +25,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -54,6 +55,8 @@ async def serve_upstream(port: int, rate: float) -> None:
     """A Realtime upstream that streams one response a second at `rate` events a second."""
     from websockets.asyncio.server import ServerConnection, serve
 
+    # wait_port's bare TCP probe is no handshake; websockets would log it as one.
+    logging.getLogger("websockets.server").setLevel(logging.CRITICAL)
     per_response = max(3, int(rate))
     interval = 1.0 / rate
 
