@@ -122,7 +122,7 @@ def parse_request(
         if max_output_tokens is None:
             max_output_tokens = _optional_count(data, "max_tokens")
         choices = _optional_count(data, "n", minimum=1) or 1
-        input_chars = _text_chars(data.get("messages"))
+        input_chars = _text_chars(_messages(data))
     elif operation is Operation.COMPLETION:
         max_output_tokens = _optional_count(data, "max_tokens")
         choices = _optional_count(data, "n", minimum=1) or 1
@@ -191,6 +191,19 @@ def _uses_web_search_preview(tools: Any) -> bool:
     )
 
 
+def _messages(data: Mapping[str, Any]) -> list[Any]:
+    """A chat request's `messages`: an array of message objects (OpenAI refuses anything else).
+
+    An empty array is left to the upstream to refuse (it costs nothing).
+    """
+    messages = data.get("messages")
+    if not isinstance(messages, list):
+        raise InvalidRequest("messages must be an array of messages", param="messages")
+    if not all(isinstance(message, dict) for message in messages):
+        raise InvalidRequest("each message must be an object", param="messages")
+    return messages
+
+
 def _json_object(body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(body)
@@ -213,6 +226,9 @@ def _compact_json(data: Mapping[str, Any]) -> bytes:
         # A lone surrogate ("\ud800") read from the client's escapes cannot be
         # UTF-8 encoded; escape it back the way the client sent it.
         return _ASCII_ENCODER.encode(data).encode()
+    except RecursionError:
+        # json.loads read it, but encoding from deeper in the stack overflows.
+        raise InvalidRequest("The JSON body is nested too deeply", code="invalid_json") from None
 
 
 def _optional_bool(data: Mapping[str, Any], key: str) -> bool | None:
@@ -244,19 +260,40 @@ def _optional_str(data: Mapping[str, Any], key: str) -> str | None:
 _TEXT_KEYS = ("content", "text", "output", "arguments")
 
 
+# Deepest nesting of a prompt, input or messages value the gateway reads. Real
+# requests nest a few levels (messages → content parts → text); the limit keeps
+# a hostile body's depth away from any recursive code behind the gateway.
+MAX_TEXT_NESTING = 64
+
+
 def _text_chars(value: Any) -> int:
-    """Characters of text in a prompt/input/messages value; a token id counts as 4."""
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, bool):
-        return 0
-    if isinstance(value, int):
-        return CHARS_PER_TOKEN
-    if isinstance(value, list):
-        return sum(_text_chars(item) for item in value)
-    if isinstance(value, dict):
-        return sum(_text_chars(value[key]) for key in _TEXT_KEYS if key in value)
-    return 0
+    """Characters of text in a prompt/input/messages value; a token id counts as 4.
+
+    Iterative, with an explicit stack: a client's nesting depth must not
+    become this process's recursion depth. Deeper than MAX_TEXT_NESTING is
+    refused.
+    """
+    total = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, bool):
+            continue
+        elif isinstance(item, int):
+            total += CHARS_PER_TOKEN
+        elif isinstance(item, list | dict):
+            if depth >= MAX_TEXT_NESTING:
+                raise InvalidRequest(
+                    f"The request nests deeper than {MAX_TEXT_NESTING} levels",
+                    code="nested_too_deeply",
+                )
+            if isinstance(item, list):
+                stack.extend((child, depth + 1) for child in item)
+            else:
+                stack.extend((item[key], depth + 1) for key in _TEXT_KEYS if key in item)
+    return total
 
 
 def _parse_audio_upload(operation: Operation, content_type: str, body: bytes) -> RequestInfo:

@@ -6,6 +6,7 @@ webhook says it was paid (credit/webhooks.py).
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
@@ -30,6 +31,13 @@ from credit.stripe_port import (
 PURPOSE_TOPUP = "ai_topup"
 PURPOSE_SETUP = "ai_topup_setup"
 PURPOSE_AUTO_TOPUP = "ai_auto_topup"
+# Metadata key of a manual top-up's own reference (set on session and PaymentIntent).
+TOPUP_REF_KEY = "aza_topup_ref"
+
+
+def new_topup_ref() -> str:
+    """A fresh reference for one manual top-up: `topup_` and 32 hex digits."""
+    return f"topup_{uuid.uuid4().hex}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +98,11 @@ def _require(stripe: StripePort | None) -> StripePort:
     return stripe
 
 
+def _stripe_reference(exc: StripeFailure) -> str:
+    """Stripe's request id for support, never Stripe's own text (it can quote keys)."""
+    return f" (Stripe request {exc.request_id})" if exc.request_id else ""
+
+
 async def _create(stripe: StripePort, request: CheckoutRequest) -> CheckoutSessionResult:
     try:
         return await stripe.create_checkout_session(request)
@@ -97,14 +110,14 @@ async def _create(stripe: StripePort, request: CheckoutRequest) -> CheckoutSessi
         raise CreditError(
             Refusal.UNAVAILABLE,
             "STRIPE_UNAVAILABLE",
-            f"Stripe is unavailable: {exc}",
+            "Stripe is unavailable; try again later" + _stripe_reference(exc),
             message_user="Stripe ist gerade nicht erreichbar. Bitte später erneut versuchen.",
         ) from exc
     except StripeFailure as exc:
         raise CreditError(
             Refusal.REFUSED_UPSTREAM,
             "STRIPE_REQUEST_FAILED",
-            f"Stripe refused the checkout session: {exc}",
+            "Stripe refused the checkout session" + _stripe_reference(exc),
             message_user="Die Zahlung konnte nicht vorbereitet werden.",
         ) from exc
 
@@ -145,6 +158,10 @@ async def create_topup_checkout(
     _guard_live(mode)
     metadata = {
         "aza_purpose": PURPOSE_TOPUP,
+        # One reference on the session and its PaymentIntent alike: the
+        # webhooks of one payment find each other's entry by it even when
+        # the session's event names no PaymentIntent (credit/webhooks.py).
+        TOPUP_REF_KEY: new_topup_ref(),
         "practice_id": practice_id,
         "subscription_id": subscription_id or "",
         "internal_credit_usd": str(credit_usd),

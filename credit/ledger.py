@@ -51,8 +51,30 @@ _FORBIDDEN_KEY_PARTS = ("secret", "key", "password", "token", "payment_method", 
 _FORBIDDEN_VALUE_PREFIXES = ("pm_", "card_", "src_", "sk_", "rk_", "pk_", "whsec_", "seti_")
 
 
+_DROPPED = object()
+
+
+def _clean_value(value: Any) -> Any:
+    """A JSON value for meta_json, or _DROPPED when it could be a secret."""
+    if isinstance(value, Mapping):
+        return clean_meta(value)
+    if isinstance(value, list | tuple):
+        return [item for item in map(_clean_value, value) if item is not _DROPPED]
+    if isinstance(value, str):
+        if value.startswith(_FORBIDDEN_VALUE_PREFIXES) or "_secret_" in value:
+            return _DROPPED
+        return value
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return str(value)
+
+
 def clean_meta(meta: Mapping[str, Any] | None) -> dict[str, Any]:
-    """`meta` without keys or values that could be secrets or payment method ids."""
+    """`meta` as JSON values, without keys or values that could be secrets or payment methods.
+
+    Lists stay JSON lists (a refund's `stripe_refunds` is `["re_…"]`, not a
+    Python repr of one).
+    """
     if not meta:
         return {}
     cleaned: dict[str, Any] = {}
@@ -60,16 +82,9 @@ def clean_meta(meta: Mapping[str, Any] | None) -> dict[str, Any]:
         key = str(raw_key)
         if any(part in key.lower() for part in _FORBIDDEN_KEY_PARTS):
             continue
-        if isinstance(value, Mapping):
-            cleaned[key] = clean_meta(value)
-        elif isinstance(value, str):
-            if value.startswith(_FORBIDDEN_VALUE_PREFIXES) or "_secret_" in value:
-                continue
-            cleaned[key] = value
-        elif value is None or isinstance(value, bool | int | float):
-            cleaned[key] = value
-        else:
-            cleaned[key] = str(value)
+        kept = _clean_value(value)
+        if kept is not _DROPPED:
+            cleaned[key] = kept
     return cleaned
 
 
@@ -190,11 +205,13 @@ async def get_entry(conn: Connection, ledger_id: int) -> LedgerEntry | None:
 
 
 def stripe_object_filter(
-    checkout_session_id: str | None, payment_intent_id: str | None
+    checkout_session_id: str | None,
+    payment_intent_id: str | None,
+    idempotency_key: str | None = None,
 ) -> tuple[str, list[str]] | None:
-    """SQL matching entries of this checkout session or payment intent, with its arguments.
+    """SQL matching entries of this checkout session, payment intent or key, with its arguments.
 
-    None when neither id is known (nothing can match).
+    None when no id is known (nothing can match).
     """
     clauses, args = [], []
     if checkout_session_id:
@@ -203,6 +220,9 @@ def stripe_object_filter(
     if payment_intent_id:
         clauses.append("stripe_payment_intent_id = ?")
         args.append(payment_intent_id)
+    if idempotency_key:
+        clauses.append("idempotency_key = ?")
+        args.append(idempotency_key)
     if not clauses:
         return None
     return "(" + " OR ".join(clauses) + ")", args
@@ -213,9 +233,10 @@ async def find_purchase(
     *,
     checkout_session_id: str | None = None,
     payment_intent_id: str | None = None,
+    idempotency_key: str | None = None,
 ) -> LedgerEntry | None:
-    """The (not failed) purchase booked for this checkout session or payment intent."""
-    found = stripe_object_filter(checkout_session_id, payment_intent_id)
+    """The (not failed) purchase booked for this checkout session, payment intent or key."""
+    found = stripe_object_filter(checkout_session_id, payment_intent_id, idempotency_key)
     if found is None:
         return None
     where, args = found

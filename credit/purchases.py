@@ -92,9 +92,18 @@ async def credit_purchase(
     event_id: str | None,
     now: int,
 ) -> HandlerResult:
-    """Credit a paid purchase, unless one of its Stripe objects was credited already."""
+    """Credit a paid purchase, unless one of its Stripe objects was credited already.
+
+    A manual top-up's entry is keyed by its reference (`meta.purchase_key`),
+    which its session and its PaymentIntent both carry: the second of their
+    events finds the entry even when the first named only one of the ids.
+    """
+    key = meta.purchase_key if event_type is EventType.TOPUP_PURCHASE else None
     existing = await find_purchase(
-        conn, checkout_session_id=checkout_session_id, payment_intent_id=payment_intent_id
+        conn,
+        checkout_session_id=checkout_session_id,
+        payment_intent_id=payment_intent_id,
+        idempotency_key=key,
     )
     if existing is not None:
         await complete_references(conn, existing, checkout_session_id, payment_intent_id, now)
@@ -111,6 +120,7 @@ async def credit_purchase(
             checkout_session_id=checkout_session_id,
             payment_intent_id=payment_intent_id,
             event_id=event_id,
+            idempotency_key=key,
             meta={
                 "aza_purpose": PURPOSE_TOPUP
                 if event_type is EventType.TOPUP_PURCHASE

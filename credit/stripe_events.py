@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from credit.checkout import TOPUP_REF_KEY
 from credit.money import InvalidAmount, chf_to_rappen, parse_chf, parse_usd, usd_to_micros
 from credit.stripe_ids import normalize_stripe_id
 
@@ -64,6 +65,15 @@ class TopupMeta:
     subscription_id: str | None
     credit_micros: int
     paid_rappen: int
+    # A manual top-up's ledger key (`topup:<aza_topup_ref>`), when it carries a reference.
+    purchase_key: str | None = None
+
+
+def _purchase_key(metadata: Mapping[str, str]) -> str | None:
+    ref = metadata.get(TOPUP_REF_KEY) or ""
+    if not (0 < len(ref) <= 64 and ref.isascii() and ref.replace("_", "").isalnum()):
+        return None
+    return f"topup:{ref}"
 
 
 def parse_topup_meta(metadata: Mapping[str, str]) -> TopupMeta | None:
@@ -83,6 +93,7 @@ def parse_topup_meta(metadata: Mapping[str, str]) -> TopupMeta | None:
         subscription_id=(metadata.get("subscription_id") or None),
         credit_micros=usd_to_micros(credit),
         paid_rappen=chf_to_rappen(paid),
+        purchase_key=_purchase_key(metadata),
     )
 
 

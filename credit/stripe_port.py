@@ -34,11 +34,14 @@ class StripeFailure(Exception):
         code: str | None = None,
         http_status: int | None = None,
         payment_intent_id: str | None = None,
+        request_id: str | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.http_status = http_status
         self.payment_intent_id = payment_intent_id
+        # Stripe's request id (`req_…`): what Stripe support needs, and safe to show.
+        self.request_id = request_id
 
 
 class CardDeclined(StripeFailure):
@@ -238,24 +241,56 @@ def payment_intent_result(obj: Mapping[str, Any]) -> PaymentIntentResult:
     )
 
 
+def _safe_token(value: Any, prefix: str = "") -> str | None:
+    """`value` when it is a short identifier-like string (a Stripe code or request id)."""
+    if not isinstance(value, str) or not value.startswith(prefix):
+        return None
+    if not 0 < len(value) <= 64 or not all(
+        c.isascii() and (c.isalnum() or c in "_-") for c in value
+    ):
+        return None
+    return value
+
+
 def _translate(exc: stripe.StripeError) -> StripeFailure:
+    """Our error for a Stripe one, carrying none of Stripe's text.
+
+    Stripe's messages can quote what it was sent (an invalid key's prefix,
+    parameter values), so they never leave this module: the message says
+    only the kind of failure, the HTTP status, Stripe's error code and its
+    request id.
+    """
     status = exc.http_status
-    code = exc.code
-    message = exc.user_message or str(exc) or exc.__class__.__name__
+    code = _safe_token(exc.code)
+    request_id = _safe_token(exc.request_id, "req_")
+    message = (
+        f"Stripe {type(exc).__name__} (HTTP {status if status is not None else '-'}, "
+        f"code {code or '-'}, request {request_id or '-'})"
+    )
     body = exc.json_body if isinstance(exc.json_body, dict) else {}
     err = body.get("error") if isinstance(body.get("error"), dict) else {}
     pi_id = normalize_stripe_id(err.get("payment_intent"), "pi_") if err else None
     if isinstance(exc, stripe.CardError):
-        decline = err.get("decline_code") if err else None
+        decline = _safe_token(err.get("decline_code")) if err else None
         kind: type[CardDeclined] = (
             AuthenticationRequired if "authentication_required" in (code, decline) else CardDeclined
         )
-        return kind(message, code=decline or code, http_status=status, payment_intent_id=pi_id)
+        return kind(
+            message,
+            code=decline or code,
+            http_status=status,
+            payment_intent_id=pi_id,
+            request_id=request_id,
+        )
     if isinstance(exc, stripe.APIConnectionError | stripe.RateLimitError) or (
         status is not None and (status >= 500 or status in (409, 429))
     ):
-        return StripeUnavailable(message, code=code, http_status=status, payment_intent_id=pi_id)
-    return StripeRequestFailed(message, code=code, http_status=status, payment_intent_id=pi_id)
+        return StripeUnavailable(
+            message, code=code, http_status=status, payment_intent_id=pi_id, request_id=request_id
+        )
+    return StripeRequestFailed(
+        message, code=code, http_status=status, payment_intent_id=pi_id, request_id=request_id
+    )
 
 
 class StripeClientAdapter:

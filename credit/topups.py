@@ -34,7 +34,9 @@ async def checkout_completed(conn: Connection, delivery: Delivery) -> HandlerRes
         return HandlerResult(handled=False, reason="invalid_metadata")
     now = delivery.now
     cs_id, pi_id = session.id, session.payment_intent_id
-    existing = await find_purchase(conn, checkout_session_id=cs_id, payment_intent_id=pi_id)
+    existing = await find_purchase(
+        conn, checkout_session_id=cs_id, payment_intent_id=pi_id, idempotency_key=meta.purchase_key
+    )
     if existing is not None:
         await complete_references(conn, existing, cs_id, pi_id, now)
         return HandlerResult(handled=True, duplicate=True, ledger_id=existing.id)
@@ -78,8 +80,14 @@ async def payment_intent_succeeded(conn: Connection, delivery: Delivery) -> Hand
     meta = delivery.event.topup
     if meta is None or intent.id is None:
         return HandlerResult(handled=False, reason="invalid_metadata")
-    existing = await find_purchase(conn, payment_intent_id=intent.id)
+    # By its id, or by the top-up's reference when its session was booked
+    # first without naming it; then the entry learns its id, so a later
+    # refund (which names only the PaymentIntent) finds it.
+    existing = await find_purchase(
+        conn, payment_intent_id=intent.id, idempotency_key=meta.purchase_key
+    )
     if existing is not None:
+        await complete_references(conn, existing, None, intent.id, delivery.now)
         return HandlerResult(handled=True, duplicate=True, ledger_id=existing.id)
     mismatch = paid_mismatch(
         meta, intent.amount_received, intent.currency, delivery.config.currency

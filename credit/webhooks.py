@@ -120,7 +120,7 @@ class WebhookHandler:
             raise WebhookSignatureError("Stripe signature does not match the body")
         try:
             event = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deep to parse
             event = None
         obj = get(event.get("data"), "object") if isinstance(event, dict) else None
         if (

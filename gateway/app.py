@@ -2,10 +2,10 @@
 
 Request path, outermost first: request context (id, metrics) → metering
 (auth, budget gate, usage tap), which hands the OpenAI API paths to the proxy
-itself → router, for the gateway's own routes (and 404/405 in the OpenAI
-shape, also for a proxied path asked with the wrong method). Shared
-resources (database, upstream client, credit service, background
-maintenance) are made in the lifespan and closed after it.
+itself → body limit (gateway/limits.py) → router, for the gateway's own
+routes (and 404/405 in the OpenAI shape, also for a proxied path asked
+with the wrong method). Shared resources (database, upstream client,
+credit service, background maintenance) are made in the lifespan and closed after it.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from gateway.background import BackgroundResponses
 from gateway.batches import BatchService, files_and_batches_app
 from gateway.errors import GatewayError, not_found
 from gateway.limit_leases import LimitLeases
+from gateway.limits import BodyLimitMiddleware
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import MeteringMiddleware, Pricing, RequestContextMiddleware
 from gateway.proxy import Proxy
@@ -188,6 +189,8 @@ def create_app(
                 proxy=proxy,
                 own=files_and_batches_app(),
             ),
+            # Only the gateway's own routes get here: metering bounds what it reads itself.
+            Middleware(BodyLimitMiddleware),
         ],
         exception_handlers={404: _http_error, 405: _http_error},
         lifespan=lifespan,

@@ -25,6 +25,7 @@ from starlette.types import Message, Receive, Scope, Send
 from budget.operations import match_endpoint
 from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
+from gateway.redact import MAX_ERROR_BODY_BYTES, client_error_body
 from gateway.routing import MAX_TRIES, Route, Upstream
 from gateway.settings import Settings
 from gateway.upstream import (
@@ -311,6 +312,9 @@ class Proxy:
             log.warning("upstream %s refused its API key (401)", upstream.name)
             await upstream_refused_credentials(upstream.config.api_key_env).send(send, request_id)
             return
+        if response.status_code >= 400:
+            await self._send_error(response, send, known=(upstream.config.api_key.reveal(),))
+            return
         try:
             await send(
                 {
@@ -421,6 +425,36 @@ class Proxy:
                 upstream_timeout() if isinstance(error, UpstreamTimeout) else upstream_unreachable()
             )
         return no_upstream_answered(route)
+
+    async def _send_error(
+        self, response: UpstreamResponse, send: Send, *, known: tuple[str, ...]
+    ) -> None:
+        """An upstream error answer, rebuilt in OpenAI's shape without anything key-like."""
+        kept = bytearray()
+        try:
+            async for chunk in response.aiter_bytes():
+                kept.extend(chunk[: MAX_ERROR_BODY_BYTES - len(kept)])
+                if len(kept) >= MAX_ERROR_BODY_BYTES:
+                    break
+        except UpstreamError:
+            pass  # what arrived is judged; a cut body becomes the generic message
+        finally:
+            await response.aclose()
+        body = client_error_body(response.status_code, bytes(kept), known)
+        headers = [
+            (name, value)
+            for name, value in client_response_headers(response.headers)
+            if name not in (b"content-length", b"content-type")
+        ]
+        headers += [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        await send(
+            {"type": "http.response.start", "status": response.status_code, "headers": headers}
+        )
+        with contextlib.suppress(OSError):
+            await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 async def _stream_body(response: UpstreamResponse, receive: Receive, send: Send) -> None:

@@ -129,7 +129,7 @@ async def json_body(request: Request) -> dict[str, Any]:
         return {}
     try:
         data = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep to parse
         raise bad_request("Invalid JSON body.", code="invalid_json") from None
     if not isinstance(data, dict):
         raise bad_request("The JSON body must be an object.", code="invalid_json")

@@ -65,7 +65,8 @@ async def history(request: Request) -> Response:
     its batches (`batches`: one entry each, with line count and cost)."""
     _, practice_id = await admin_practice_of(request)
     limit = request.query_params.get("limit", "100")
-    if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+    # isdigit() alone accepts "²" and other digits int() refuses.
+    if not (limit.isascii() and limit.isdigit()) or not 1 <= int(limit) <= 1000:
         raise unprocessable(
             "'limit' must be a whole number from 1 to 1000.", code="invalid_limit", param="limit"
         )
