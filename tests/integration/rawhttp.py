@@ -37,8 +37,12 @@ async def raw_request(
     *,
     headers: Mapping[str, str] | None = None,
     body: bytes = b"",
+    answer_within: float = 10.0,
 ) -> RawResponse:
-    """Send `method target` byte for byte as given (no normalisation); read one response."""
+    """Send `method target` byte for byte as given (no normalisation); read one response.
+
+    TimeoutError when no answer comes within `answer_within` seconds.
+    """
     url = urlsplit(root)
     reader, writer = await asyncio.open_connection(url.hostname, url.port)
     try:
@@ -50,10 +54,10 @@ async def raw_request(
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
         await writer.drain()
         if method == "HEAD":
-            head = await reader.readuntil(b"\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), answer_within)
             status = int(head.split(b" ")[1])
             return RawResponse(status, {}, b"")
-        return await _read_response(reader)
+        return await asyncio.wait_for(_read_response(reader), answer_within)
     finally:
         writer.close()
 

@@ -180,7 +180,7 @@ async def test_webhook_without_secret_is_503(start_gateway: StartGateway) -> Non
 async def test_deeply_nested_messages_are_refused_without_a_traceback(
     gw: Gateway, http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """messages nested 650 and 5,000 levels deep: a 400 (or counted), a 400, never a 500 or a traceback."""
+    """messages nested 650, 900 and 5,000 levels deep: a 400, never a 500 or a traceback."""
     caplog.set_level(logging.WARNING)
     for depth in (650, 900, 5_000):
         nested = "[" * depth + '"x"' + "]" * depth

@@ -55,7 +55,11 @@ def test_body_identity_when_nothing_changes() -> None:
     plain = body(model="gpt-4o-mini", messages=[], store=False)
     assert parse_request(Operation.CHAT, JSON, plain)[1] is plain
     asked = body(
-        model="gpt-4o-mini", stream=True, stream_options={"include_usage": True}, store=True
+        model="gpt-4o-mini",
+        stream=True,
+        stream_options={"include_usage": True},
+        store=True,
+        messages=[],
     )
     info, forwarded = parse_request(Operation.CHAT, JSON, asked)
     assert forwarded is asked and info.client_wants_usage and info.store is True
