@@ -65,6 +65,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error.response(_request_id(request))
 
 
+async def _not_forwarded(request: Request) -> Response:
+    """A forwarded path with a method the endpoint table does not forward (HEAD): 405."""
+    raise HTTPException(405, f"Method {request.method} is not allowed on {request.url.path}.")
+
+
 def create_app(
     settings: Settings,
     *,
@@ -175,8 +180,10 @@ def create_app(
     proxy = Proxy(services=services, settings=settings, metrics=lambda: metrics)
     # The router only sees a forwarded path asked with a method it is not
     # forwarded for (the middleware hands the others to the proxy): 405.
+    # Its endpoint is never the proxy: Starlette answers HEAD on a GET route,
+    # and a HEAD must not reach the upstream unauthenticated.
     proxied = [
-        Route(template, proxy, methods=methods)
+        Route(template, _not_forwarded, methods=methods)
         for template, methods in methods_by_template().items()
     ]
     app = Starlette(

@@ -64,9 +64,12 @@ from gateway.messages import (
     developer_message,
     user_message,
 )
+from gateway.paths import BadPath, checked_path
 from gateway.proxy import (
     ANSWERED_BY,
+    AUTHENTICATED,
     BODY_CHECKED,
+    ENDPOINT_MATCH,
     ENDPOINT_TEMPLATE,
     UPSTREAM_ROUTE,
     ClientGone,
@@ -290,7 +293,13 @@ class MeteringMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        match = match_endpoint(scope["method"], scope["path"])
+        try:
+            # Judged on the bytes sent, before any route is matched (gateway/paths.py).
+            path = checked_path(scope)
+        except BadPath as exc:
+            await exc.send(send, scope.get("state", {}).get("request_id"))
+            return
+        match = match_endpoint(scope["method"], path)
         if match is None:
             await self.app(scope, receive, send)
             return
@@ -298,11 +307,14 @@ class MeteringMiddleware:
         services = self.services()
         state = scope.setdefault("state", {})
         state[ENDPOINT_TEMPLATE] = endpoint.template
+        state[ENDPOINT_MATCH] = match
         request_id: str = state.get("request_id") or state.setdefault(
             "request_id", new_request_id()
         )
         try:
             caller = await services.auth.authenticate(Headers(scope=scope))
+            # Nothing reaches the upstream for a caller without a practice.
+            state[AUTHENTICATED] = require_practice(caller)
             admitted = None
             if endpoint.metered:
                 admitted = await self._admit(

@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING
 from starlette.datastructures import Headers
 from starlette.types import Message, Receive, Scope, Send
 
-from budget.operations import match_endpoint
-from gateway.errors import GatewayError
+from budget.operations import Match, match_endpoint
+from gateway.errors import GatewayError, unauthorized
 from gateway.metrics import GatewayMetrics
+from gateway.paths import upstream_path
 from gateway.redact import MAX_ERROR_BODY_BYTES, client_error_body
 from gateway.routing import MAX_TRIES, Route, Upstream
 from gateway.settings import Settings
@@ -46,6 +47,10 @@ log = logging.getLogger("aza.gateway.proxy")
 BODY_CHECKED = "aza.body_checked"
 # Set in scope["state"] by the metering middleware: the template of the endpoint matched.
 ENDPOINT_TEMPLATE = "aza.endpoint_template"
+# Set by the metering middleware: the endpoint table's match for the request
+# (the upstream path is built from it), and the authenticated practice.
+ENDPOINT_MATCH = "aza.endpoint_match"
+AUTHENTICATED = "aza.authenticated_practice"
 # Set in scope["state"] by the metering middleware: the request's `Route`.
 UPSTREAM_ROUTE = "aza.route"
 # Set in scope["state"] by the proxy: the `Upstream` whose answer the client got.
@@ -272,6 +277,11 @@ class Proxy:
         assert scope["type"] == "http"
         request_id: str | None = scope.get("state", {}).get("request_id")
         state = scope.get("state", {})
+        match: Match | None = state.get(ENDPOINT_MATCH)
+        if match is None or not state.get(AUTHENTICATED):
+            # Only the metering middleware, after authentication, calls the proxy.
+            await unauthorized().send(send, request_id)
+            return
         # A metered body was bounded by the middleware before it was rewritten
         # (include_usage makes it a little longer); count only the others.
         limit = None if state.get(BODY_CHECKED) else self._body_limit
@@ -282,7 +292,6 @@ class Proxy:
             return
         except ClientGone:
             return
-        path: str = scope["path"]
         raw_query: bytes = scope.get("query_string", b"")
         query = raw_query.decode("latin-1") if raw_query else ""
         route: Route | None = state.get(UPSTREAM_ROUTE)
@@ -292,7 +301,8 @@ class Proxy:
             await no_upstream_serves(route).send(send, request_id)
             return
         # The client's base URL ends in /v1, and so does an OpenAI upstream's.
-        below_v1 = path[len("/v1") :]
+        # Built from the endpoint table's template, never the client's path.
+        below_v1 = upstream_path(match)
         forwarded = upstream_request_headers(scope["headers"], None)
         metrics = self._metrics()
         picked = await self._first_answer(route, scope, below_v1, query, forwarded, body)
@@ -301,7 +311,7 @@ class Proxy:
             return
         upstream, response, latency = picked
         state[ANSWERED_BY] = upstream
-        metrics.upstream_latency.labels(state.get(ENDPOINT_TEMPLATE, path)).observe(latency)
+        metrics.upstream_latency.labels(match.endpoint.template).observe(latency)
         if response.status_code >= 400:
             metrics.upstream_errors.labels(str(response.status_code)).inc()
         if response.status_code == 401:

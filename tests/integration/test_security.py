@@ -222,3 +222,59 @@ async def test_odd_history_limits_are_refused(
     response = await http.get("/v1/ai-credit/history", params={"limit": limit}, headers=auth(gw))
     assert response.status_code == 422
     assert response.json()["error"]["code"] == "invalid_limit"
+
+
+# -- 1. and 2. only exact endpoints reach the upstream, only for a practice --------------------
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/v1/models/%2e%2e/files",
+        "/v1/models/%2e%2e",
+        "/v1/models/..",
+        "/v1/models/../files",
+        "/v1/models/a%2Ffiles",
+        "/v1/chat/completions/%2e%2e",
+        "/v1/chat/completions/x%2F..%2F..%2Ffiles",
+        "/v1/models/?after=x",
+        "/v1//models",
+        "/v1/files",
+        "/v1/files/file-1/content",
+    ],
+)
+async def test_paths_outside_the_table_never_reach_the_upstream(gw: Gateway, target: str) -> None:
+    """Traversal, encoded slashes, empty segments and unlisted paths: a 4xx, no upstream call."""
+    response = await raw_request(gw.root, "GET", target, headers=auth(gw))
+    assert 400 <= response.status < 500
+    assert json.loads(response.body)["error"]["code"] in ("invalid_path", "unknown_url")
+    assert gw.fake.requests == 0
+
+
+@pytest.mark.parametrize("with_key", [False, True])
+@pytest.mark.parametrize("target", ["/v1/models", "/v1/models/gpt-4o-mini"])
+async def test_head_is_not_forwarded(gw: Gateway, target: str, with_key: bool) -> None:
+    """HEAD on a forwarded GET path answers 405 and calls no upstream, with or without a key."""
+    response = await raw_request(gw.root, "HEAD", target, headers=auth(gw) if with_key else {})
+    assert response.status == 405
+    assert gw.fake.requests == 0
+
+
+async def test_no_upstream_call_without_a_practice(gw: Gateway) -> None:
+    """No key, a wrong key, or the service token without X-Practice-Id: nothing is forwarded."""
+    for headers in (
+        {},
+        {"Authorization": "Bearer aza_wrong"},
+        {"Authorization": f"Bearer {SERVICE_TOKEN}"},
+    ):
+        response = await raw_request(gw.root, "GET", "/v1/models/gpt-4o-mini", headers=headers)
+        assert response.status in (400, 401)
+    assert gw.fake.requests == 0
+
+
+async def test_a_listed_model_path_is_forwarded_as_the_template_says(gw: Gateway) -> None:
+    """An escaped model id reaches the upstream as the template's path, escaped the SDK's way."""
+    response = await raw_request(gw.root, "GET", "/v1/models/gpt-4o%2Dmini", headers=auth(gw))
+    assert response.status == 200
+    assert gw.fake.last_path == "/v1/models/gpt-4o-mini"
+    assert gw.fake.last_headers["authorization"] == f"Bearer {FAKE_UPSTREAM_KEY}"
