@@ -150,6 +150,7 @@ def create_app(
             asyncio.create_task(current.maintenance_loop(maintenance_interval), name="maintenance"),
             asyncio.create_task(dispatcher.run(), name="alerts"),
         ]
+        background.append(asyncio.create_task(current.hold_renewal_loop(), name="hold renewal"))
         background.append(
             asyncio.create_task(
                 current.residency_loop(max(settings.auth_cache_seconds, 1.0)), name="residency"

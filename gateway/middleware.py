@@ -533,6 +533,8 @@ class MeteringMiddleware:
         """Let the proxy forward the request while the tap watches the response go by."""
         info, forward = admitted.info, admitted.forward
         services.metrics.holds_in_flight.inc()
+        # Renewed while the request runs, however long it streams; _finish ends it.
+        services.metering.running.add(admitted.hold.hold_id)
         started_at = int(time.time())
         watch = _Watch()
         if info.operation is Operation.RESPONSES and (info.store or info.background):
@@ -678,6 +680,7 @@ class MeteringMiddleware:
             log.exception("settling request %s failed; its hold expires by itself", hold.request_id)
         finally:
             metrics.holds_in_flight.dec()
+            metering.running.discard(hold.hold_id)
 
 
 async def _ensure_alert_marks(services: Services, hold: Hold) -> None:

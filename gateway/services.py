@@ -215,6 +215,16 @@ class Services:
                 except Exception:
                     log.exception("reconciling pending top-ups failed")
 
+    async def hold_renewal_loop(self) -> None:
+        """Keep the holds of running requests from expiring (gateway/storage/renewal.py)."""
+        running = self.metering.running
+        while True:
+            await asyncio.sleep(running.interval_seconds)
+            try:
+                await running.renew()
+            except Exception:
+                log.exception("renewing the holds of running requests failed")
+
     async def holds_vacuum_loop(self, interval: float = HOLDS_VACUUM_SECONDS) -> None:
         """Vacuum the holds table every `interval` s (see MeteringStore.vacuum_holds)."""
         while True:

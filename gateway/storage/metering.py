@@ -35,6 +35,7 @@ from gateway.storage.holds import Hold, HoldIds, Reservation, Settlement, until_
 from gateway.storage.keys import KeyStore
 from gateway.storage.leases import LeasingGate
 from gateway.storage.one_call import OneCallGate
+from gateway.storage.renewal import RunningHolds
 from gateway.storage.settle import Written, record_usage, settlement
 from gateway.storage.upkeep import Upkeep
 
@@ -101,6 +102,8 @@ class MeteringStore:
         self._own_holds: Gate = base
         self.keys = KeyStore(db, clock=clock)
         self.upkeep = Upkeep(db, clock=clock)
+        # Holds of requests still running, renewed before they expire.
+        self.running = RunningHolds(db, hold_ttl_seconds=hold_ttl_seconds, clock=clock)
         # The keys' and upkeep's operations, as the store's own: callers hold one object.
         self.create_key = self.keys.create_key
         self.set_key_role = self.keys.set_key_role

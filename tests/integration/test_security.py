@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -278,3 +279,31 @@ async def test_a_listed_model_path_is_forwarded_as_the_template_says(gw: Gateway
     assert response.status == 200
     assert gw.fake.last_path == "/v1/models/gpt-4o-mini"
     assert gw.fake.last_headers["authorization"] == f"Bearer {FAKE_UPSTREAM_KEY}"
+
+
+# -- 9. a running request keeps its hold -----------------------------------------------------
+
+
+async def test_a_stream_longer_than_the_hold_ttl_keeps_its_hold(
+    start_gateway: StartGateway,
+) -> None:
+    """A stream running for over twice hold_ttl_seconds still holds its estimate at the end."""
+    async with start_gateway(hold_ttl_seconds=1, gate_lease_requests=0) as gw:
+        gw.fake.chunk_delay = 0.4
+        stream = await gw.client().chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "Bitte einen langen Brief " * 20}],
+            stream=True,
+        )
+        started = time.monotonic()
+        held_late: int | None = None
+        async for _chunk in stream:
+            if time.monotonic() - started > 2.5:
+                state = await gw.metering.state(gw.practice)
+                held_late = state.snapshot.held_micros
+                break
+        await stream.close()
+        assert held_late is not None, "the stream ended before the hold TTL had passed twice"
+        assert held_late > 0
+        await gw.settled(1)
+        assert await gw.holds() == 0
