@@ -38,9 +38,17 @@ from budget.operations import (
     Operation,
     match_endpoint,
 )
+from budget.output_limit import (
+    MIN_OUTPUT_TOKENS,
+    OUTPUT_LIMIT_FIELD,
+    affordable_output_tokens,
+    with_output_limit,
+)
+from budget.output_limit import RESPONSE_HEADER as OUTPUT_LIMIT_HEADER
 from budget.pricing import PriceBook, UnpricedModel
 from budget.request import InvalidRequest, RequestInfo, parse_request
 from budget.response import exact_json, usage_from_response
+from budget.snapshot import BudgetSnapshot
 from budget.stream import StreamTap, stream_tap_for
 from budget.usage import Usage
 from credit.ports import DatabaseUnavailable
@@ -61,6 +69,7 @@ from gateway.limiting import (
 from gateway.messages import (
     ACTIONABLE_TOPUP_CODES,
     BUDGET_EXHAUSTED,
+    Language,
     developer_message,
     user_message,
 )
@@ -198,6 +207,22 @@ def model_not_priced(model: str) -> GatewayError:
     )
 
 
+def budget_exhausted(language: Language, error_code: str, snapshot: BudgetSnapshot) -> GatewayError:
+    """The gate's 429: OpenAI's insufficient_quota, the seed's error code and message."""
+    return GatewayError(
+        429,
+        developer_message(error_code),
+        type="insufficient_quota",
+        code="insufficient_quota",
+        error_code=error_code,
+        message_user=user_message(error_code, language),
+        extra={"budget": snapshot.to_dict()},
+        # The official SDKs retry a 429 unless told not to; waiting will
+        # not bring money back.
+        headers={"x-should-retry": "false"},
+    )
+
+
 class Pricing:
     """Prices usage under the unpriced-model policy; integer micro-USD, rounded up."""
 
@@ -250,6 +275,8 @@ class _Admitted:
     route: Route
     # The holds on the caps of the caller's key or device (issue 18); none without caps.
     caps: Sequence[CapHold] = ()
+    # The output limit the gateway set on the request (it named none), if any.
+    output_limit: int | None = None
 
 
 @dataclass
@@ -513,7 +540,29 @@ class MeteringMiddleware:
                 services.metrics.gate_decisions.labels("rate_limited").inc()
                 language = await services.alerts.language(practice_id)
                 raise rate_limited(refused[0], refused[1], language)
-        hold = await self._gate(services, practice_id, request_id, estimate_micros)
+        limit_field = OUTPUT_LIMIT_FIELD.get(operation) if info.max_output_tokens is None else None
+        output_limit: int | None = None
+        if limit_field is None:
+            hold = await self._gate(services, practice_id, request_id, estimate_micros)
+        else:
+            # No output limit named: the gateway sets the one it holds for,
+            # cut to what the budget affords (budget/output_limit.py).
+            per_choice = max(1, info.choices)
+
+            def cost_with(tokens: int) -> int:
+                usage = replace(estimate, output_tokens=tokens * per_choice)
+                return pricing.cost_micros(usage, route.max_uplift)
+
+            hold, output_limit = await self._gate_limited(
+                services,
+                practice_id,
+                request_id,
+                estimate_micros,
+                cost_with,
+                most=settings.default_max_output_tokens,
+            )
+            estimate = replace(estimate, output_tokens=output_limit * per_choice)
+            forward = with_output_limit(forward, limit_field, output_limit)
         if not services.alerts.marked(hold.practice_id, hold.period.start, hold.budget_micros):
             # Once per practice and period here, at the gate: the settle is never delayed.
             await _ensure_alert_marks(services, hold)
@@ -525,7 +574,7 @@ class MeteringMiddleware:
                 services.metrics.gate_decisions.labels("cap_reached").inc()
                 raise cap_reached(full, await services.alerts.language(practice_id))
         scope["state"][UPSTREAM_ROUTE] = route
-        return _Admitted(hold, info, forward, estimate, caller.device_id, route, caps)
+        return _Admitted(hold, info, forward, estimate, caller.device_id, route, caps, output_limit)
 
     async def _forward_metered(
         self, services: Services, admitted: _Admitted, scope: Scope, receive: Receive, send: Send
@@ -551,6 +600,10 @@ class MeteringMiddleware:
         async def send_watched(message: Message) -> None:
             if message["type"] == "http.response.start":
                 watch.status = message["status"]
+                if admitted.output_limit is not None:
+                    MutableHeaders(scope=message).append(
+                        OUTPUT_LIMIT_HEADER, str(admitted.output_limit)
+                    )
                 if 200 <= watch.status < 300:
                     content_type = Headers(raw=message.get("headers", [])).get("content-type", "")
                     if content_type.startswith("text/event-stream"):
@@ -593,6 +646,38 @@ class MeteringMiddleware:
             await asyncio.shield(task)
 
     # -- the gate ---------------------------------------------------------
+
+    async def _gate_limited(
+        self,
+        services: Services,
+        practice_id: str,
+        request_id: str,
+        estimate_micros: int,
+        cost_with: Callable[[int], int],
+        *,
+        most: int,
+    ) -> tuple[Hold, int]:
+        """The gate for a request the gateway sets the output limit of: its hold and that limit.
+
+        The gate admits a request while anything is available, holding what
+        is left when that is less than the estimate; here the output limit is
+        then cut to what that partial hold affords (budget/output_limit.py),
+        and where not even MIN_OUTPUT_TOKENS fit, the hold is released and
+        the request refused with the usual 429.
+        """
+        hold = await self._gate(services, practice_id, request_id, estimate_micros)
+        if hold.amount_micros >= estimate_micros:
+            return hold, most
+        tokens = affordable_output_tokens(
+            cost_with, hold.amount_micros, most=most, least=MIN_OUTPUT_TOKENS
+        )
+        if tokens is not None:
+            services.metrics.gate_decisions.labels("admitted_with_output_limit").inc()
+            return hold, tokens
+        await services.metering.release(hold)
+        snapshot = (await services.metering.state(practice_id)).snapshot
+        services.metrics.gate_decisions.labels("blocked").inc()
+        raise budget_exhausted(services.settings.user_language, BUDGET_EXHAUSTED, snapshot)
 
     async def _gate(
         self, services: Services, practice_id: str, request_id: str, estimate_micros: int
@@ -755,15 +840,4 @@ async def gate(
     error_code = BUDGET_EXHAUSTED
     if outcome is not None and outcome.error_code in ACTIONABLE_TOPUP_CODES:
         error_code = outcome.error_code
-    raise GatewayError(
-        429,
-        developer_message(error_code),
-        type="insufficient_quota",
-        code="insufficient_quota",
-        error_code=error_code,
-        message_user=user_message(error_code, language),
-        extra={"budget": state.snapshot.to_dict()},
-        # The official SDKs retry a 429 unless told not to; waiting will
-        # not bring money back.
-        headers={"x-should-retry": "false"},
-    )
+    raise budget_exhausted(language, error_code, state.snapshot)

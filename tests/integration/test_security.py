@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -306,4 +307,79 @@ async def test_a_stream_longer_than_the_hold_ttl_keeps_its_hold(
         assert held_late is not None, "the stream ended before the hold TTL had passed twice"
         assert held_late > 0
         await gw.settled(1)
+        assert await gw.holds() == 0
+
+
+# -- 8. requests without an output limit cannot overspend -------------------------------------
+
+
+async def test_burst_without_output_limit_stays_within_the_budget(
+    start_gateway: StartGateway,
+) -> None:
+    """100 concurrent requests naming no max_tokens against a nearly empty budget: what the
+    admitted ones cost stays within what was available (the fake answers 14 tokens unless
+    limited; the gateway holds and forwards 2)."""
+    from tests.integration.test_gate import spend
+
+    room = 200
+    async with start_gateway(default_max_output_tokens=2, gate_lease_requests=0) as gw:
+        await spend(gw.metering, gw.practice, 20_000_000 - room)
+        gw.fake.hang_seconds = 0.2  # every admitted request holds while the others arrive
+        async with httpx.AsyncClient(base_url=gw.root, timeout=20) as http:
+
+            async def one() -> httpx.Response:
+                return await http.post(
+                    "/v1/chat/completions",
+                    headers=auth(gw),
+                    json={
+                        "model": "gpt-4o-mini",
+                        "messages": [{"role": "user", "content": "x" * 400}],
+                    },
+                )
+
+            responses = await asyncio.gather(*(one() for _ in range(100)))
+        admitted = [r for r in responses if r.status_code == 200]
+        assert admitted and all(r.status_code in (200, 429) for r in responses)
+        events = await gw.settled(1 + len(admitted))
+        charged = sum(
+            e["estimated_cost_micro_usd"]
+            for e in events
+            if not e["request_id"].startswith("earlier")
+        )
+        assert charged <= room
+        assert all(1 <= int(r.headers["x-aza-max-output-tokens"]) <= 2 for r in admitted)
+        assert gw.fake.last_json["max_completion_tokens"] in (1, 2)
+        assert all(e["usage_estimated"] == 0 for e in events[1:])
+
+
+async def test_the_last_admitted_request_gets_the_output_its_partial_hold_affords(
+    start_gateway: StartGateway,
+) -> None:
+    """Room for one and a bit: the first request gets the full limit (64), the second the
+    tokens what is left affords (48: 108 input tokens at 0.15 and 48 at 0.60 per 1M make 45
+    micro-USD), the third a 429."""
+    from tests.integration.test_gate import spend
+
+    async with start_gateway(default_max_output_tokens=64, gate_lease_requests=0) as gw:
+        await spend(gw.metering, gw.practice, 20_000_000 - 100)
+        gw.fake.hang_seconds = 0.3
+        async with httpx.AsyncClient(base_url=gw.root, timeout=20) as http:
+
+            async def one() -> httpx.Response:
+                return await http.post(
+                    "/v1/chat/completions",
+                    headers=auth(gw),
+                    json={
+                        "model": "gpt-4o-mini",
+                        "messages": [{"role": "user", "content": "x" * 400}],
+                    },
+                )
+
+            responses = await asyncio.gather(*(one() for _ in range(3)))
+        assert sorted(r.status_code for r in responses) == [200, 200, 429]
+        limits = sorted(
+            int(r.headers["x-aza-max-output-tokens"]) for r in responses if r.status_code == 200
+        )
+        assert limits == [48, 64]
+        await gw.settled(3)
         assert await gw.holds() == 0
