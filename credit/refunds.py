@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from credit.ledger import EventType, LedgerEntry, NewEntry, Status, find_purchase, insert_entry
 from credit.money import refund_share_micros
 from credit.ports import Connection
+from credit.purchases import complete_references
 from credit.stripe_events import Charge
 from credit.webhook_handling import Delivery, HandlerResult
 
 
-async def refunded_purchase(conn: Connection, charge: Charge) -> LedgerEntry | None:
-    """The succeeded purchase a refunded charge paid for."""
+async def refunded_purchase(
+    conn: Connection, charge: Charge, purchase_key: str | None = None
+) -> LedgerEntry | None:
+    """The succeeded purchase a refunded charge paid for.
+
+    By the charge's PaymentIntent; else by the top-up reference its
+    PaymentIntent carries (`purchase_key`, retrieved from Stripe), for a
+    purchase its Checkout Session booked without naming the PaymentIntent.
+    """
     if charge.payment_intent_id is None:
         return None
     entry = await find_purchase(conn, payment_intent_id=charge.payment_intent_id)
+    if entry is None and purchase_key is not None:
+        entry = await find_purchase(conn, idempotency_key=purchase_key)
     return entry if entry is not None and entry.status == Status.SUCCEEDED else None
 
 
@@ -26,10 +38,15 @@ async def charge_refunded(conn: Connection, delivery: Delivery) -> HandlerResult
     """
     charge = delivery.event.object
     assert isinstance(charge, Charge)
-    original = await refunded_purchase(conn, charge)
+    original = await refunded_purchase(conn, charge, delivery.refund_purchase_key)
     charge_id, refunded_total = charge.id, charge.amount_refunded
     if original is None or charge_id is None or refunded_total is None:
         return HandlerResult(handled=False, reason="unknown_charge")
+    if original.payment_intent_id is None and charge.payment_intent_id is not None:
+        # Found by its reference: the purchase learns its PaymentIntent, which
+        # the refund entries below are grouped by.
+        await complete_references(conn, original, None, charge.payment_intent_id, delivery.now)
+        original = replace(original, payment_intent_id=charge.payment_intent_id)
     row = await conn.fetchone(
         "SELECT COALESCE(SUM(amount_paid_rappen), 0) AS rappen, "
         "COALESCE(SUM(amount_internal_micro_usd), 0) AS micros FROM ai_credit_ledger "

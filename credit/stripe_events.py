@@ -69,6 +69,11 @@ class TopupMeta:
     purchase_key: str | None = None
 
 
+def purchase_key(metadata: Mapping[str, str]) -> str | None:
+    """The ledger key of the manual top-up these metadata carry the reference of, or None."""
+    return _purchase_key(metadata)
+
+
 def _purchase_key(metadata: Mapping[str, str]) -> str | None:
     ref = metadata.get(TOPUP_REF_KEY) or ""
     if not (0 < len(ref) <= 64 and ref.isascii() and ref.replace("_", "").isalnum()):

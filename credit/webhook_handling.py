@@ -51,6 +51,9 @@ class Delivery:
     now: int
     config: CreditConfig
     retrieved: SetupIntentResult | None = None
+    # A refunded charge's top-up, found by the reference on its PaymentIntent
+    # (retrieved from Stripe) when no purchase names that PaymentIntent yet.
+    refund_purchase_key: str | None = None
 
 
 Handler = Callable[[Connection, Delivery], Awaitable[HandlerResult]]

@@ -38,6 +38,7 @@ from credit.stripe_events import (
     Subscription,
     get,
     parse_event,
+    purchase_key,
 )
 from credit.stripe_port import (
     SetupIntentResult,
@@ -147,13 +148,35 @@ class WebhookHandler:
         except StripeRequestFailed:
             return None
 
-    async def _lock_key(self, event: StripeEvent) -> str:
+    async def _refund_reference(self, event: StripeEvent) -> str | None:
+        """For a refund no purchase names the PaymentIntent of: its top-up's ledger key.
+
+        Read from the PaymentIntent's metadata at Stripe, before the
+        transaction opens (a purchase booked from its Checkout Session alone
+        does not know the PaymentIntent yet).
+        """
+        charge = event.object
+        if event.type != "charge.refunded" or not isinstance(charge, Charge):
+            return None
+        if charge.payment_intent_id is None or self._stripe is None:
+            return None
+        async with self._db.read() as conn:
+            if await refunds.refunded_purchase(conn, charge) is not None:
+                return None
+        try:
+            # StripeUnavailable propagates: nothing is written, Stripe retries.
+            intent = await self._stripe.retrieve_payment_intent(charge.payment_intent_id)
+        except StripeRequestFailed:
+            return None
+        return purchase_key(intent.metadata)
+
+    async def _lock_key(self, event: StripeEvent, refund_key: str | None = None) -> str:
         """The practice a delivery concerns (its transactions serialise on it)."""
         if event.practice_id:
             return event.practice_id
         async with self._db.read() as conn:
             if event.type == "charge.refunded" and isinstance(event.object, Charge):
-                entry = await refunds.refunded_purchase(conn, event.object)
+                entry = await refunds.refunded_purchase(conn, event.object, refund_key)
                 if entry is not None:
                     return entry.practice_id
             elif (
@@ -193,7 +216,8 @@ class WebhookHandler:
     async def handle(self, payload: bytes, signature: str | None) -> dict[str, Any]:
         event = self._verify(payload, signature)
         retrieved = await self._prefetch(event)
-        lock = await self._lock_key(event)
+        refund_key = await self._refund_reference(event)
+        lock = await self._lock_key(event, refund_key)
         handler = route(event)
         answer: dict[str, Any] = {"received": True, "event_type": event.type, "event_id": event.id}
         for attempt in range(2):
@@ -213,7 +237,11 @@ class WebhookHandler:
                         now,
                     )
                     delivery = Delivery(
-                        event=event, now=now, config=self._config, retrieved=retrieved
+                        event=event,
+                        now=now,
+                        config=self._config,
+                        retrieved=retrieved,
+                        refund_purchase_key=refund_key,
                     )
                     result = IGNORED if handler is None else await handler(conn, delivery)
             except UniqueViolation:

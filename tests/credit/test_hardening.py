@@ -177,3 +177,25 @@ async def test_signed_body_that_is_not_json_is_a_400(db: Database) -> None:
             await deliver(svc, body)
         assert (caught.value.status, caught.value.error_code) == (400, "INVALID_WEBHOOK_PAYLOAD")
     assert await count(db, "SELECT COUNT(*) FROM stripe_webhook_events") == 0
+
+
+async def test_refund_of_a_purchase_booked_from_its_session_alone(db: Database) -> None:
+    """Session (payment_intent null) credited, its PaymentIntent event never came: the refund
+    finds the purchase by the reference on the PaymentIntent Stripe returns, books once."""
+    with respx.mock(base_url=STRIPE_BASE) as router:
+        router.get("/v1/payment_intents/pi_ref").mock(
+            return_value=httpx.Response(200, json=payment_intent_json("pi_ref", metadata=_meta()))
+        )
+        svc = service(db, stripe=stripe_adapter())
+        await deliver(svc, event("checkout.session.completed", _session("cs_only", None)))
+        refund = await deliver(svc, event("charge.refunded", _charge(1500)))
+        assert refund["handled"] is True
+        replay = await deliver(svc, event("charge.refunded", _charge(1500)))
+        assert replay["result"]["duplicate"] is True
+    assert await svc.extra_credit_micros(PRACTICE) == 10_000_000
+    async with db.read() as conn:
+        pi = await conn.fetchval(
+            "SELECT stripe_payment_intent_id FROM ai_credit_ledger "
+            "WHERE event_type = 'topup_purchase'"
+        )
+    assert pi == "pi_ref"
