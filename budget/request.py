@@ -338,7 +338,7 @@ def _parse_image_upload(operation: Operation, content_type: str, body: bytes) ->
     if stream_text not in ("true", "false"):
         raise InvalidRequest("stream must be a boolean", param="stream")
     n_text = fields.get("n", "1").strip() or "1"
-    if not n_text.isdigit() or int(n_text) < 1:
+    if not (n_text.isascii() and n_text.isdigit()) or int(n_text) < 1:
         raise InvalidRequest("n must be an integer of at least 1", param="n")
     return RequestInfo(
         operation=operation,

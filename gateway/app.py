@@ -28,7 +28,7 @@ from gateway.background import BackgroundResponses
 from gateway.batches import BatchService, files_and_batches_app
 from gateway.errors import GatewayError, not_found
 from gateway.limit_leases import LimitLeases
-from gateway.limits import BodyLimitMiddleware
+from gateway.limits import BodyLimitMiddleware, files_body_limit
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import MeteringMiddleware, Pricing, RequestContextMiddleware
 from gateway.proxy import Proxy
@@ -195,7 +195,7 @@ def create_app(
                 MeteringMiddleware,
                 services=services,
                 proxy=proxy,
-                own=files_and_batches_app(),
+                own=BodyLimitMiddleware(files_and_batches_app(), limit_for=files_body_limit),
             ),
             # Only the gateway's own routes get here: metering bounds what it reads itself.
             Middleware(BodyLimitMiddleware),

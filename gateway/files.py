@@ -263,7 +263,8 @@ async def owned_listing(
     service = service_of(request)
     query = request.query_params
     limit_text = query.get("limit", "20")
-    if not limit_text.isdigit() or not 1 <= int(limit_text) <= _MAX_LIST:
+    # isdigit() alone accepts "²" and other digits int() refuses.
+    if not (limit_text.isascii() and limit_text.isdigit()) or not 1 <= int(limit_text) <= _MAX_LIST:
         raise bad_request(f"limit must be from 1 to {_MAX_LIST}", param="limit")
     want = int(limit_text)
     params = {key: value for key, value in query.items() if key != "limit"}

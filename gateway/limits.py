@@ -11,6 +11,8 @@ never read (the server closes the connection).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -24,9 +26,16 @@ JSON_ROUTE_BODY_BYTES = 64 * 1024
 _LIMITS_BY_PATH = {"/v1/stripe/webhook": WEBHOOK_BODY_BYTES}
 
 
-def body_limit(path: str) -> int:
+def body_limit(path: str) -> int | None:
     """The largest body, in bytes, the gateway's own route at `path` accepts."""
     return _LIMITS_BY_PATH.get(path, JSON_ROUTE_BODY_BYTES)
+
+
+def files_body_limit(path: str) -> int | None:
+    """The Files and Batch handlers: uploads bound themselves (gateway/files.py), JSON 64 KiB."""
+    if path.startswith(("/v1/files", "/v1/uploads")):
+        return None
+    return JSON_ROUTE_BODY_BYTES
 
 
 class BodyTooLarge(GatewayError):
@@ -51,17 +60,26 @@ def declared_too_large(scope: Scope, limit: int) -> bool:
 
 
 class BodyLimitMiddleware:
-    """Refuses bodies above `body_limit(path)` with 413 before the route reads them."""
+    """Refuses bodies above `limit_for(path)` with 413 before the route reads them.
 
-    def __init__(self, app: ASGIApp) -> None:
+    `limit_for` returning None leaves a route to bound its body itself.
+    """
+
+    def __init__(
+        self, app: ASGIApp, *, limit_for: Callable[[str], int | None] = body_limit
+    ) -> None:
         self.app = app
+        self.limit_for = limit_for
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         request_id: str | None = scope.get("state", {}).get("request_id")
-        limit = body_limit(scope["path"])
+        limit = self.limit_for(scope["path"])
+        if limit is None:
+            await self.app(scope, receive, send)
+            return
         if declared_too_large(scope, limit):
             await BodyTooLarge(limit).send(send, request_id)
             return

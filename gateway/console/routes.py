@@ -644,7 +644,7 @@ async def settings_save(request: Request) -> Response:
     trigger: int | None = None
     if isinstance(trigger_raw, str) and trigger_raw.strip():
         text = trigger_raw.strip()
-        trigger = int(text) if text.isdigit() else -1
+        trigger = int(text) if text.isascii() and text.isdigit() else -1
     try:
         await _services(request).credit.update_settings(
             identity.practice_id,

@@ -80,7 +80,7 @@ def _unix(params: Mapping[str, str], name: str) -> int | None:
     if raw is None or raw.strip() == "":
         return None
     text = raw.strip()
-    if text.lstrip("-").isdigit():
+    if text.isascii() and text.lstrip("-").isdigit():  # isdigit() alone takes "²"
         return int(text)
     try:  # the console's date fields send YYYY-MM-DD
         day = datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC)

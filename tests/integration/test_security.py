@@ -241,8 +241,9 @@ async def test_odd_history_limits_are_refused(
         "/v1/chat/completions/x%2F..%2F..%2Ffiles",
         "/v1/models/?after=x",
         "/v1//models",
-        "/v1/files",
-        "/v1/files/file-1/content",
+        "/v1/fine_tuning/jobs",
+        "/v1/vector_stores/vs_1/files",
+        "/v1/files/%2e%2e/content",
     ],
 )
 async def test_paths_outside_the_table_never_reach_the_upstream(gw: Gateway, target: str) -> None:
@@ -383,3 +384,27 @@ async def test_the_last_admitted_request_gets_the_output_its_partial_hold_afford
         assert limits == [48, 64]
         await gw.settled(3)
         assert await gw.holds() == 0
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/v1/files?limit=%C2%B2",
+        "/v1/ai-credit/usage?from=%C2%B2",
+    ],
+)
+async def test_odd_digits_in_other_queries(gw: Gateway, target: str) -> None:
+    """The same "²" in the Files list and the usage report: a 4xx, not a 500."""
+    response = await raw_request(gw.root, "GET", target, headers=auth(gw))
+    assert 400 <= response.status < 500, response.body
+
+
+async def test_batch_json_bodies_are_bounded(gw: Gateway) -> None:
+    """The Batch API's JSON body has the 64 KiB limit of the gateway's own JSON routes."""
+    headers = {
+        **auth(gw),
+        "Content-Length": str(10 * 1024 * 1024),
+        "Content-Type": "application/json",
+    }
+    response = await raw_request(gw.root, "POST", "/v1/batches", headers=headers)
+    assert response.status == 413
