@@ -39,12 +39,21 @@ MIN_OUTPUT_TOKENS = 16
 RESPONSE_HEADER = "x-aza-max-output-tokens"
 
 
+# The `store: false` the gateway splices in first (budget/request.py); an Azure
+# upstream takes it off again by that exact prefix (gateway/routing.py), so the
+# limit goes after it, never between.
+_STORE_FALSE_FIRST = b'{"store":false,'
+
+
 def with_output_limit(body: bytes, field: str, tokens: int) -> bytes:
-    """`body` (a JSON object without `field`) with `"field": tokens` added first."""
+    """`body` (a JSON object without `field`) with `"field": tokens` added at its start."""
     stripped = body.lstrip()
     if not stripped.startswith(b"{"):
         raise ValueError("not a JSON object")
-    return b'{"' + field.encode() + b'":' + str(tokens).encode() + b"," + stripped[1:]
+    member = b'"' + field.encode() + b'":' + str(tokens).encode() + b","
+    if stripped.startswith(_STORE_FALSE_FIRST):
+        return _STORE_FALSE_FIRST + member + stripped[len(_STORE_FALSE_FIRST) :]
+    return b"{" + member + stripped[1:]
 
 
 def affordable_output_tokens(

@@ -6,7 +6,7 @@ front proxy and at the upstream:
 
 - every segment is made of the characters RFC 3986 allows in a segment
   (what the OpenAI SDK's `path_template` leaves unescaped) or %XX escapes;
-- no segment is empty (`//`, a trailing `/`), and none is `.` or `..`, raw
+- no segment is empty (`//`; a trailing `/` below `/v1/`), and none is `.` or `..`, raw
   or percent-encoded (`%2e%2e`), so no one in between can resolve it away;
 - no escape decodes to `/`, `\\`, `%` (a double encoding), `?`, `#` or a
   control character, so a segment stays one segment wherever it is decoded.
@@ -63,8 +63,14 @@ def _decode_strictly(raw: bytes) -> str:
         return "/"
     if not raw.startswith(b"/"):
         raise BadPath("it must start with '/'")
+    segments = raw[1:].split(b"/")
+    # A page of the gateway's own may end in "/" (the console, /console/);
+    # an OpenAI API path never does.
+    trailing = not segments[-1] and not raw.startswith(b"/v1/")
+    if trailing:
+        segments.pop()
     decoded: list[str] = []
-    for segment in raw[1:].split(b"/"):
+    for segment in segments:
         if not segment:
             raise BadPath("empty path segment")
         if _SEGMENT.fullmatch(segment) is None:
@@ -78,7 +84,7 @@ def _decode_strictly(raw: bytes) -> str:
         if any(c in "/\\%?#" or not c.isprintable() for c in text):
             raise BadPath("an encoded '/', '\\', '%', '?', '#' or control character")
         decoded.append(text)
-    return "/" + "/".join(decoded)
+    return "/" + "/".join(decoded) + ("/" if trailing else "")
 
 
 def upstream_path(match: Match) -> str:

@@ -119,6 +119,16 @@ class Live:
     db_path: Path
     tracebacks: _Tracebacks
 
+    def settled_counts(self) -> tuple[int, ...]:
+        """The counts once the previous case's settle (a background task) is done: no hold left."""
+        deadline = time.monotonic() + 10
+        while True:
+            counts = self.counts()
+            if counts[COUNTED_TABLES.index("ai_budget_holds")] == 0:
+                return counts
+            assert time.monotonic() < deadline, "a hold was never settled"
+            time.sleep(0.01)
+
     def counts(self) -> tuple[int, ...]:
         with sqlite3.connect(self.db_path, timeout=10) as conn:
             return tuple(
@@ -211,7 +221,7 @@ def http(live: Live) -> Iterator[httpx.Client]:
 def check(live: Live, group: str, send: Any) -> httpx.Response:
     """Send one case; judge status, log and (for a refusal) the database."""
     RAN[group] = RAN.get(group, 0) + 1
-    before = live.counts()
+    before = live.settled_counts()
     seen = len(live.tracebacks.records)
     response: httpx.Response = send()
     assert response.status_code < 500, (response.status_code, response.text[:500])

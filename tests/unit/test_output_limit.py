@@ -15,6 +15,8 @@ def test_the_limit_is_added_to_the_json_object() -> None:
     out = with_output_limit(body, "max_completion_tokens", 512)
     assert out == b'{"max_completion_tokens":512,"model":"gpt-4o-mini","messages":[]}'
     assert json.loads(out)["max_completion_tokens"] == 512
+    stored = with_output_limit(b'{"store":false,"model":"m"}', "max_tokens", 8)
+    assert stored == b'{"store":false,"max_tokens":8,"model":"m"}'
     with pytest.raises(ValueError):
         with_output_limit(b"[1]", "max_tokens", 1)
 

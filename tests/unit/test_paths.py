@@ -71,3 +71,11 @@ def test_upstream_path_comes_from_the_template() -> None:
     assert upstream_path(match) == "/models/ft:a%20b"
     static = match_endpoint("POST", "/v1/chat/completions")
     assert static is not None and upstream_path(static) == "/chat/completions"
+
+
+def test_pages_of_the_gateway_may_end_in_a_slash() -> None:
+    """The console lives at /console/; below /v1/ a trailing slash is refused."""
+    assert checked_path(scope(b"/console/")) == "/console/"
+    assert checked_path(scope(b"/console/a%20b/")) == "/console/a b/"
+    with pytest.raises(BadPath):
+        checked_path(scope(b"/console//"))
