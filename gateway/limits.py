@@ -17,6 +17,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import GatewayError
+from gateway.files import MAX_JSON_BODY_BYTES
 
 # Stripe's event payloads are a few kB; 1 MiB leaves room for large objects.
 WEBHOOK_BODY_BYTES = 1024 * 1024
@@ -32,10 +33,10 @@ def body_limit(path: str) -> int | None:
 
 
 def files_body_limit(path: str) -> int | None:
-    """The Files and Batch handlers: uploads bound themselves (gateway/files.py), JSON 64 KiB."""
+    """The Files and Batch handlers: uploads bound themselves (gateway/files.py), JSON 1 MiB."""
     if path.startswith(("/v1/files", "/v1/uploads")):
         return None
-    return JSON_ROUTE_BODY_BYTES
+    return MAX_JSON_BODY_BYTES
 
 
 class BodyTooLarge(GatewayError):
