@@ -13,6 +13,7 @@ from credit.checkout import TOPUP_REF_KEY
 from credit.errors import CreditError
 from credit.ports import Database
 from credit.stripe_port import checkout_params
+from gateway.errors import credit_status
 
 from .helpers import (
     PRACTICE,
@@ -162,7 +163,7 @@ async def test_stripe_error_text_never_reaches_the_client(db: Database, status: 
                 PRACTICE, subscription_id=None, customer_email=None, amount_chf=30
             )
     error = caught.value
-    assert error.status in (502, 503)
+    assert credit_status(error) in (502, 503)
     for text in (error.message, error.message_user, str(error), repr(error)):
         assert "sk_" not in text and "Invalid API Key" not in text
     assert "req_stripe123" in error.message
@@ -175,7 +176,10 @@ async def test_signed_body_that_is_not_json_is_a_400(db: Database) -> None:
     for body in (b"not json at all", b"[" * 100_000 + b"]" * 100_000):
         with pytest.raises(CreditError) as caught:
             await deliver(svc, body)
-        assert (caught.value.status, caught.value.error_code) == (400, "INVALID_WEBHOOK_PAYLOAD")
+        assert (credit_status(caught.value), caught.value.error_code) == (
+            400,
+            "INVALID_WEBHOOK_PAYLOAD",
+        )
     assert await count(db, "SELECT COUNT(*) FROM stripe_webhook_events") == 0
 
 
