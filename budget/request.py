@@ -84,7 +84,7 @@ def parse_request(
     """Read a request body; return what it asks for and the body to forward upstream.
 
     The body is returned unchanged (the same object), except that a chat or
-    Responses request without `store` gets `"store": false` (zero retention:
+    Responses request without `store` (and not `background`) gets `"store": false` (zero retention:
     OpenAI keeps Responses by default), and a streamed chat or completion
     request gets `stream_options.include_usage` set to true so the stream
     reports usage. Only the latter re-serialises the JSON (compactly, in the
@@ -164,7 +164,10 @@ def parse_request(
         web_search_preview=web_search_preview,
         background=background,
     )
-    add_store = store is None and operation in STORE_DEFAULTED
+    # A background response lives upstream until it is fetched: OpenAI refuses
+    # `background` with `store: false`, so it is left to the upstream's default
+    # (the gateway lets it through only where storage is allowed).
+    add_store = store is None and operation in STORE_DEFAULTED and not background
     if operation in USAGE_INJECTED and stream and not client_wants_usage:
         data["stream_options"] = {**(stream_options or {}), "include_usage": True}
         if add_store:

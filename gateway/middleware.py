@@ -187,6 +187,18 @@ def store_not_allowed(practice_id: str) -> GatewayError:
     )
 
 
+def background_needs_store(practice_id: str) -> GatewayError:
+    return bad_request(
+        "A background response is kept at the upstream until it is fetched, and this "
+        "gateway keeps no content at the upstream (zero retention), so 'background': true "
+        "is refused. Send the request without 'background'. An operator may allow stored "
+        "content for every practice with AZA_UPSTREAM_STORE=allow, or for this practice "
+        f'with PUT /v1/admin/practices/{practice_id}/regions {{"store": "allow"}}.',
+        code="store_not_allowed",
+        param="background",
+    )
+
+
 def stored_content_refused() -> GatewayError:
     return GatewayError(
         403,
@@ -504,6 +516,8 @@ class MeteringMiddleware:
         residency = services.residency
         if info.store and not residency.store_allowed(practice_id):
             raise store_not_allowed(practice_id)
+        if info.background and info.store is None and not residency.store_allowed(practice_id):
+            raise background_needs_store(practice_id)
         route = services.router.route(info.model, residency.regions_for(practice_id))
         if not route.upstreams:
             raise no_upstream_serves(route)

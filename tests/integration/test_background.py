@@ -8,6 +8,7 @@ Costs: gpt-4o-mini 0.15 in, 0.60 out per 1M tokens, rounded up once.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 from collections.abc import AsyncIterator, Callable
@@ -181,3 +182,32 @@ async def test_cancel_settles_what_was_used(start: Start) -> None:
         assert cancelled.status == "cancelled" and cancelled.usage is not None
         [event] = await gateway.settled(1)
         assert event["estimated_cost_micro_usd"] == expected_micros(cancelled.usage)
+
+
+async def test_background_without_store_is_refused_where_storage_is_not_allowed(
+    start_gateway: Any, upstream: Upstream
+) -> None:
+    """`background: true` needs stored content: a 400, nothing forwarded, held or charged."""
+    async with start_gateway() as gateway:
+        assert not gateway.settings.upstream_store_allowed
+        with pytest.raises(openai.BadRequestError) as refused:
+            await gateway.client().responses.create(
+                model="gpt-4o-mini", input="Brief schreiben", background=True
+            )
+        error = refused.value.body
+        assert isinstance(error, dict)
+        assert error["code"] == "store_not_allowed" and error["param"] == "background"
+        assert "AZA_UPSTREAM_STORE=allow" in error["message"]
+        assert upstream.fake.requests == 0
+        assert await gateway.holds() == 0 and await gateway.events() == []
+
+
+async def test_background_without_store_is_not_sent_store_false(start: Start) -> None:
+    """Storage allowed: a background request without `store` goes up without `store: false`."""
+    async with start() as gateway:
+        response = await gateway.client().responses.create(
+            model="gpt-4o-mini", input="Brief schreiben", background=True
+        )
+        assert response.status == "queued"
+        sent = json.loads(gateway.fake.last_body)
+        assert sent["background"] is True and "store" not in sent
