@@ -16,6 +16,7 @@ renewal round per instance, never one per request.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -63,7 +64,10 @@ class RunningHolds:
         ids = list(self._running)
         if not ids:
             return 0
-        expires_at = int(self._clock()) + self.hold_ttl_seconds
+        # Rounded up: expiries are whole seconds compared with a whole `now`, and
+        # rounding down would leave a renewed hold less than a TTL (with a TTL of
+        # 1 s, sometimes less than the renewal interval) before it looks expired.
+        expires_at = math.ceil(self._clock()) + self.hold_ttl_seconds
         renewed = 0
         for start in range(0, len(ids), _BATCH):
             batch = ids[start : start + _BATCH]
