@@ -23,6 +23,7 @@ from budget.operations import (
     USAGE_INJECTED,
     Operation,
 )
+from budget.output_limit import OUTPUT_LIMIT_FIELD
 
 # About four characters of English or German text make one token.
 CHARS_PER_TOKEN = 4
@@ -168,19 +169,30 @@ def parse_request(
     # `background` with `store: false`, so it is left to the upstream's default
     # (the gateway lets it through only where storage is allowed).
     add_store = store is None and operation in STORE_DEFAULTED and not background
+    # The gateway sets its own output limit at the body's start where none is
+    # named (budget/output_limit.py): a limit named as null is dropped, since
+    # JSON's last member would win over it, and a body the splice cannot take
+    # (whitespace or a BOM first) is written anew.
+    limit_field = OUTPUT_LIMIT_FIELD.get(operation) if max_output_tokens is None else None
+    rewrite = False
+    if limit_field is not None and (limit_field in data or body[:1] != b"{"):
+        data.pop(limit_field, None)
+        rewrite = True
     if operation in USAGE_INJECTED and stream and not client_wants_usage:
         data["stream_options"] = {**(stream_options or {}), "include_usage": True}
         if add_store:
             data["store"] = False
         body = _compact_json(data)
     elif add_store:
-        if body[:1] == b"{" and "store" not in data:
+        if not rewrite and body[:1] == b"{" and "store" not in data:
             # Spliced in after the opening brace (the object has a model, so
             # a comma follows): no second serialisation.
             body = b'{"store":false,' + body[1:]
         else:  # "store": null, or a body in another encoding or after whitespace
             data["store"] = False
             body = _compact_json(data)
+    elif rewrite:
+        body = _compact_json(data)
     return info, body
 
 
