@@ -577,16 +577,26 @@ class MeteringMiddleware:
             )
             estimate = replace(estimate, output_tokens=output_limit * per_choice)
             forward = with_output_limit(forward, limit_field, output_limit)
-        if not services.alerts.marked(hold.practice_id, hold.period.start, hold.budget_micros):
-            # Once per practice and period here, at the gate: the settle is never delayed.
-            await _ensure_alert_marks(services, hold)
-        caps: Sequence[CapHold] = ()
-        if subjects:
-            caps, full = await hold_caps(services.limit_leases, subjects, hold, estimate_micros)
-            if full is not None:
-                await services.metering.release(hold)
-                services.metrics.gate_decisions.labels("cap_reached").inc()
-                raise cap_reached(full, await services.alerts.language(practice_id))
+        try:
+            if not services.alerts.marked(hold.practice_id, hold.period.start, hold.budget_micros):
+                # Once per practice and period here, at the gate: the settle is never delayed.
+                await _ensure_alert_marks(services, hold)
+            caps: Sequence[CapHold] = ()
+            if subjects:
+                caps, full = await hold_caps(services.limit_leases, subjects, hold, estimate_micros)
+                if full is not None:
+                    services.metrics.gate_decisions.labels("cap_reached").inc()
+                    raise cap_reached(full, await services.alerts.language(practice_id))
+        except BaseException as exc:
+            # Not admitted (a cap, the database, a client gone): the hold goes
+            # back in a task of its own, so a cancellation cannot stop it, and
+            # an error is answered only once it is back.
+            released = services.spawn(
+                services.metering.release(hold), name="release unadmitted hold"
+            )
+            if isinstance(exc, Exception):
+                await asyncio.shield(released)
+            raise
         scope["state"][UPSTREAM_ROUTE] = route
         return _Admitted(hold, info, forward, estimate, caller.device_id, route, caps, output_limit)
 
