@@ -240,11 +240,9 @@ class PriceBook:
 
     def resolved_name(self, model: str) -> str | None:
         """The price entry `model` is priced by (see `resolve`), or None."""
-        for candidate in (
-            model,
-            _DATE_SUFFIX.sub("", model),
-            _MMDD_SUFFIX.sub("", model),
-        ):
+        if model in self._models:
+            return model  # the common case: no suffix to strip
+        for candidate in (_DATE_SUFFIX.sub("", model), _MMDD_SUFFIX.sub("", model)):
             if candidate in self._models:
                 return candidate
         return None

@@ -30,7 +30,8 @@ from gateway.errors import GatewayError, not_found
 from gateway.limit_leases import LimitLeases
 from gateway.limits import BodyLimitMiddleware, files_body_limit
 from gateway.metrics import GatewayMetrics
-from gateway.middleware import MeteringMiddleware, Pricing, RequestContextMiddleware
+from gateway.middleware import MeteringMiddleware, RequestContextMiddleware
+from gateway.pricing import Pricing
 from gateway.proxy import Proxy
 from gateway.realtime import realtime_routes
 from gateway.residency import Residency
@@ -135,6 +136,7 @@ def create_app(
             dispatcher=dispatcher,
             limits=limits,
             limit_leases=LimitLeases(limits, lease_seconds=settings.gate_lease_seconds),
+            pricing=Pricing(settings),
         )
         holder["services"] = current
         app.state.services = current
@@ -142,7 +144,7 @@ def create_app(
         app.state.files_batches = files_batches
         files_batches.start()
         background_responses = BackgroundResponses(
-            current, price=Pricing(settings).cost_micros, poll_seconds=background_poll_seconds
+            current, price=current.pricing.cost_micros, poll_seconds=background_poll_seconds
         )
         app.state.background_responses = background_responses
         background_responses.start()

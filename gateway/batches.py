@@ -103,9 +103,7 @@ class BatchService:
 
     def _cost(self, practice_id: str) -> Callable[[Usage], int]:
         """Prices a usage at the batch price under the HTTP path's model rules (micro-USD)."""
-        from gateway.middleware import Pricing
-
-        pricing = Pricing(self.services.settings)
+        pricing = self.services.pricing
         uplift = self.upstream.upstream_for(practice_id).uplift
 
         def cost(usage: Usage) -> int:

@@ -30,7 +30,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from budget.estimate import estimate_usage
 from budget.limits import Subject
-from budget.money import cost_to_micros, with_uplift
 from budget.operations import (
     AUDIO_UPLOADS,
     IMAGE_UPLOADS,
@@ -45,7 +44,7 @@ from budget.output_limit import (
     with_output_limit,
 )
 from budget.output_limit import RESPONSE_HEADER as OUTPUT_LIMIT_HEADER
-from budget.pricing import PriceBook, UnpricedModel
+from budget.pricing import UnpricedModel
 from budget.request import InvalidRequest, RequestInfo, parse_request
 from budget.response import exact_json, usage_from_response
 from budget.snapshot import BudgetSnapshot
@@ -74,6 +73,7 @@ from gateway.messages import (
     user_message,
 )
 from gateway.paths import BadPath, checked_path
+from gateway.pricing import model_not_priced
 from gateway.proxy import (
     ANSWERED_BY,
     AUTHENTICATED,
@@ -87,7 +87,6 @@ from gateway.proxy import (
 )
 from gateway.routing import Route
 from gateway.services import Services
-from gateway.settings import Settings
 from gateway.storage.budget_state import BudgetState
 from gateway.storage.holds import Hold, Reservation
 from gateway.storage.limits import CapHold
@@ -211,14 +210,6 @@ def stored_content_refused() -> GatewayError:
     )
 
 
-def model_not_priced(model: str) -> GatewayError:
-    return bad_request(
-        f"The model '{model}' has no price configured at this gateway.",
-        code="model_not_priced",
-        param="model",
-    )
-
-
 def budget_exhausted(language: Language, error_code: str, snapshot: BudgetSnapshot) -> GatewayError:
     """The gate's 429: OpenAI's insufficient_quota, the seed's error code and message."""
     return GatewayError(
@@ -233,46 +224,6 @@ def budget_exhausted(language: Language, error_code: str, snapshot: BudgetSnapsh
         # not bring money back.
         headers={"x-should-retry": "false"},
     )
-
-
-class Pricing:
-    """Prices usage under the unpriced-model policy; integer micro-USD, rounded up."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.prices: PriceBook = settings.prices
-        self.fallback = (
-            settings.fallback_model if settings.unpriced_model_policy == "fallback" else None
-        )
-
-    def check(self, model: str, service_tier: str | None = None) -> None:
-        """Refuse a model, or a tier of it, without a price before anything is forwarded.
-
-        A missing model is refused under the reject policy only; a service tier
-        asked for that has no prices is refused under both (the fallback model's
-        tier prices are not this model's).
-        """
-        price = self.prices.resolve(model)
-        if price is None:
-            if self.fallback is None:
-                raise model_not_priced(model)
-            return
-        if price.at_tier(service_tier) is None:
-            raise bad_request(
-                f"The model '{model}' has no '{service_tier}' service tier prices "
-                "configured at this gateway.",
-                code="service_tier_not_priced",
-                param="service_tier",
-            )
-
-    def cost_micros(self, usage: Usage, uplift_percent: Decimal = Decimal(0)) -> int:
-        """The cost of `usage` plus an upstream's uplift, rounded up once."""
-        try:
-            cost = self.prices.cost_usd(usage)
-        except UnpricedModel:
-            if self.fallback is None:
-                raise
-            cost = self.prices.cost_usd(replace(usage, model=self.fallback))
-        return cost_to_micros(with_uplift(cost, uplift_percent))
 
 
 @dataclass(frozen=True, slots=True)
@@ -521,7 +472,7 @@ class MeteringMiddleware:
         route = services.router.route(info.model, residency.regions_for(practice_id))
         if not route.upstreams:
             raise no_upstream_serves(route)
-        pricing = Pricing(settings)
+        pricing = services.pricing
         try:
             pricing.check(info.model, info.service_tier)
         except GatewayError:
@@ -750,7 +701,7 @@ class MeteringMiddleware:
             ):
                 return  # a background response: settled when it ends
             usage = _usage_of(admitted.info, admitted.estimate, watch)
-            pricing = Pricing(services.settings)
+            pricing = services.pricing
             try:
                 # Priced at the upstream that answered (its uplift), once.
                 cost = pricing.cost_micros(usage, watch.uplift)

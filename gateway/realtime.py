@@ -71,7 +71,8 @@ from budget.usage import Usage
 from credit.ports import DatabaseUnavailable
 from gateway.auth import require_practice
 from gateway.errors import GatewayError, bad_request, forbidden, unavailable
-from gateway.middleware import Pricing, gate, model_not_priced, new_request_id
+from gateway.middleware import gate, new_request_id
+from gateway.pricing import Pricing, model_not_priced
 from gateway.proxy import (
     client_response_headers,
     no_upstream_serves,
@@ -213,7 +214,7 @@ class RealtimeSession:
         uplift: Decimal,
     ) -> None:
         self.services = services
-        self.pricing = Pricing(services.settings)
+        self.pricing = services.pricing
         self.uplift = uplift  # the chosen upstream's price uplift, percent
         self.practice_id = practice_id
         self.device_id = device_id
@@ -706,7 +707,7 @@ class RealtimeEndpoint:
         services = self.services()
         websocket = WebSocket(scope, receive, send)
         request_id = new_request_id()
-        pricing = Pricing(services.settings)
+        pricing = services.pricing
         first: _Held | None = None
         try:
             caller = await services.auth.authenticate(websocket.headers)

@@ -26,6 +26,7 @@ from gateway.alerts.store import AlertStore
 from gateway.auth import Authenticator
 from gateway.limit_leases import LimitLeases
 from gateway.metrics import GatewayMetrics
+from gateway.pricing import Pricing
 from gateway.residency import Residency
 from gateway.routing import Router, Upstream
 from gateway.settings import Settings
@@ -145,6 +146,7 @@ class Services:
     dispatcher: AlertDispatcher
     limits: LimitStore
     limit_leases: LimitLeases
+    pricing: Pricing
     clock: Callable[[], float] = time.monotonic
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     _topups_in_flight: set[str] = field(default_factory=set)
