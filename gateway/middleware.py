@@ -20,7 +20,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -559,6 +559,8 @@ class MeteringMiddleware:
         services.metrics.holds_in_flight.inc()
         # Renewed while the request runs, however long it streams; _finish ends it.
         services.metering.running.add(admitted.hold.hold_id)
+        for cap in _own_caps(admitted.caps):
+            services.limits.running.add(cap.hold_id)
         started_at = int(time.time())
         watch = _Watch()
         if info.operation is Operation.RESPONSES and (info.store or info.background):
@@ -741,6 +743,13 @@ class MeteringMiddleware:
         finally:
             metrics.holds_in_flight.dec()
             metering.running.discard(hold.hold_id)
+            for cap in _own_caps(admitted.caps):
+                services.limits.running.discard(cap.hold_id)
+
+
+def _own_caps(caps: Sequence[CapHold]) -> Iterator[CapHold]:
+    """The cap holds that are rows of their own (a cap lease's share lives on the lease's row)."""
+    return (cap for cap in caps if cap.lease is None)
 
 
 async def _ensure_alert_marks(services: Services, hold: Hold) -> None:

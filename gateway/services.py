@@ -220,10 +220,12 @@ class Services:
     async def hold_renewal_loop(self) -> None:
         """Keep the holds of running requests from expiring (gateway/storage/renewal.py)."""
         running = self.metering.running
+        caps = self.limits.running
         while True:
             await asyncio.sleep(running.interval_seconds)
             try:
                 await running.renew()
+                await caps.renew()
             except Exception:
                 log.exception("renewing the holds of running requests failed")
 

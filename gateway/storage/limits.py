@@ -16,6 +16,7 @@ from typing import Any
 
 from budget.limits import Limits, Scope, Subject, Window, cap_admits
 from credit.ports import Database, Row
+from gateway.storage.renewal import RunningHolds
 
 # A window's count is refused past this when only the other rate is limited.
 _NO_LIMIT = 2**62
@@ -67,6 +68,10 @@ class LimitStore:
         self.hold_ttl_seconds = hold_ttl_seconds
         self.cache_seconds = cache_seconds
         self._clock = clock
+        # Cap holds of requests still running, renewed like their budget holds.
+        self.running = RunningHolds(
+            db, hold_ttl_seconds=hold_ttl_seconds, clock=clock, table="ai_limit_holds"
+        )
         self._devices: dict[tuple[str, str], tuple[float, Limits | None]] = {}
 
     # -- settings -----------------------------------------------------------

@@ -8,7 +8,9 @@ metering middleware registers each admitted request's hold row here and
 removes it when the request has settled; a background loop of the app
 (`Services.hold_renewal_loop`) pushes the expiry of every registered row
 forward every third of the TTL, in one statement per 500 rows. A lease row
-(several requests' shares) stays alive while any of its requests runs.
+(several requests' shares) stays alive while any of its requests runs. The
+key and device cap holds of a request (`ai_limit_holds`, gateway.storage.limits)
+are renewed the same way, by a second instance on that table.
 
 Per request this costs two dict updates; the database sees one UPDATE per
 renewal round per instance, never one per request.
@@ -20,9 +22,11 @@ import math
 import time
 from collections.abc import Callable
 
-from gateway.storage.engine import MeteringEngine
+from credit.ports import Database
 
 _BATCH = 500
+# The tables whose rows are renewed (a fixed set: the name goes into the SQL).
+TABLES = frozenset({"ai_budget_holds", "ai_limit_holds"})
 
 
 class RunningHolds:
@@ -30,12 +34,16 @@ class RunningHolds:
 
     def __init__(
         self,
-        db: MeteringEngine,
+        db: Database,
         *,
         hold_ttl_seconds: int,
         clock: Callable[[], float] = time.time,
+        table: str = "ai_budget_holds",
     ) -> None:
+        if table not in TABLES:
+            raise ValueError(f"not a holds table: {table}")
         self.db = db
+        self.table = table
         self.hold_ttl_seconds = hold_ttl_seconds
         self._clock = clock
         # hold row id → requests running on it
@@ -74,7 +82,7 @@ class RunningHolds:
             marks = ", ".join("?" * len(batch))
             async with self.db.transaction() as conn:
                 renewed += await conn.execute(
-                    "UPDATE ai_budget_holds SET expires_at = ? "
+                    f"UPDATE {self.table} SET expires_at = ? "
                     f"WHERE hold_id IN ({marks}) AND expires_at < ?",
                     expires_at,
                     *batch,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -298,3 +299,42 @@ async def test_limits_far_from_reached_are_leased_and_still_add_up(
             await asyncio.sleep(0.05)
         [window] = await rows(db, "SELECT requests FROM ai_rate_windows")
         assert 40 <= int(window[0]) < 40 + 16
+
+
+async def test_a_long_stream_keeps_its_cap_hold(
+    start_gateway: StartGateway, db: AnyDatabase
+) -> None:
+    """A stream running for over twice hold_ttl_seconds still counts against its key's cap,
+    and its cost is added to the key's total when it ends."""
+    async with start_gateway(hold_ttl_seconds=1, gate_lease_requests=0) as gateway:
+        prefix = prefix_of(gateway.client_key)
+        # Near enough to the cap for a hold of its own (no cap lease).
+        answer = await put_limits(
+            gateway, f"/v1/ai-credit/keys/{prefix}/limits", {"monthly_cap_usd": "0.01"}
+        )
+        assert answer.status_code == 200, answer.text
+        gateway.fake.chunk_delay = 0.4
+        stream = await gateway.client(key=gateway.client_key).chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "Bitte einen langen Brief " * 20}],
+            stream=True,
+        )
+        started = time.monotonic()
+        held_late: list[Any] | None = None
+        async for _chunk in stream:
+            if time.monotonic() - started > 2.5:
+                held_late = await rows(
+                    db,
+                    "SELECT amount_micro_usd FROM ai_limit_holds WHERE subject = ? "
+                    "AND expires_at > ?",
+                    prefix,
+                    int(time.time()),
+                )
+                break
+        await stream.close()
+        assert held_late is not None, "the stream ended before the hold TTL had passed twice"
+        assert len(held_late) == 1 and int(held_late[0][0]) > 0
+        [event] = await gateway.settled(1)
+    [total] = await rows(db, "SELECT used_micro_usd FROM ai_limit_totals WHERE subject = ?", prefix)
+    assert int(total[0]) == event["estimated_cost_micro_usd"]
+    assert await rows(db, "SELECT * FROM ai_limit_holds") == []
