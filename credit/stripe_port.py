@@ -204,6 +204,10 @@ def checkout_params(request: CheckoutRequest) -> dict[str, Any]:
         params["invoice_creation"] = {"enabled": True, "invoice_data": invoice_data}
         if request.automatic_tax:
             params["automatic_tax"] = {"enabled": True}
+            # The amount is what the practice pays, VAT included: Stripe Tax
+            # must not add VAT on top (an exclusive default would), or the
+            # paid total no longer matches the top-up and nothing is credited.
+            params["line_items"][0]["price_data"]["tax_behavior"] = "inclusive"
         elif request.tax_rate_id:
             params["line_items"][0]["tax_rates"] = [request.tax_rate_id]
     else:

@@ -132,7 +132,10 @@ async def test_stripe_tax_replaces_the_configured_rate(
         PRACTICE, subscription_id=SUBSCRIPTION, customer_email=None, amount_chf="30"
     )
     assert not stand_in.tax_rates
-    assert "tax_rates" not in stand_in.sessions[made["session_id"]]["_line_items"][0]
+    [item] = stand_in.sessions[made["session_id"]]["_line_items"]
+    assert "tax_rates" not in item
+    # The 30 CHF are paid VAT included: Stripe Tax must not add VAT on top.
+    assert item["price_data"]["tax_behavior"] == "inclusive"
 
 
 async def test_an_automatic_top_up_e_mails_a_receipt_and_keeps_its_url(
