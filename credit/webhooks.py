@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -47,8 +46,6 @@ from credit.stripe_port import (
     signature_matches,
 )
 from credit.webhook_handling import IGNORED, Delivery, Handler
-
-log = logging.getLogger("credit.webhooks")
 
 SIGNATURE_TOLERANCE_SECONDS = 300
 

@@ -30,13 +30,13 @@ from starlette.responses import Response, StreamingResponse
 from gateway.auth import Caller, require_practice
 from gateway.errors import GatewayError, bad_request
 from gateway.proxy import (
-    too_large,
+    read_bounded_body,
     upstream_refused_credentials,
     upstream_timeout,
     upstream_unreachable,
 )
 from gateway.routing import Upstream
-from gateway.storage.batches import FILE, UPLOAD, BatchStore
+from gateway.storage.batches import FILE, UPLOAD
 from gateway.upstream import NoProxy
 
 if TYPE_CHECKING:
@@ -203,17 +203,7 @@ MAX_JSON_BODY_BYTES = 1024 * 1024
 
 async def small_body(request: Request, limit: int = MAX_JSON_BODY_BYTES) -> bytes:
     """A JSON request body, refused (413) as soon as it exceeds `limit` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large(limit)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return await read_bounded_body(request.scope, request.receive, limit)
 
 
 def practice_of_scope(request: Request) -> str:
@@ -434,7 +424,3 @@ async def cancel_upload(request: Request) -> Response:
     return passthrough(
         await service.upstream.json(practice_id, "POST", f"/uploads/{upload_id}/cancel")
     )
-
-
-def store_of(request: Request) -> BatchStore:
-    return service_of(request).store

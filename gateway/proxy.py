@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from starlette.datastructures import Headers
 from starlette.types import Message, Receive, Scope, Send
 
-from budget.operations import Match, match_endpoint
+from budget.operations import Match
 from gateway.errors import GatewayError, unauthorized
 from gateway.metrics import GatewayMetrics
 from gateway.paths import upstream_path
@@ -107,11 +107,6 @@ _DROPPED_REQUEST_HEADERS = frozenset(
 _DROPPED_RESPONSE_HEADERS = frozenset(
     name.encode("latin-1") for name in HOP_BY_HOP | _PRIVATE_RESPONSE_HEADERS
 )
-
-
-def is_proxied(method: str, path: str) -> bool:
-    """True for the OpenAI API requests the gateway forwards upstream (budget.operations)."""
-    return match_endpoint(method, path) is not None
 
 
 def _connection_listed(values: Iterable[bytes]) -> frozenset[bytes]:

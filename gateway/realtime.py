@@ -184,7 +184,6 @@ class _Held:
     hold: Hold | None  # None: placed after the upstream started it (see _hold_late)
     estimate: Usage
     started_at: int
-    upstream_id: str | None = None
     late: asyncio.Task[Hold | None] | None = None
 
 
@@ -496,7 +495,6 @@ class RealtimeSession:
             # without holding up the relay; if it cannot be afforded, it is the last.
             held = _Held(None, estimate(), int(time.time()))
             held.late = self.services.spawn(self._hold_late(held), name="realtime:late-hold")
-        held.upstream_id = upstream_id
         self.running[upstream_id] = held
 
     async def _hold_late(self, held: _Held) -> Hold | None:

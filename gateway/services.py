@@ -152,11 +152,6 @@ class Services:
     _topups_in_flight: set[str] = field(default_factory=set)
     _topup_last: dict[str, float] = field(default_factory=dict)
 
-    @property
-    def http(self) -> UpstreamClient:
-        """The first upstream's client (the only one without an upstreams file)."""
-        return self.router.upstreams[0].client
-
     def spawn(self, coro: Coroutine[Any, Any, Any], *, name: str) -> asyncio.Task[Any]:
         """Run `coro` in the background, keeping a reference until it ends."""
         task = asyncio.create_task(coro, name=name)

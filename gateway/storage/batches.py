@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from budget.license import Period
+from budget.money import micros_to_usd
 from budget.usage import Usage
 from credit.ports import Connection, Database, Row
 from gateway.storage.budget_state import StateReader
@@ -63,7 +64,7 @@ class BatchRow:
             "failed_lines": self.failed_lines,
             "estimate_micro_usd": self.estimate_micros,
             "cost_micro_usd": self.cost_micros,
-            "cost_usd": f"{self.cost_micros / 1_000_000:.6f}",
+            "cost_usd": str(micros_to_usd(self.cost_micros)),
             "created_at": self.created_at,
             "settled_at": self.settled_at,
         }
