@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from credit.errors import CreditError, Refusal
 from credit.ledger import EventType, LedgerEntry, NewEntry, Status, find_purchase, insert_entry
 from credit.money import refund_share_micros
 from credit.ports import Connection
@@ -40,6 +41,17 @@ async def charge_refunded(conn: Connection, delivery: Delivery) -> HandlerResult
     assert isinstance(charge, Charge)
     original = await refunded_purchase(conn, charge, delivery.refund_purchase_key)
     charge_id, refunded_total = charge.id, charge.amount_refunded
+    if original is None and delivery.refund_purchase_key is not None:
+        # The PaymentIntent names one of our top-ups, whose own event has not
+        # been booked yet (Stripe does not order deliveries). Refused, so the
+        # transaction writes nothing and Stripe delivers the refund again
+        # after the purchase.
+        raise CreditError(
+            Refusal.CONFLICT,
+            "REFUND_BEFORE_PURCHASE",
+            "the refunded top-up is not booked yet; Stripe retries this event",
+            message_user="Die Rückerstattung wird verbucht, sobald die Zahlung verbucht ist.",
+        )
     if original is None or charge_id is None or refunded_total is None:
         return HandlerResult(handled=False, reason="unknown_charge")
     if original.payment_intent_id is None and charge.payment_intent_id is not None:

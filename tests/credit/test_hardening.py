@@ -203,3 +203,25 @@ async def test_refund_of_a_purchase_booked_from_its_session_alone(db: Database) 
             "WHERE event_type = 'topup_purchase'"
         )
     assert pi == "pi_ref"
+
+
+async def test_a_refund_delivered_before_its_purchase_is_retried_not_lost(db: Database) -> None:
+    """Stripe does not order deliveries: a refund of a top-up whose own event has not come yet
+    is refused (409, nothing written) so Stripe redelivers it; after the purchase it books."""
+    with respx.mock(base_url=STRIPE_BASE) as router:
+        router.get("/v1/payment_intents/pi_ref").mock(
+            return_value=httpx.Response(200, json=payment_intent_json("pi_ref", metadata=_meta()))
+        )
+        svc = service(db, stripe=stripe_adapter())
+        with pytest.raises(CreditError) as caught:
+            await deliver(svc, event("charge.refunded", _charge(1500), event_id="evt_refund"))
+        assert (credit_status(caught.value), caught.value.error_code) == (
+            409,
+            "REFUND_BEFORE_PURCHASE",
+        )
+        assert await count(db, "SELECT COUNT(*) FROM ai_credit_ledger") == 0
+        assert await count(db, "SELECT COUNT(*) FROM stripe_webhook_events") == 0
+        await deliver(svc, event("checkout.session.completed", _session("cs_late", None)))
+        again = await deliver(svc, event("charge.refunded", _charge(1500), event_id="evt_refund"))
+        assert again["handled"] is True and again["credited"] is False
+    assert await svc.extra_credit_micros(PRACTICE) == 10_000_000
