@@ -103,23 +103,28 @@ def _stripe_reference(exc: StripeFailure) -> str:
     return f" (Stripe request {exc.request_id})" if exc.request_id else ""
 
 
-async def _create(stripe: StripePort, request: CheckoutRequest) -> CheckoutSessionResult:
-    try:
-        return await stripe.create_checkout_session(request)
-    except StripeUnavailable as exc:
-        raise CreditError(
+def _stripe_error(exc: StripeFailure, what: str) -> CreditError:
+    """A Stripe failure as the client sees it: its kind and request id, never Stripe's text."""
+    if isinstance(exc, StripeUnavailable):
+        return CreditError(
             Refusal.UNAVAILABLE,
             "STRIPE_UNAVAILABLE",
             "Stripe is unavailable; try again later" + _stripe_reference(exc),
             message_user="Stripe ist gerade nicht erreichbar. Bitte später erneut versuchen.",
-        ) from exc
+        )
+    return CreditError(
+        Refusal.REFUSED_UPSTREAM,
+        "STRIPE_REQUEST_FAILED",
+        f"Stripe refused {what}" + _stripe_reference(exc),
+        message_user="Die Zahlung konnte nicht vorbereitet werden.",
+    )
+
+
+async def _create(stripe: StripePort, request: CheckoutRequest) -> CheckoutSessionResult:
+    try:
+        return await stripe.create_checkout_session(request)
     except StripeFailure as exc:
-        raise CreditError(
-            Refusal.REFUSED_UPSTREAM,
-            "STRIPE_REQUEST_FAILED",
-            "Stripe refused the checkout session" + _stripe_reference(exc),
-            message_user="Die Zahlung konnte nicht vorbereitet werden.",
-        ) from exc
+        raise _stripe_error(exc, "the checkout session") from exc
 
 
 def _urls(session: CheckoutSessionResult | None) -> dict[str, Any]:
@@ -173,16 +178,7 @@ async def create_topup_checkout(
         try:
             tax_rate_id = await port.vat_tax_rate(config.vat_rate)
         except StripeFailure as exc:
-            raise CreditError(
-                Refusal.UNAVAILABLE
-                if isinstance(exc, StripeUnavailable)
-                else Refusal.REFUSED_UPSTREAM,
-                "STRIPE_UNAVAILABLE"
-                if isinstance(exc, StripeUnavailable)
-                else "STRIPE_REQUEST_FAILED",
-                f"Stripe refused the VAT tax rate: {exc}",
-                message_user="Die Zahlung konnte nicht vorbereitet werden.",
-            ) from exc
+            raise _stripe_error(exc, "the VAT tax rate") from exc
     session = await _create(
         port,
         CheckoutRequest(

@@ -46,18 +46,23 @@ async def keep_receipt(
         return None
     if not url:
         return None
-    async with db.transaction(lock=practice_id) as conn:
-        if ledger_id is None:
-            ledger_id = await conn.fetchval(
-                "SELECT id FROM ai_credit_ledger WHERE practice_id = ? AND status = 'succeeded' "
-                "AND event_type IN ('topup_purchase', 'auto_topup_purchase') "
-                "AND (stripe_checkout_session_id = ? OR stripe_payment_intent_id = ?) "
-                "ORDER BY id LIMIT 1",
-                practice_id,
-                checkout_session_id or "",
-                payment_intent_id or "",
-            )
-        if ledger_id is None:
-            return None
-        await set_receipt_url(conn, int(ledger_id), url, now=int(clock()))
+    try:
+        async with db.transaction(lock=practice_id) as conn:
+            if ledger_id is None:
+                ledger_id = await conn.fetchval(
+                    "SELECT id FROM ai_credit_ledger WHERE practice_id = ? "
+                    "AND status = 'succeeded' "
+                    "AND event_type IN ('topup_purchase', 'auto_topup_purchase') "
+                    "AND (stripe_checkout_session_id = ? OR stripe_payment_intent_id = ?) "
+                    "ORDER BY id LIMIT 1",
+                    practice_id,
+                    checkout_session_id or "",
+                    payment_intent_id or "",
+                )
+            if ledger_id is None:
+                return None
+            await set_receipt_url(conn, int(ledger_id), url, now=int(clock()))
+    except Exception as exc:  # the credit is committed already; only its link is lost
+        log.warning("receipt of %s not kept: %s", practice_id, exc.__class__.__name__)
+        return None
     return url

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -12,17 +14,21 @@ import respx
 from credit.checkout import TOPUP_REF_KEY
 from credit.errors import CreditError
 from credit.ports import Database
+from credit.service import CreditService
 from credit.stripe_port import checkout_params
 from gateway.errors import credit_status
 
 from .helpers import (
+    CREDIT,
     PRACTICE,
     STRIPE_BASE,
     STRIPE_HTTPX_DEPRECATION,
+    Clock,
     count,
     event,
     form,
     payment_intent_json,
+    policy,
     service,
     sign,
     stripe_adapter,
@@ -167,6 +173,37 @@ async def test_stripe_error_text_never_reaches_the_client(db: Database, status: 
     for text in (error.message, error.message_user, str(error), repr(error)):
         assert "sk_" not in text and "Invalid API Key" not in text
     assert "req_stripe123" in error.message
+    assert await count(db, "SELECT COUNT(*) FROM ai_credit_ledger") == 0
+
+
+@pytest.mark.parametrize("status", [400, 500])
+async def test_a_refused_vat_rate_keeps_stripe_text_from_the_client(
+    db: Database, status: int
+) -> None:
+    """The VAT tax rate Stripe refuses is reported like a refused session: no Stripe text."""
+    leaked = "Invalid API Key provided: sk_test_****************abcd"
+    config = replace(CREDIT, vat_rate=Decimal("8.1"))
+    svc = CreditService(
+        db, stripe=stripe_adapter(), policy=replace(policy(), config=config), clock=Clock()
+    )
+    with respx.mock(base_url=STRIPE_BASE, assert_all_called=False) as router:
+        router.post("/v1/tax_rates").mock(
+            return_value=httpx.Response(
+                status,
+                json={"error": {"type": "invalid_request_error", "message": leaked}},
+                headers={"request-id": "req_tax123"},
+            )
+        )
+        sessions = router.post("/v1/checkout/sessions")
+        with pytest.raises(CreditError) as caught:
+            await svc.create_topup_checkout(
+                PRACTICE, subscription_id=None, customer_email=None, amount_chf=30
+            )
+    error = caught.value
+    assert credit_status(error) == (502 if status == 400 else 503)
+    for text in (error.message, error.message_user, str(error), repr(error)):
+        assert "sk_" not in text and "Invalid API Key" not in text
+    assert "req_tax123" in error.message and not sessions.called
     assert await count(db, "SELECT COUNT(*) FROM ai_credit_ledger") == 0
 
 
