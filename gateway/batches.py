@@ -84,7 +84,9 @@ class BatchService:
     def __init__(self, services: Services) -> None:
         settings = services.settings
         self.services = services
-        self.store = BatchStore(services.db, states=services.metering.states)
+        self.store = BatchStore(
+            services.db, states=services.metering.states, marks=services.alerts.ensure_marks_in
+        )
         self.jobs = JobStore(services.db)
         self.upstream = FilesUpstream(services)
         self.follower = Follower(

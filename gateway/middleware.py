@@ -433,9 +433,13 @@ class MeteringMiddleware:
             upstream=watch.upstream,
             hold_micros=hold.amount_micros,
             pending=pending,
+            caps=admitted.caps,
         )
         if pending:
             await services.metering.release(hold)  # the durable hold replaced it
+            if admitted.caps:
+                # So did the durable cap holds (settled with the response).
+                await release_limits(services.limit_leases, admitted.caps)
         return pending
 
     async def _admit(
@@ -529,9 +533,6 @@ class MeteringMiddleware:
             estimate = replace(estimate, output_tokens=output_limit * per_choice)
             forward = with_output_limit(forward, limit_field, output_limit)
         try:
-            if not services.alerts.marked(hold.practice_id, hold.period.start, hold.budget_micros):
-                # Once per practice and period here, at the gate: the settle is never delayed.
-                await _ensure_alert_marks(services, hold)
             caps: Sequence[CapHold] = ()
             if subjects:
                 caps, full = await hold_caps(services.limit_leases, subjects, hold, estimate_micros)
@@ -792,9 +793,25 @@ def _usage_of(info: RequestInfo, estimate: Usage, watch: _Watch) -> Usage:
 async def gate(
     services: Services, practice_id: str, reserve: Callable[[], Awaitable[Reservation]]
 ) -> Hold:
-    """The gate of a request (or a batch): `reserve()` places its hold when the budget
-    admits it; when blocked, one auto top-up and one more try, else 403/429 in the
-    OpenAI shape (`insufficient_quota`, `message_user`, `x-should-retry: false`)."""
+    """The gate of a request (or a batch, or a realtime response): `reserve()` places its
+    hold when the budget admits it; when blocked, one auto top-up and one more try, else
+    403/429 in the OpenAI shape (`insufficient_quota`, `message_user`,
+    `x-should-retry: false`). An admitted hold's period has its alert marks."""
+    hold = await _gate_hold(services, practice_id, reserve)
+    if not services.alerts.marked(hold.practice_id, hold.period.start, hold.budget_micros):
+        # Once per practice and period here, at the gate: the settle is never delayed.
+        try:
+            await _ensure_alert_marks(services, hold)
+        except BaseException:
+            released = services.spawn(services.metering.release(hold), name="release hold")
+            await asyncio.shield(released)
+            raise
+    return hold
+
+
+async def _gate_hold(
+    services: Services, practice_id: str, reserve: Callable[[], Awaitable[Reservation]]
+) -> Hold:
     metrics = services.metrics
     reservation = await reserve()
     if reservation.hold is not None:

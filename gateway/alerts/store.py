@@ -198,30 +198,48 @@ class AlertStore:
         """Make sure the period's marks exist (once per practice, period and budget here).
 
         The triggers compare the period's usage with these marks; a period's
-        marks are written by the first gateway that settles in it.
+        marks are written by the first gate of the period (`gateway.middleware.gate`),
+        or by a settle outside the gate (`ensure_marks_in`), whichever comes first.
         """
         key = (practice_id, period_start, budget_micros)
         if key in self._marked:
             return
         async with self.db.transaction(lock=practice_id) as conn:
-            present = await conn.fetchval(
-                "SELECT COUNT(*) FROM ai_alert_marks WHERE practice_id = ? AND period_start = ? "
-                "AND budget_micro_usd = ?",
-                practice_id,
-                period_start,
-                budget_micros,
-            )
-            settings = await self.settings(practice_id, conn)
-            if int(present or 0) != len(settings.budget_used_percent):
-                await conn.execute(
-                    "DELETE FROM ai_alert_marks WHERE practice_id = ? AND period_start = ?",
-                    practice_id,
-                    period_start,
-                )
-                await self._write_marks(conn, practice_id, period_start, budget_micros, settings)
+            await self._marks_present(conn, practice_id, period_start, budget_micros)
         if len(self._marked) > 100_000:
             self._marked.clear()
         self._marked.add(key)
+
+    async def ensure_marks_in(
+        self, conn: Connection, practice_id: str, period_start: int, budget_micros: int
+    ) -> None:
+        """`ensure_marks` inside the caller's transaction (locked on the practice), before
+        it writes usage that no gate of this period preceded: a batch or a background
+        response settling in a later period than it was admitted in, say. The marks
+        then exist when the usage's trigger compares, in the same transaction."""
+        if (practice_id, period_start, budget_micros) in self._marked:
+            return
+        # Not remembered here: the caller's transaction may still roll back.
+        await self._marks_present(conn, practice_id, period_start, budget_micros)
+
+    async def _marks_present(
+        self, conn: Connection, practice_id: str, period_start: int, budget_micros: int
+    ) -> None:
+        present = await conn.fetchval(
+            "SELECT COUNT(*) FROM ai_alert_marks WHERE practice_id = ? AND period_start = ? "
+            "AND budget_micro_usd = ?",
+            practice_id,
+            period_start,
+            budget_micros,
+        )
+        settings = await self.settings(practice_id, conn)
+        if int(present or 0) != len(settings.budget_used_percent):
+            await conn.execute(
+                "DELETE FROM ai_alert_marks WHERE practice_id = ? AND period_start = ?",
+                practice_id,
+                period_start,
+            )
+            await self._write_marks(conn, practice_id, period_start, budget_micros, settings)
 
     # -- the outbox -------------------------------------------------------
 

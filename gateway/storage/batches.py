@@ -12,7 +12,7 @@ transaction locked on the practice. Amounts are integer micro-USD.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,9 @@ from budget.usage import Usage
 from credit.ports import Connection, Database, Row
 from gateway.storage.budget_state import StateReader
 from gateway.storage.settle import write_usage
+
+# (transaction, practice, period start, budget micro-USD): the period's alert marks.
+MarksWriter = Callable[[Connection, str, int, int], Awaitable[None]]
 
 FILE = "file"
 UPLOAD = "upload"
@@ -102,11 +105,20 @@ class BatchStore:
     """Ownership of upstream objects and the batches' metering, on one `Database`."""
 
     def __init__(
-        self, db: Database, *, states: StateReader, clock: Callable[[], float] = time.time
+        self,
+        db: Database,
+        *,
+        states: StateReader,
+        clock: Callable[[], float] = time.time,
+        marks: MarksWriter | None = None,
     ) -> None:
         self.db = db
         self.states = states
         self._clock = clock
+        # Writes the period's alert marks in the settle's transaction when they are missing
+        # (gateway.alerts.store.AlertStore.ensure_marks_in): a batch may settle in a period
+        # no gate has seen yet, and its usage must still cross the period's thresholds.
+        self.marks = marks
 
     def now(self) -> int:
         return int(self._clock())
@@ -261,6 +273,10 @@ class BatchStore:
                     period.start,
                 )
             )
+            if self.marks is not None and charged:
+                await self.marks(
+                    conn, batch.practice_id, period.start, state.snapshot.budget_micros
+                )
             total = 0
             for line in charged:
                 event_id, _, _ = await write_usage(
