@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -35,7 +35,8 @@ from gateway.followers import Again, Done, Follower, PollResult
 from gateway.routing import Upstream
 from gateway.services import Services
 from gateway.storage.jobs import Job, JobStore
-from gateway.storage.responses import ResponseStore, StoredResponse
+from gateway.storage.limits import CapHold, LimitStore
+from gateway.storage.responses import ResponseStore, StoredResponse, background_hold_id
 from gateway.storage.settle import write_usage
 
 log = logging.getLogger("aza.gateway.background")
@@ -95,8 +96,11 @@ class BackgroundResponses:
         upstream: str | None,
         hold_micros: int,
         pending: bool,
+        caps: Sequence[CapHold] = (),
     ) -> bool:
-        """Record a stored response; a pending (background) one becomes a job with its hold."""
+        """Record a stored response; a pending (background) one becomes a job with its hold,
+        and its key's and device's cap holds (`caps`) durable ones beside it."""
+        hold_seconds = MAX_FOLLOW_SECONDS + 3600
 
         async def queue(conn: Connection) -> None:
             await self.jobs.add(
@@ -106,6 +110,10 @@ class BackgroundResponses:
                 first_poll_in_ms=int(self.poll_seconds * 1000),
                 conn=conn,
             )
+            if caps:
+                await LimitStore.hold_durable(
+                    conn, caps, background_hold_id(response_id), int(time.time()) + hold_seconds
+                )
 
         added = await self.store.register(
             StoredResponse(
@@ -120,7 +128,7 @@ class BackgroundResponses:
                 created_at=int(time.time()),
                 pending=pending,
             ),
-            hold_seconds=MAX_FOLLOW_SECONDS + 3600,
+            hold_seconds=hold_seconds,
             queue=queue,
         )
         return added
@@ -158,12 +166,17 @@ class BackgroundResponses:
             if not await self.store.finish(conn, job):
                 return False
             if lic is not None and period is not None:
+                budget = services.settings.plans.monthly_budget_micros(lic.lookup_key) or 0
+                # It may end in a period no gate has seen yet: the marks first, here.
+                await services.alerts.ensure_marks_in(conn, job.practice_id, period.start, budget)
+                await LimitStore.settle_durable(
+                    conn, job.practice_id, background_hold_id(job.response_id), cost, period.start
+                )
                 await write_usage(
                     conn,
                     lic=lic,
                     period=period,
-                    budget_micros=services.settings.plans.monthly_budget_micros(lic.lookup_key)
-                    or 0,
+                    budget_micros=budget,
                     usage=usage,
                     cost_micros=cost,
                     request_id=job.request_id,
@@ -175,6 +188,9 @@ class BackgroundResponses:
                 )
             else:
                 log.warning("background response %s: practice has no license", job.response_id)
+                await LimitStore.settle_durable(
+                    conn, job.practice_id, background_hold_id(job.response_id), 0, 0
+                )
         services.metrics.usage_cost.inc(cost)
         return True
 

@@ -10,12 +10,12 @@ come here; a key's limits arrive with the key itself (`KeyStore`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from budget.limits import Limits, Scope, Subject, Window, cap_admits
-from credit.ports import Database, Row
+from credit.ports import Connection, Database, Row
 from gateway.storage.renewal import RunningHolds
 
 # A window's count is refused past this when only the other rate is limited.
@@ -264,6 +264,61 @@ class LimitStore:
                 subject.name,
                 hold.hold_id,
             )
+
+    # -- background responses -------------------------------------------------
+
+    @staticmethod
+    async def hold_durable(
+        conn: Connection, caps: Sequence[CapHold], hold_id: str, expires_at: int
+    ) -> None:
+        """A durable hold `hold_id` of each cap's amount, in the caller's transaction.
+
+        A background response runs on after its request ended: like its
+        budget hold, its cap holds become rows that outlive the request (and
+        the instance), settled with the response (`settle_durable`). The
+        caller then releases `caps`.
+        """
+        for cap in caps:
+            subject = cap.subject
+            await conn.execute(
+                "INSERT INTO ai_limit_holds (practice_id, scope, subject, hold_id, "
+                "amount_micro_usd, expires_at) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (practice_id, scope, subject, hold_id) DO NOTHING",
+                subject.practice_id,
+                str(subject.scope),
+                subject.name,
+                hold_id,
+                cap.amount_micros,
+                expires_at,
+            )
+
+    @staticmethod
+    async def settle_durable(
+        conn: Connection, practice_id: str, hold_id: str, cost_micros: int, period_start: int
+    ) -> int:
+        """Replace every durable hold `hold_id` of the practice with `cost_micros` added to
+        its subject's spend in `period_start`, in the caller's transaction (which makes
+        it once: a hold already gone adds nothing). The number of subjects settled."""
+        rows = await conn.fetchall(
+            "DELETE FROM ai_limit_holds WHERE practice_id = ? AND hold_id = ? "
+            "RETURNING scope, subject",
+            practice_id,
+            hold_id,
+        )
+        if cost_micros > 0:
+            for row in rows:
+                await conn.execute(
+                    "INSERT INTO ai_limit_totals AS t (practice_id, scope, subject, period_start, "
+                    "used_micro_usd) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT (practice_id, scope, subject, period_start) DO UPDATE SET "
+                    "used_micro_usd = t.used_micro_usd + excluded.used_micro_usd",
+                    practice_id,
+                    row["scope"],
+                    row["subject"],
+                    period_start,
+                    cost_micros,
+                )
+        return len(rows)
 
     async def sweep(self, *, window_ms: int) -> int:
         """Delete expired cap holds and rate windows older than two windows."""

@@ -338,3 +338,62 @@ async def test_a_long_stream_keeps_its_cap_hold(
     [total] = await rows(db, "SELECT used_micro_usd FROM ai_limit_totals WHERE subject = ?", prefix)
     assert int(total[0]) == event["estimated_cost_micro_usd"]
     assert await rows(db, "SELECT * FROM ai_limit_holds") == []
+
+
+async def test_a_background_response_settles_its_key_cap_hold_at_its_cost(
+    start_gateway: StartGateway, db: AnyDatabase
+) -> None:
+    """A capped key's background response: its cap hold outlives the request as a durable
+    hold, and when the response ends it is replaced by the response's cost in the key's
+    spend; nothing is left held (both engines)."""
+    async with start_gateway(upstream_store_allowed=True) as gateway:
+        prefix = prefix_of(gateway.client_key)
+        path = f"/v1/ai-credit/keys/{prefix}/limits"
+        answer = await put_limits(gateway, path, {"monthly_cap_usd": "1.00"})
+        assert answer.status_code == 200, answer.text
+        client = gateway.client(key=gateway.client_key)
+        created = await client.responses.create(
+            model="gpt-4o-mini", input="Befund zusammenfassen", background=True, store=True
+        )
+        assert created.status == "queued"
+        durable = f"bg:{created.id}"
+
+        async def held() -> list[Any]:
+            return await rows(
+                db,
+                "SELECT hold_id, amount_micro_usd FROM ai_limit_holds WHERE hold_id = ?",
+                durable,
+            )
+
+        deadline = time.monotonic() + 10
+        while not (holds := await held()):  # written once the answer went out
+            assert time.monotonic() < deadline, "no durable cap hold"
+            await asyncio.sleep(0.02)
+        assert int(holds[0]["amount_micro_usd"]) > 0
+        polled = created
+        while polled.status != "completed":  # the fake finishes it on the second poll
+            polled = await client.responses.retrieve(created.id)
+
+        async def settled() -> list[Any]:
+            return await rows(
+                db,
+                "SELECT estimated_cost_micro_usd FROM ai_usage_events "
+                "WHERE operation_type = 'responses'",
+            )
+
+        deadline = time.monotonic() + 10
+        while not (events := await settled()):
+            assert time.monotonic() < deadline, "the background response was not settled"
+            await asyncio.sleep(0.02)
+        cost = int(events[0]["estimated_cost_micro_usd"])
+        assert cost > 0
+        # The request's own share went back to its lease, which closes within a second.
+        while await rows(db, "SELECT hold_id FROM ai_limit_holds"):
+            assert time.monotonic() < deadline + 10, "a cap hold was left"
+            await asyncio.sleep(0.02)
+        async with httpx.AsyncClient(base_url=gateway.root) as http:
+            view = await http.get(path, headers={"authorization": f"Bearer {gateway.key}"})
+        used = view.json()["used_this_period_usd"]
+        totals = await rows(db, "SELECT used_micro_usd FROM ai_limit_totals")
+        assert [int(t["used_micro_usd"]) for t in totals] == [cost]
+        assert used == view.json()["used_this_period_usd"] != "0.00"
