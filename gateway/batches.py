@@ -46,6 +46,7 @@ from budget.usage import Usage
 from gateway import files
 from gateway.errors import GatewayError, bad_request, unavailable
 from gateway.files import (
+    CALLER,
     FilesUpstream,
     _Passthrough,
     _TooLarge,
@@ -299,6 +300,7 @@ async def create_batch(request: Request) -> Response:
         cost_micros=0,
         created_at=int(time.time()),
         settled_at=None,
+        device_id=request.scope["state"][CALLER].device_id,
     )
     try:
         async with services.db.transaction(lock=practice_id) as conn:

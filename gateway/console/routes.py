@@ -52,7 +52,7 @@ from gateway.routes.usage import (
     usd,
 )
 from gateway.storage.keys import hash_key
-from gateway.storage.usage_report import GroupBy
+from gateway.storage.usage_report import BatchEntry, GroupBy
 
 if TYPE_CHECKING:
     from gateway.services import Services
@@ -472,21 +472,36 @@ async def usage_page(request: Request) -> Response:
         end=query.end,
         limit=TABLE_ROWS,
         filters=query.filters,
+        batch_lines=False,
     )
-    events = [
-        {
-            "when": _time(int(row["created_at"]), zone),
-            "request_id": row["request_id"],
-            "device": row["device_id"] or "",
-            "operation": row["operation_type"],
-            "model": row["model"] or "",
-            "input_tokens": row["input_tokens"],
-            "output_tokens": row["output_tokens"],
-            "audio_seconds": f"{float(row['audio_seconds']):g}",
-            "cost": usd(int(row["estimated_cost_micro_usd"])),
-        }
+    batches = await report.batches(
+        identity.practice_id,
+        start=query.start,
+        end=query.end,
+        limit=TABLE_ROWS,
+        filters=query.filters,
+    )
+    # One row per request, and one per batch however many lines it had; newest first.
+    entries: list[tuple[int, dict[str, Any]]] = [
+        (
+            int(row["created_at"]),
+            {
+                "when": _time(int(row["created_at"]), zone),
+                "request_id": row["request_id"],
+                "device": row["device_id"] or "",
+                "operation": row["operation_type"],
+                "model": row["model"] or "",
+                "input_tokens": row["input_tokens"],
+                "output_tokens": row["output_tokens"],
+                "audio_seconds": f"{float(row['audio_seconds']):g}",
+                "cost": usd(int(row["estimated_cost_micro_usd"])),
+            },
+        )
         for row in rows
     ]
+    entries += [(batch.at, _batch_entry(batch, zone, words)) for batch in batches]
+    entries.sort(key=lambda entry: entry[0], reverse=True)
+    events = [entry for _, entry in entries[:TABLE_ROWS]]
     choices = {
         group_by.value: [
             g.key
@@ -515,13 +530,40 @@ async def usage_page(request: Request) -> Response:
         "practice_id": identity.practice_id,
         "events": events,
         "shown_latest": words["shown_latest"].format(n=TABLE_ROWS)
-        if len(events) >= TABLE_ROWS
+        if len(entries) >= TABLE_ROWS
         else None,
         "choices": choices,
         "values": form_values,
         "csv_url": "/console/usage.csv?" + urlencode(csv_params),
     }
     return _page(request, "usage.html", context)
+
+
+def _batch_entry(batch: BatchEntry, zone: ZoneInfo, words: Mapping[str, str]) -> dict[str, Any]:
+    """A batch as one row of the usage table: its id, state, line counts and cost."""
+    settled = batch.settled_at is not None
+    return {
+        "when": _time(batch.at, zone),
+        "batch_id": batch.batch_id,
+        "status": batch.status,
+        "status_text": words.get(f"batch_status_{batch.status}", batch.status),
+        "lines": batch.lines,
+        "completed": batch.completed_lines,
+        "failed": batch.failed_lines,
+        "lines_text": words["batch_lines"].format(
+            lines=batch.lines, completed=batch.completed_lines, failed=batch.failed_lines
+        ),
+        "held_text": None
+        if settled
+        else words["batch_held"].format(usd=usd(batch.estimate_micros)),
+        "device": batch.device_id or "",
+        "operation": batch.operation,
+        "model": batch.model,
+        "input_tokens": batch.input_tokens,
+        "output_tokens": batch.output_tokens,
+        "audio_seconds": "",
+        "cost": usd(batch.cost_micros),
+    }
 
 
 async def usage_csv(request: Request) -> Response:

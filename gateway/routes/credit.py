@@ -26,6 +26,7 @@ from gateway.routes.common import (
     practice_of,
     services_of,
 )
+from gateway.routes.usage import batch_json, report_of
 
 
 def _credit(request: Request) -> CreditService:
@@ -71,9 +72,11 @@ async def history(request: Request) -> Response:
             "'limit' must be a whole number from 1 to 1000.", code="invalid_limit", param="limit"
         )
     items = await _credit(request).history(practice_id, limit=int(limit))
-    # Each batch is one entry with its line count and cost (not one per line).
-    batches = await request.app.state.files_batches.store.batches_of(practice_id, limit=int(limit))
-    return ok({"ok": True, "items": items, "batches": [batch.to_dict() for batch in batches]})
+    # Each batch is one entry with its line counts and cost (not one per line).
+    batches = await report_of(services_of(request)).batches(
+        practice_id, start=0, end=2**62, limit=int(limit)
+    )
+    return ok({"ok": True, "items": items, "batches": [batch_json(batch) for batch in batches]})
 
 
 @endpoint

@@ -1,8 +1,11 @@
 """GET /v1/ai-credit/usage: where a practice's money went (admin key).
 
 `?from=&to=` (unix seconds; the license's current period by default),
-`group_by=day|model|operation|device` (default day) gives sums per group;
-`format=csv` gives the events themselves, one line each, streamed page by
+`group_by=day|model|operation|device` (default day) gives sums per group
+and the period's batches, each one entry with its line counts and cost (a
+batch counts as one request of its group; its lines' usage is in the
+sums); `format=csv` gives the events themselves, one line each (a batch's
+lines too, request id `batch:<batch_id>:<custom_id>`), streamed page by
 page (gateway/storage/usage_report.py) so a year of events never sits in
 memory.
 """
@@ -27,6 +30,7 @@ from credit.ports import Row
 from gateway.errors import unprocessable
 from gateway.routes.common import admin_practice_of, endpoint, ok, services_of
 from gateway.storage.usage_report import (
+    BatchEntry,
     EventFilters,
     GroupBy,
     UsageGroup,
@@ -132,6 +136,7 @@ def group_json(group: UsageGroup) -> dict[str, Any]:
     return {
         "key": group.key,
         "requests": group.requests,
+        "batches": group.batches,
         "cost_usd": usd(group.cost_micros),
         "charged_budget_usd": usd(group.budget_micros),
         "charged_credit_usd": usd(group.credit_micros),
@@ -145,7 +150,32 @@ def group_json(group: UsageGroup) -> dict[str, Any]:
     }
 
 
-def summary_json(summary: UsageSummary) -> dict[str, Any]:
+def batch_json(batch: BatchEntry) -> dict[str, Any]:
+    """A batch as every credit view shows it: one entry with its line counts and cost."""
+    return {
+        "batch_id": batch.batch_id,
+        "status": batch.status,
+        "endpoint": batch.endpoint,
+        "model": batch.model,
+        "device_id": batch.device_id,
+        "lines": batch.lines,
+        "completed_lines": batch.completed_lines,
+        "failed_lines": batch.failed_lines,
+        "input_tokens": batch.input_tokens,
+        "output_tokens": batch.output_tokens,
+        "estimate_micro_usd": batch.estimate_micros,
+        "cost_micro_usd": batch.cost_micros,
+        "cost_usd": usd(batch.cost_micros),
+        "created_at": batch.created_at,
+        "settled_at": batch.settled_at,
+    }
+
+
+# The most batches one answer lists (a batch is up to 50,000 lines; a practice runs a few a day).
+MAX_BATCHES = 1000
+
+
+def summary_json(summary: UsageSummary, batches: Iterable[BatchEntry] = ()) -> dict[str, Any]:
     return {
         "ok": True,
         "from": summary.start,
@@ -154,6 +184,7 @@ def summary_json(summary: UsageSummary) -> dict[str, Any]:
         "groups": [group_json(group) for group in summary.groups],
         "total_requests": summary.total_requests,
         "total_cost_usd": usd(summary.total_cost_micros),
+        "batches": [batch_json(batch) for batch in batches],
     }
 
 
@@ -246,7 +277,8 @@ async def usage(request: Request) -> Response:
     summary = await report.summary(
         practice_id, start=query.start, end=query.end, group_by=query.group_by
     )
-    return ok(summary_json(summary))
+    batches = await report.batches(practice_id, start=query.start, end=query.end, limit=MAX_BATCHES)
+    return ok(summary_json(summary, batches))
 
 
 routes: list[BaseRoute] = [Route("/v1/ai-credit/usage", usage, methods=["GET"])]

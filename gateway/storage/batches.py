@@ -14,10 +14,8 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from budget.license import Period
-from budget.money import micros_to_usd
 from budget.usage import Usage
 from credit.ports import Connection, Database, Row
 from gateway.storage.budget_state import StateReader
@@ -54,23 +52,14 @@ class BatchRow:
     cost_micros: int
     created_at: int
     settled_at: int | None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The batch as the credit views show it: one entry with its line count and cost."""
-        return {
-            "batch_id": self.batch_id,
-            "endpoint": self.endpoint,
-            "model": self.model,
-            "status": self.status,
-            "lines": self.lines,
-            "completed_lines": self.completed_lines,
-            "failed_lines": self.failed_lines,
-            "estimate_micro_usd": self.estimate_micros,
-            "cost_micro_usd": self.cost_micros,
-            "cost_usd": str(micros_to_usd(self.cost_micros)),
-            "created_at": self.created_at,
-            "settled_at": self.settled_at,
-        }
+    # The X-Device-Id that created it (its lines' usage events carry it).
+    device_id: str | None = None
+    # Before the upstream named it: the id sent in its metadata (`aza_intent`).
+    intent_id: str | None = None
+    # Its hold on the creating key's and device's monthly caps, and which were capped.
+    cap_hold_id: str | None = None
+    cap_key: str | None = None
+    cap_device: str | None = None
 
 
 def _batch(row: Row) -> BatchRow:
@@ -89,6 +78,11 @@ def _batch(row: Row) -> BatchRow:
         cost_micros=int(row["cost_micro_usd"]),
         created_at=int(row["created_at"]),
         settled_at=None if row["settled_at"] is None else int(row["settled_at"]),
+        device_id=row["device_id"],
+        intent_id=row["intent_id"],
+        cap_hold_id=row["cap_hold_id"],
+        cap_key=row["cap_key"],
+        cap_device=row["cap_device"],
     )
 
 
@@ -186,8 +180,9 @@ class BatchStore:
         """Record a batch just created upstream (inside the caller's transaction)."""
         await conn.execute(
             "INSERT INTO aza_batches (batch_id, practice_id, hold_id, endpoint, model, "
-            "input_file_id, lines, estimate_micro_usd, status, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "input_file_id, lines, estimate_micro_usd, status, created_at, device_id, "
+            "intent_id, cap_hold_id, cap_key, cap_device) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             batch.batch_id,
             batch.practice_id,
             batch.hold_id,
@@ -198,23 +193,17 @@ class BatchStore:
             batch.estimate_micros,
             batch.status,
             batch.created_at,
+            batch.device_id,
+            batch.intent_id,
+            batch.cap_hold_id,
+            batch.cap_key,
+            batch.cap_device,
         )
 
     async def batch(self, batch_id: str) -> BatchRow | None:
         async with self.db.read() as conn:
             row = await conn.fetchone("SELECT * FROM aza_batches WHERE batch_id = ?", batch_id)
         return None if row is None else _batch(row)
-
-    async def batches_of(self, practice_id: str, *, limit: int = 100) -> list[BatchRow]:
-        """A practice's batches, newest first."""
-        async with self.db.read() as conn:
-            rows = await conn.fetchall(
-                "SELECT * FROM aza_batches WHERE practice_id = ? "
-                "ORDER BY created_at DESC, batch_id DESC LIMIT ?",
-                practice_id,
-                limit,
-            )
-        return [_batch(row) for row in rows]
 
     async def follow_status(self, batch_id: str, status: str, *, hold_until: int) -> None:
         """Note the upstream status of a running batch and keep its hold alive until
@@ -287,7 +276,7 @@ class BatchStore:
                     usage=line.usage,
                     cost_micros=line.cost_micros,
                     request_id=line_request_id(batch.batch_id, line.custom_id),
-                    device_id=None,
+                    device_id=batch.device_id,
                     status="success",
                     started_at=batch.created_at,
                     now=now,

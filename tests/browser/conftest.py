@@ -72,6 +72,7 @@ class Console:
     stripe: StripeStandIn
     settings: Settings
     shots: list[Path] = field(default_factory=list)
+    upstream: FakeUpstream = field(default_factory=FakeUpstream)
 
     async def events(self) -> list[Any]:
         async with self.db.read() as conn:
@@ -117,7 +118,8 @@ async def console(db: AnyDatabase, plans: Any) -> AsyncIterator[Console]:
     admin_key = await metering.create_key(PRACTICE, role=KeyRole.ADMIN, label="admin")
     client_key = await metering.create_key(PRACTICE, role=KeyRole.CLIENT, label="desk")
     stripe = StripeStandIn(webhook_secret=WEBHOOK_SECRET)
-    async with serve(FakeUpstream()) as upstream, serve(stripe.app) as stripe_root:
+    fake = FakeUpstream()
+    async with serve(fake) as upstream, serve(stripe.app) as stripe_root:
         stripe.base_url = stripe_root
         settings = Settings(
             upstream_base_url=upstream + "/v1",
@@ -130,11 +132,16 @@ async def console(db: AnyDatabase, plans: Any) -> AsyncIterator[Console]:
             topup_dry_run=False,
             auto_topup_enabled=True,
             console_secret=Secret("console-secret-for-tests"),
+            # Batches run through the fake at once; the follower looks often.
+            job_poll_min_seconds=0.05,
+            job_poll_max_seconds=0.2,
             credit=CREDIT,  # no VAT, as these tests were written
         )
         async with serve(create_app(settings, database=db)) as root:
             stripe.webhook_url = root + "/v1/stripe/webhook"
-            yield Console(root, admin_key, client_key, PRACTICE, db, metering, stripe, settings)
+            yield Console(
+                root, admin_key, client_key, PRACTICE, db, metering, stripe, settings, upstream=fake
+            )
 
 
 @pytest.fixture

@@ -349,3 +349,94 @@ async def test_an_oversized_batch_description_is_refused_unread(
     assert response.status_code == 413
     assert response.json()["error"]["type"] == "invalid_request_error"
     assert fake(upstream).batches == {} and await gw.holds() == 0
+
+
+async def test_the_usage_route_and_the_history_show_a_batch_as_one_entry(
+    fast_gateway: Gateway, upstream: Upstream
+) -> None:
+    """A 12-line batch (2 lines fail) beside one chat request: every grouping counts it as
+    one request with its cost in the sums; `batches` and the history list it once with its
+    line counts; the CSV keeps one line per charged line."""
+    gw = fast_gateway
+    client = gw.client()
+    fake(upstream).fail_lines = {"brief-3", "brief-7"}
+    uploaded = await client.files.create(
+        file=("letters.jsonl", jsonl(chat_line(n) for n in range(12))), purpose="batch"
+    )
+    batch = await client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    row = await settled_row(gw, batch.id)
+    await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hallo"}], max_tokens=20
+    )
+    events = await gw.settled(11)
+    assert len(events) == 11
+    single = next(e for e in events if not e["request_id"].startswith("batch:"))
+    cost = expected_cost(upstream, batch.id)
+    assert row["cost_micro_usd"] == cost and cost > 0
+    admin = gw.client()
+    for group_by in ("day", "model", "operation", "device"):
+        body: Any = await admin.get(
+            "/ai-credit/usage", options={"params": {"group_by": group_by}}, cast_to=object
+        )
+        assert body["total_requests"] == 2, group_by
+        assert sum(g["batches"] for g in body["groups"]) == 1
+        total = Decimal(body["total_cost_usd"]) * 1_000_000
+        assert total == cost + single["estimated_cost_micro_usd"]
+        [entry] = body["batches"]
+        assert (entry["batch_id"], entry["status"]) == (batch.id, "completed")
+        assert (entry["lines"], entry["completed_lines"], entry["failed_lines"]) == (12, 10, 2)
+        assert entry["cost_micro_usd"] == cost
+        assert Decimal(entry["cost_usd"]) * 1_000_000 == cost
+        assert entry["input_tokens"] == sum(
+            e["input_tokens"] for e in events if e["request_id"].startswith("batch:")
+        )
+    by_operation: Any = await admin.get(
+        "/ai-credit/usage", options={"params": {"group_by": "operation"}}, cast_to=object
+    )
+    [chat] = by_operation["groups"]  # the batch's lines and the request: chat, 2 requests
+    assert (chat["key"], chat["requests"], chat["batches"]) == ("chat", 2, 1)
+    history: Any = await admin.get("/ai-credit/history", cast_to=object)
+    [entry] = history["batches"]
+    assert (entry["batch_id"], entry["lines"], entry["completed_lines"]) == (batch.id, 12, 10)
+    assert entry["failed_lines"] == 2 and entry["cost_micro_usd"] == cost
+    async with httpx.AsyncClient(base_url=gw.base_url, timeout=10) as http:
+        answer = await http.get(
+            "/ai-credit/usage",
+            params={"format": "csv"},
+            headers={"Authorization": f"Bearer {gw.key}"},
+        )
+    assert answer.status_code == 200
+    lines = answer.text.splitlines()
+    assert len(lines) == 1 + 11
+    assert sum(f"batch:{batch.id}:" in line for line in lines) == 10
+
+
+async def test_a_running_batch_is_one_entry_holding_its_estimate(
+    fast_gateway: Gateway, upstream: Upstream
+) -> None:
+    """While it runs: one entry, state in_progress, nothing charged yet, its estimate held."""
+    gw = fast_gateway
+    client = gw.client()
+    fake(upstream).lines_per_poll = 0
+    uploaded = await client.files.create(
+        file=("letters.jsonl", jsonl(chat_line(n) for n in range(5))), purpose="batch"
+    )
+    batch = await client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+
+    async def running() -> Any:
+        body: Any = await client.get("/ai-credit/usage", cast_to=object)
+        entries = body["batches"]
+        return entries if entries and entries[0]["status"] == "in_progress" else None
+
+    [entry] = await until(running)
+    row = await batch_row(gw, batch.id)
+    assert row is not None
+    assert entry["batch_id"] == batch.id and entry["lines"] == 5
+    assert entry["cost_micro_usd"] == 0 and entry["settled_at"] is None
+    assert entry["estimate_micro_usd"] == row["estimate_micro_usd"] > 0
+    body: Any = await client.get("/ai-credit/usage", cast_to=object)
+    assert body["total_requests"] == 0  # nothing charged yet

@@ -175,6 +175,7 @@ async def test_an_explicit_period_reaches_older_events(
         {
             "key": "old",
             "requests": 1,
+            "batches": 0,
             "cost_usd": "0.000999",
             "charged_budget_usd": "0.000999",
             "charged_credit_usd": "0.000000",
