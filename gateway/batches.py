@@ -46,7 +46,6 @@ from budget.usage import Usage
 from gateway import files
 from gateway.errors import GatewayError, bad_request, unavailable
 from gateway.files import (
-    CALLER,
     FilesUpstream,
     _Passthrough,
     _TooLarge,
@@ -61,6 +60,7 @@ from gateway.files import (
     small_body,
 )
 from gateway.followers import Again, Done, Follower, PollResult
+from gateway.handover import caller_of
 from gateway.routes.common import endpoint
 from gateway.storage.batches import BATCH, FILE, BatchRow, BatchStore, ChargedLine
 from gateway.storage.jobs import Job, JobStore
@@ -300,7 +300,7 @@ async def create_batch(request: Request) -> Response:
         cost_micros=0,
         created_at=int(time.time()),
         settled_at=None,
-        device_id=request.scope["state"][CALLER].device_id,
+        device_id=caller_of(request.scope).device_id,
     )
     try:
         async with services.db.transaction(lock=practice_id) as conn:

@@ -27,8 +27,8 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from gateway.auth import Caller, require_practice
 from gateway.errors import GatewayError, bad_request
+from gateway.handover import practice_of
 from gateway.proxy import (
     read_bounded_body,
     upstream_refused_credentials,
@@ -45,8 +45,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("aza.gateway.files")
 
-# Set in scope["state"] by the metering middleware: the authenticated caller.
-CALLER = "aza.caller"
 # OpenAI's limit of an upload part (the file limit is Settings.max_file_bytes);
 # a body may exceed them by the multipart framing around the data.
 MAX_PART_BYTES = 64 * 1024 * 1024
@@ -207,8 +205,8 @@ async def small_body(request: Request, limit: int = MAX_JSON_BODY_BYTES) -> byte
 
 
 def practice_of_scope(request: Request) -> str:
-    caller: Caller = request.scope["state"][CALLER]
-    return require_practice(caller)
+    """The practice the metering middleware authenticated (gateway/handover.py)."""
+    return practice_of(request.scope)
 
 
 def service_of(request: Request) -> BatchService:

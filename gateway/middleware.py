@@ -54,7 +54,7 @@ from credit.ports import DatabaseUnavailable
 from gateway.auth import Caller, require_practice
 from gateway.background import FINISHED, RUNNING, BackgroundResponses, response_status
 from gateway.errors import GatewayError, bad_request, unavailable
-from gateway.files import CALLER
+from gateway.handover import HANDOVER, Handover, handover_of
 from gateway.limiting import (
     cap_reached,
     device_subject,
@@ -75,13 +75,8 @@ from gateway.messages import (
 from gateway.paths import BadPath, checked_path
 from gateway.pricing import model_not_priced
 from gateway.proxy import (
-    ANSWERED_BY,
-    AUTHENTICATED,
-    BODY_CHECKED,
-    ENDPOINT_MATCH,
-    ENDPOINT_TEMPLATE,
-    UPSTREAM_ROUTE,
     ClientGone,
+    Proxy,
     no_upstream_serves,
     read_bounded_body,
 )
@@ -131,9 +126,9 @@ _OWN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 def path_label(scope: Scope) -> str:
     """A bounded metrics label for a request path: its endpoint's template where it has one."""
-    template = scope.get("state", {}).get(ENDPOINT_TEMPLATE)
-    if isinstance(template, str):
-        return template
+    handover = handover_of(scope)
+    if handover is not None:
+        return handover.match.endpoint.template
     path: str = scope.get("path", "")
     if path in _OWN_PATHS:
         return path
@@ -270,7 +265,7 @@ class MeteringMiddleware:
         app: ASGIApp,
         *,
         services: Callable[[], Services],
-        proxy: ASGIApp,
+        proxy: Proxy,
         own: ASGIApp | None = None,
     ) -> None:
         self.app = app
@@ -296,19 +291,20 @@ class MeteringMiddleware:
         endpoint = match.endpoint
         services = self.services()
         state = scope.setdefault("state", {})
-        state[ENDPOINT_TEMPLATE] = endpoint.template
-        state[ENDPOINT_MATCH] = match
+        # All that the proxy and the own handlers learn of the request (gateway/handover.py).
+        handover = state[HANDOVER] = Handover(match)
         request_id: str = state.get("request_id") or state.setdefault(
             "request_id", new_request_id()
         )
         try:
             caller = await services.auth.authenticate(Headers(scope=scope))
             # Nothing reaches the upstream for a caller without a practice.
-            state[AUTHENTICATED] = require_practice(caller)
+            require_practice(caller)
+            handover.caller = caller
             admitted = None
             if endpoint.metered:
                 admitted = await self._admit(
-                    services, scope, receive, endpoint.operation, caller, request_id
+                    services, handover, scope, receive, endpoint.operation, caller, request_id
                 )
         except GatewayError as exc:
             await exc.send(send, request_id)
@@ -321,7 +317,6 @@ class MeteringMiddleware:
             return
         if admitted is None:
             if endpoint.operation in OWN_HANDLERS and self.own is not None:
-                state[CALLER] = caller
                 await self.own(scope, receive, send)
                 return
             # Model listing and stored content: authenticated, not metered.
@@ -329,7 +324,7 @@ class MeteringMiddleware:
             if endpoint.operation is Operation.RESPONSE_OBJECT:
                 try:
                     await self._forward_owned(
-                        services, match.params["response_id"], caller, scope, receive, send
+                        services, handover, match.params["response_id"], scope, receive, send
                     )
                 except GatewayError as exc:
                     await exc.send(send, request_id)
@@ -342,19 +337,19 @@ class MeteringMiddleware:
             ):
                 await stored_content_refused().send(send, request_id)
                 return
-            state[UPSTREAM_ROUTE] = services.router.route(
+            handover.route = services.router.route(
                 None,
                 services.residency.regions_for(practice_id) if practice_id else None,
             )
-            await self.proxy(scope, receive, send)
+            await self.proxy.forward(handover, scope, receive, send)
             return
-        await self._forward_metered(services, admitted, scope, receive, send)
+        await self._forward_metered(services, handover, admitted, scope, receive, send)
 
     async def _forward_owned(
         self,
         services: Services,
+        handover: Handover,
         response_id: str,
-        caller: Caller,
         scope: Scope,
         receive: Receive,
         send: Send,
@@ -364,7 +359,8 @@ class MeteringMiddleware:
         Sent to the upstream that made it. When a background response not yet
         settled comes back finished (a poll or a cancel), it is settled here.
         """
-        practice_id = require_practice(caller)
+        assert handover.caller is not None
+        practice_id = require_practice(handover.caller)
         background = _background(scope)
         stored = await background.store.get(response_id)
         if stored is None or stored.practice_id != practice_id:
@@ -376,9 +372,9 @@ class MeteringMiddleware:
             )
         upstream = background.upstream(stored.upstream)
         if upstream is not None:
-            scope["state"][UPSTREAM_ROUTE] = Route(None, None, (upstream,), upstream.uplift)
+            handover.route = Route(None, None, (upstream,), upstream.uplift)
         if not stored.pending or scope["method"] == "DELETE":
-            await self.proxy(scope, receive, send)
+            await self.proxy.forward(handover, scope, receive, send)
             return
         status = 0
         kept: bytearray | None = bytearray()
@@ -393,7 +389,7 @@ class MeteringMiddleware:
                     kept = None
             await send(message)
 
-        await self.proxy(scope, receive, send_watched)
+        await self.proxy.forward(handover, scope, receive, send_watched)
         if status == 200 and kept is not None:
             data = exact_json(bytes(kept))
             if response_status(data) in FINISHED:
@@ -445,6 +441,7 @@ class MeteringMiddleware:
     async def _admit(
         self,
         services: Services,
+        handover: Handover,
         scope: Scope,
         receive: Receive,
         operation: Operation,
@@ -455,7 +452,7 @@ class MeteringMiddleware:
         settings = services.settings
         practice_id = require_practice(caller)
         body = await read_bounded_body(scope, receive, settings.max_request_body_bytes)
-        scope["state"][BODY_CHECKED] = True
+        handover.body_checked = True
         content_type = Headers(scope=scope).get("content-type", "")
         try:
             if operation in AUDIO_UPLOADS or operation in IMAGE_UPLOADS:
@@ -549,11 +546,17 @@ class MeteringMiddleware:
             if isinstance(exc, Exception):
                 await asyncio.shield(released)
             raise
-        scope["state"][UPSTREAM_ROUTE] = route
+        handover.route = route
         return _Admitted(hold, info, forward, estimate, caller.device_id, route, caps, output_limit)
 
     async def _forward_metered(
-        self, services: Services, admitted: _Admitted, scope: Scope, receive: Receive, send: Send
+        self,
+        services: Services,
+        handover: Handover,
+        admitted: _Admitted,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
     ) -> None:
         """Let the proxy forward the request while the tap watches the response go by."""
         info, forward = admitted.info, admitted.forward
@@ -609,9 +612,9 @@ class MeteringMiddleware:
             await send(message)
 
         try:
-            await self.proxy(scope, receive_forward, send_watched)
+            await self.proxy.forward(handover, scope, receive_forward, send_watched)
         finally:
-            answered = scope["state"].get(ANSWERED_BY)
+            answered = handover.answered_by
             if answered is not None:
                 watch.uplift = answered.uplift
                 watch.upstream = answered.name

@@ -1,6 +1,7 @@
 """The reverse proxy: forwards an OpenAI API request upstream and streams the answer back.
 
-An ASGI app behind the metering middleware. It swaps the client's credentials
+Called by the metering middleware (`Proxy.forward`, with the request's
+`gateway.handover.Handover`). It swaps the client's credentials
 for the upstream key, drops hop-by-hop and private headers both ways, asks the
 upstream for an unencoded body (so usage can be read), and passes the
 response's bytes on as they arrive. While a response streams it listens for
@@ -22,8 +23,8 @@ from typing import TYPE_CHECKING
 from starlette.datastructures import Headers
 from starlette.types import Message, Receive, Scope, Send
 
-from budget.operations import Match
 from gateway.errors import GatewayError, unauthorized
+from gateway.handover import Handover
 from gateway.metrics import GatewayMetrics
 from gateway.paths import upstream_path
 from gateway.redact import MAX_ERROR_BODY_BYTES, client_error_body
@@ -42,19 +43,6 @@ if TYPE_CHECKING:
     from gateway.services import Services
 
 log = logging.getLogger("aza.gateway.proxy")
-
-# Set in scope["state"] by the metering middleware once it has read and bounded the body.
-BODY_CHECKED = "aza.body_checked"
-# Set in scope["state"] by the metering middleware: the template of the endpoint matched.
-ENDPOINT_TEMPLATE = "aza.endpoint_template"
-# Set by the metering middleware: the endpoint table's match for the request
-# (the upstream path is built from it), and the authenticated practice.
-ENDPOINT_MATCH = "aza.endpoint_match"
-AUTHENTICATED = "aza.authenticated_practice"
-# Set in scope["state"] by the metering middleware: the request's `Route`.
-UPSTREAM_ROUTE = "aza.route"
-# Set in scope["state"] by the proxy: the `Upstream` whose answer the client got.
-ANSWERED_BY = "aza.answered_by"
 
 # Headers that describe one connection, not the message (RFC 9110 §7.6.1), and
 # those the proxy sets itself.
@@ -254,7 +242,7 @@ async def read_bounded_body(scope: Scope, receive: Receive, limit: int | None) -
 
 
 class Proxy:
-    """ASGI app forwarding each request to the upstream with the shared client."""
+    """Forwards the requests the metering middleware hands it, with the shared client."""
 
     def __init__(
         self,
@@ -268,18 +256,22 @@ class Proxy:
         self._metrics = metrics
         self._body_limit = settings.max_request_body_bytes
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def forward(self, handover: Handover, scope: Scope, receive: Receive, send: Send) -> None:
+        """Forward one request the metering middleware matched and authenticated.
+
+        What the middleware knows of the request comes in `handover`; the
+        proxy writes `handover.answered_by` as soon as an upstream answers.
+        """
         assert scope["type"] == "http"
         request_id: str | None = scope.get("state", {}).get("request_id")
-        state = scope.get("state", {})
-        match: Match | None = state.get(ENDPOINT_MATCH)
-        if match is None or not state.get(AUTHENTICATED):
+        if handover.caller is None:
             # Only the metering middleware, after authentication, calls the proxy.
             await unauthorized().send(send, request_id)
             return
+        match = handover.match
         # A metered body was bounded by the middleware before it was rewritten
         # (include_usage makes it a little longer); count only the others.
-        limit = None if state.get(BODY_CHECKED) else self._body_limit
+        limit = None if handover.body_checked else self._body_limit
         try:
             body = await read_bounded_body(scope, receive, limit)
         except GatewayError as exc:
@@ -289,7 +281,7 @@ class Proxy:
             return
         raw_query: bytes = scope.get("query_string", b"")
         query = raw_query.decode("latin-1") if raw_query else ""
-        route: Route | None = state.get(UPSTREAM_ROUTE)
+        route = handover.route
         if route is None:
             route = self._services().router.route(None, None)
         if not route.upstreams:
@@ -305,7 +297,7 @@ class Proxy:
             await picked.send(send, request_id)
             return
         upstream, response, latency = picked
-        state[ANSWERED_BY] = upstream
+        handover.answered_by = upstream
         metrics.upstream_latency.labels(match.endpoint.template).observe(latency)
         if response.status_code >= 400:
             metrics.upstream_errors.labels(str(response.status_code)).inc()
