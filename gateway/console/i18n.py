@@ -184,6 +184,7 @@ _TEXTS: dict[str, tuple[str, str, str, str]] = {
         "Pay with Stripe",
     ),
     "back": ("Zurück", "Retour", "Indietro", "Back"),
+    "limits_nav": ("Limits", "Limites", "Limiti", "Limits"),
     "topup_done": (
         "Zahlung erhalten: {usd} USD wurden gutgeschrieben.",
         "Paiement reçu : {usd} USD ont été crédités.",

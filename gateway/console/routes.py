@@ -27,11 +27,15 @@ from starlette.routing import BaseRoute, Route
 from starlette.templating import Jinja2Templates
 
 from budget.license import calendar_month
+from budget.limits import Scope
 from budget.money import micros_to_usd
 from credit.errors import CreditError
 from credit.money import chf_to_internal_usd
 from gateway.console import charts
 from gateway.console.i18n import language_of, texts
+from gateway.console.limits import form_data as limit_form_data
+from gateway.console.limits import limit_rows, limit_texts
+from gateway.console.limits import refusal_text as limit_refusal_text
 from gateway.console.session import (
     LANG_COOKIE,
     PRE_COOKIE,
@@ -44,6 +48,7 @@ from gateway.console.session import (
 from gateway.errors import GatewayError
 from gateway.keys import KeyIdentity
 from gateway.messages import LANGUAGES, Language, credit_user_text, user_message
+from gateway.routes.limits import change_limits, check_device_id, check_key_of_practice
 from gateway.routes.usage import (
     UsageQuery,
     csv_response,
@@ -713,6 +718,88 @@ async def resume(request: Request) -> Response:
     return _redirect("", saved="1")
 
 
+# -- limits ----------------------------------------------------------------------
+
+
+async def limits_page(request: Request) -> Response:
+    """GET /console/limits: each key's and device's limits and this month's spend."""
+    signed = await _signed_in(request)
+    if signed is None:
+        return _redirect("")
+    session, identity = signed
+    return await _limits_page(request, session, identity)
+
+
+async def _limits_page(
+    request: Request,
+    session: Session,
+    identity: KeyIdentity,
+    *,
+    refused: tuple[str, str, str] | None = None,
+    entered: dict[str, Any] | None = None,
+) -> Response:
+    services = _services(request)
+    words = limit_texts(_language(request))
+    state = await services.metering.state(identity.practice_id)
+    keys, devices = await limit_rows(
+        services, identity.practice_id, None if state.period is None else state.period.start
+    )
+    banner: tuple[str, str] | None = None
+    saved = request.query_params.get("saved")
+    if refused is not None:
+        banner = ("error", words["limits_refused"].format(name=refused[1], reason=refused[2]))
+        for row in keys if refused[0] == "key" else devices:
+            if row["name"] == refused[1] and entered is not None:
+                row["values"] = entered
+    elif saved:
+        banner = ("ok", words["limits_saved"].format(name=saved[:200]))
+    context = {
+        "csrf": session.csrf,
+        "practice_id": identity.practice_id,
+        "lt": words,
+        "banner": banner,
+        "keys": keys,
+        "devices": devices,
+        "new_device": entered if refused is not None and refused[0] == "new" else None,
+    }
+    return _page(request, "limits.html", context, status=422 if refused else 200)
+
+
+async def limits_save(request: Request) -> Response:
+    """POST /console/limits scope=key|device name=… (or device_id=…) and the three limits:
+    through the PUT routes' code (`change_limits`); refused: the page again, saying why."""
+    outcome = await _post_session(request)
+    if isinstance(outcome, Response):
+        return outcome
+    session, identity, form = outcome
+    services = _services(request)
+    scope_raw = form.get("scope")
+    new_device = scope_raw == "new"
+    scope = Scope.KEY if scope_raw == "key" else Scope.DEVICE
+    raw_name = form.get("device_id" if new_device else "name")
+    name = raw_name.strip() if isinstance(raw_name, str) else ""
+    data = limit_form_data(form)
+    try:
+        if scope is Scope.KEY:
+            await check_key_of_practice(services, identity.practice_id, name)
+        else:
+            check_device_id(name)
+        await change_limits(services, identity.practice_id, scope, name, data)
+    except GatewayError as exc:
+        words = limit_texts(_language(request))
+        entered = {k: "" if v is None else str(v) for k, v in data.items()}
+        if new_device:
+            entered["device_id"] = name
+        return await _limits_page(
+            request,
+            session,
+            identity,
+            refused=("new" if new_device else str(scope), name, limit_refusal_text(exc, words)),
+            entered=entered,
+        )
+    return _redirect("limits", saved=name)
+
+
 routes: list[BaseRoute] = [
     Route("/", root, methods=["GET"]),
     Route("/console", root, methods=["GET"]),
@@ -726,4 +813,6 @@ routes: list[BaseRoute] = [
     Route("/console/card", card, methods=["POST"]),
     Route("/console/settings", settings_save, methods=["POST"]),
     Route("/console/resume", resume, methods=["POST"]),
+    Route("/console/limits", limits_page, methods=["GET"]),
+    Route("/console/limits", limits_save, methods=["POST"]),
 ]

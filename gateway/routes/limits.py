@@ -13,7 +13,7 @@ on the instance that took it, and on the others within the key cache's time
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -32,6 +32,9 @@ from gateway.routes.common import (
     service_caller,
     services_of,
 )
+
+if TYPE_CHECKING:
+    from gateway.services import Services
 
 MAX_DEVICE_ID = 200
 
@@ -92,14 +95,43 @@ async def _view(request: Request, subject: Subject) -> dict[str, Any]:
     }
 
 
+async def change_limits(
+    services: Services, practice_id: str, scope: Scope, name: str, data: dict[str, Any]
+) -> Limits:
+    """Apply a PUT's `data` to the limits of a key or device (validated by `parse_limits`,
+    422 on the first bad field, nothing changed then); the limits now. The PUT routes
+    and the console's forms both come here."""
+    limits = parse_limits(data, await services.limits.get(practice_id, scope, name))
+    await services.limits.put(practice_id, scope, name, limits)
+    services.auth.forget()  # this instance's cached key lookups carry the old limits
+    return limits
+
+
+async def check_key_of_practice(services: Services, practice_id: str, prefix: str) -> None:
+    """404 `key_not_found` unless an active key of the practice has `prefix`."""
+    if practice_id not in await services.metering.practices_of_prefix(prefix):
+        raise GatewayError(
+            404, "No active key of this practice has that prefix.", code="key_not_found"
+        )
+
+
+def check_device_id(device_id: str) -> None:
+    """422 `invalid_device_id` unless `device_id` can be an X-Device-Id."""
+    if not device_id or len(device_id) > MAX_DEVICE_ID or not device_id.isprintable():
+        raise unprocessable(
+            f"A device id is 1 to {MAX_DEVICE_ID} printable characters.",
+            code="invalid_device_id",
+            param="device_id",
+        )
+
+
 async def _answer(request: Request, practice_id: str, scope: Scope, name: str) -> Response:
     """GET answers the limits; PUT changes the named ones first."""
     services = services_of(request)
-    limits = await services.limits.get(practice_id, scope, name)
     if request.method == "PUT":
-        limits = parse_limits(await json_body(request), limits)
-        await services.limits.put(practice_id, scope, name, limits)
-        services.auth.forget()  # this instance's cached key lookups carry the old limits
+        limits = await change_limits(services, practice_id, scope, name, await json_body(request))
+    else:
+        limits = await services.limits.get(practice_id, scope, name)
     return ok(await _view(request, Subject(practice_id, scope, name, limits)))
 
 
@@ -112,10 +144,7 @@ async def practice_key_limits(request: Request) -> Response:
     """GET/PUT /v1/ai-credit/keys/{prefix}/limits: a key of the caller's own practice."""
     _, practice_id = await admin_practice_of(request)
     prefix = _prefix(request)
-    if practice_id not in await services_of(request).metering.practices_of_prefix(prefix):
-        raise GatewayError(
-            404, "No active key of this practice has that prefix.", code="key_not_found"
-        )
+    await check_key_of_practice(services_of(request), practice_id, prefix)
     return await _answer(request, practice_id, Scope.KEY, prefix)
 
 
@@ -139,12 +168,7 @@ async def device_limits(request: Request) -> Response:
     """GET/PUT /v1/ai-credit/devices/{device_id}/limits: an X-Device-Id of the practice."""
     _, practice_id = await admin_practice_of(request)
     device_id = str(request.path_params["device_id"])
-    if not device_id or len(device_id) > MAX_DEVICE_ID or not device_id.isprintable():
-        raise unprocessable(
-            f"A device id is 1 to {MAX_DEVICE_ID} printable characters.",
-            code="invalid_device_id",
-            param="device_id",
-        )
+    check_device_id(device_id)
     return await _answer(request, practice_id, Scope.DEVICE, device_id)
 
 

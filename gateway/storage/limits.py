@@ -136,6 +136,37 @@ class LimitStore:
         self._devices[(practice_id, device_id)] = (now + self.cache_seconds, limits)
         return limits
 
+    async def of_practice(self, practice_id: str) -> dict[tuple[Scope, str], Limits]:
+        """Every key's and device's limits of a practice (the console lists them)."""
+        async with self.db.read() as conn:
+            rows = await conn.fetchall(
+                "SELECT scope, subject, monthly_cap_micro_usd, requests_per_minute, "
+                "tokens_per_minute FROM ai_spend_limits WHERE practice_id = ? "
+                "ORDER BY scope, subject",
+                practice_id,
+            )
+        found = {}
+        for row in rows:
+            limits = limits_of(row)
+            if limits is not None:
+                found[(Scope(row["scope"]), str(row["subject"]))] = limits
+        return found
+
+    async def spend_of_practice(
+        self, practice_id: str, period_start: int
+    ) -> dict[tuple[Scope, str], int]:
+        """What each key and device of a practice spent in the period, in micro-USD."""
+        async with self.db.read() as conn:
+            rows = await conn.fetchall(
+                "SELECT scope, subject, used_micro_usd FROM ai_limit_totals "
+                "WHERE practice_id = ? AND period_start = ?",
+                practice_id,
+                period_start,
+            )
+        return {
+            (Scope(row["scope"]), str(row["subject"])): int(row["used_micro_usd"]) for row in rows
+        }
+
     async def used_micros(self, subject: Subject, period_start: int) -> int:
         async with self.db.read() as conn:
             value = await conn.fetchval(

@@ -84,3 +84,42 @@ def test_cli_sets_and_shows_a_keys_limits(
         assert conn.execute(
             "SELECT monthly_cap_micro_usd, requests_per_minute FROM ai_spend_limits"
         ).fetchall() == [(1_000_000, None)]
+
+
+def test_the_console_form_reads_as_the_put_would_and_is_refused_alike() -> None:
+    """Empty fields mean no limit, digits are numbers, anything else reaches the PUT's
+    validation as typed; its refusals read in each language, naming the field."""
+    from starlette.datastructures import FormData
+
+    from gateway.console.limits import all_entries, form_data, limit_texts, refusal_text
+    from gateway.errors import GatewayError
+    from gateway.routes.limits import parse_limits
+
+    form = FormData(
+        [("monthly_cap_usd", " 12,50 "), ("requests_per_minute", "60"), ("tokens_per_minute", "")]
+    )
+    data = form_data(form)
+    assert data == {
+        "monthly_cap_usd": "12.50",
+        "requests_per_minute": 60,
+        "tokens_per_minute": None,
+    }
+    assert parse_limits(data, Limits(tokens_per_minute=5)) == Limits(12_500_000, 60, None)
+    cleared = form_data(FormData([("monthly_cap_usd", "3"), ("clear", "1")]))
+    assert parse_limits(cleared, Limits(1, 2, 3)).empty
+    for bad, code in (
+        ("requests_per_minute", "invalid_limit"),
+        ("monthly_cap_usd", "invalid_amount"),
+    ):
+        typed = form_data(FormData([(bad, "-1" if code == "invalid_amount" else "²")]))
+        with pytest.raises(GatewayError) as refused:
+            parse_limits(typed, Limits())
+        assert (refused.value.code, refused.value.param) == (code, bad)
+        texts = {
+            lang: refusal_text(refused.value, limit_texts(lang))
+            for lang in ("de", "fr", "it", "en")
+        }
+        assert len(set(texts.values())) == 4
+        assert limit_texts("fr")[bad] in texts["fr"]
+    for key, values in all_entries().items():
+        assert len(values) == 4 and all(v.strip() for v in values), key

@@ -1,0 +1,150 @@
+"""The console's limits page in a real headless Chromium: a cap set there is the gate's cap.
+
+The admin sets the client key's monthly cap on /console/limits; the real
+openai SDK then gets the cap's 429 for a request over it, and the page
+shows the key's spend against the cap. A refused form says why in the
+person's language and changes nothing; devices get limits the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import openai
+import pytest
+
+from gateway.alerts.events import usd_text
+from tests.browser.conftest import Console, shot, sign_in
+
+pytestmark = pytest.mark.browser
+
+# About 10,000 prompt tokens of gpt-4o: some 0.025 USD, over a cap of 0.01 USD.
+DEAR: dict[str, Any] = {
+    "model": "gpt-4o",
+    "messages": [{"role": "user", "content": "Befund " * 5_700}],
+    "max_tokens": 5,
+}
+
+
+async def limit_rows(console: Console) -> list[Any]:
+    async with console.db.read() as conn:
+        return list(
+            await conn.fetchall(
+                "SELECT scope, subject, monthly_cap_micro_usd, requests_per_minute, "
+                "tokens_per_minute FROM ai_spend_limits ORDER BY scope, subject"
+            )
+        )
+
+
+async def key_spend(console: Console, prefix: str) -> int:
+    async with console.db.read() as conn:
+        value = await conn.fetchval(
+            "SELECT COALESCE(SUM(used_micro_usd), 0) FROM ai_limit_totals "
+            "WHERE scope = 'key' AND subject = ?",
+            prefix,
+        )
+    return int(value)
+
+
+async def submit(page: Any, selector: str) -> Any:
+    async with page.expect_response(lambda r: r.url.endswith("/console/limits")) as info:
+        await page.click(selector)
+    await page.wait_for_load_state()
+    return await info.value
+
+
+async def test_a_cap_set_in_the_console_refuses_a_request_over_it(
+    page: Any, console: Console
+) -> None:
+    await sign_in(page, console)
+    await page.click("#nav-limits")
+    await page.wait_for_load_state()
+    assert page.url.endswith("/console/limits")
+    prefix = console.client_key[:10]
+    row = f"#key-limits tr[data-subject='{prefix}']"
+    assert "desk" in await page.inner_text(row)
+    assert "admin" in await page.inner_text(
+        f"#key-limits tr[data-subject='{console.admin_key[:10]}']"
+    )
+    content = await page.content()
+    assert console.client_key not in content and console.admin_key not in content
+
+    # A bad number: refused in German, naming the field, nothing stored.
+    await page.fill(f"{row} input[name=requests_per_minute]", "zehn")
+    answer = await submit(page, f"{row} button.save")
+    assert answer.status == 422
+    banner = await page.inner_text("#limits-banner")
+    assert "Anfragen pro Minute" in banner and "ganze Zahl" in banner, banner
+    assert await limit_rows(console) == []
+    await shot(page, "limits-refused")
+
+    # The cap: 0.01 USD for the client key (the rate field emptied: no limit).
+    await page.fill(f"{row} input[name=requests_per_minute]", "")
+    await page.fill(f"{row} input[name=monthly_cap_usd]", "0,01")
+    answer = await submit(page, f"{row} button.save")
+    assert answer.status == 303
+    assert prefix in await page.inner_text("#limits-banner")
+    [stored] = await limit_rows(console)
+    assert (stored["scope"], stored["subject"], stored["monthly_cap_micro_usd"]) == (
+        "key",
+        prefix,
+        10_000,
+    )
+    assert stored["requests_per_minute"] is None and stored["tokens_per_minute"] is None
+    assert await page.input_value(f"{row} input[name=monthly_cap_usd]") == "0.01"
+    assert "0.00 / 0.01 (0 %)" in await page.inner_text(f"{row} td.spent")
+
+    # Through the real SDK: a small request fits, one over the cap gets the cap's 429.
+    async with openai.AsyncOpenAI(
+        base_url=console.root + "/v1", api_key=console.client_key, max_retries=2
+    ) as client:
+        await client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "Hallo"}], max_tokens=20
+        )
+        with pytest.raises(openai.RateLimitError) as refused:
+            await client.chat.completions.create(**DEAR)
+    response = refused.value.response
+    assert response.status_code == 429 and response.headers["x-should-retry"] == "false"
+    body = response.json()
+    assert body["error"]["code"] == "insufficient_quota"
+    assert body["error_code"] == "KEY_SPENDING_CAP_REACHED"
+    assert "Ausgabenlimit" in body["message_user"]
+    [event] = await console.events()  # the refused request was never forwarded nor charged
+    cost = int(event["estimated_cost_micro_usd"])
+    assert 0 < cost < 10_000
+
+    # The page shows the key's spend against the cap once the settle has written it.
+    for _ in range(200):
+        if await key_spend(console, prefix) == cost:
+            break
+        await page.wait_for_timeout(25)
+    assert await key_spend(console, prefix) == cost
+    await page.reload()
+    assert f"{usd_text(cost)} / 0.01" in await page.inner_text(f"{row} td.spent")
+    await shot(page, "limits")
+
+    # A device: limits set through the new-device form, then removed again; in French.
+    await page.goto(console.root + "/console/limits?lang=fr")
+    await page.fill("#new-device-id", "desk-1")
+    await page.fill("#new-device-cap", "-1")
+    answer = await submit(page, "#new-device button[type=submit]")
+    assert answer.status == 422
+    banner = await page.inner_text("#limits-banner")
+    assert "Plafond mensuel (USD)" in banner and "montant" in banner, banner
+    assert await page.input_value("#new-device-id") == "desk-1"
+    assert len(await limit_rows(console)) == 1
+    await page.fill("#new-device-cap", "5")
+    await page.fill("#new-device-rpm", "30")
+    answer = await submit(page, "#new-device button[type=submit]")
+    assert answer.status == 303
+    device_row = "#device-limits tr[data-subject='desk-1']"
+    assert await page.input_value(f"{device_row} input[name=monthly_cap_usd]") == "5.00"
+    assert await page.input_value(f"{device_row} input[name=requests_per_minute]") == "30"
+    assert [(r["scope"], r["subject"]) for r in await limit_rows(console)] == [
+        ("device", "desk-1"),
+        ("key", prefix),
+    ]
+    answer = await submit(page, f"{device_row} button.clear")
+    assert answer.status == 303
+    assert await page.locator(device_row).count() == 0
+    assert [(r["scope"], r["subject"]) for r in await limit_rows(console)] == [("key", prefix)]
