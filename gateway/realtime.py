@@ -145,15 +145,57 @@ def _parse(text: str) -> dict[str, Any] | None:
 async def hold_budget(
     services: Services, practice_id: str, request_id: str, estimate_micros: int
 ) -> Hold:
-    """The gate for one Realtime response (or an ephemeral key): its hold, else 403/429."""
+    """The gate for one Realtime response (or an ephemeral key): its hold, else 403/429.
+
+    The gate admits while anything is left, holding what is left when that
+    is less than the estimate (a scrap), and such a response may cost more
+    than its hold. With several sessions (or other requests) of a practice
+    in flight, each could take one of the scraps that the others' settles
+    free up, and together they would overspend by a response each. So a
+    scrap is taken only when nothing else of the practice is held, as the
+    state the gate read under the practice's lock says (its holds before
+    this one; so across instances too). Otherwise the partial hold goes back
+    at once and the gate waits for the other holds to go (polling the state,
+    up to `realtime_drain_seconds`, the time a response in flight is given)
+    and tries again; then the response is refused (after the gate's one
+    auto top-up), as it would be on an empty budget.
+    """
     metering = services.metering
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + services.settings.realtime_drain_seconds
 
     async def reserve() -> Reservation:
-        return await metering.reserve(
-            practice_id, request_id=request_id, estimate_micros=estimate_micros
-        )
+        while True:
+            reservation = await metering.reserve(
+                practice_id, request_id=request_id, estimate_micros=estimate_micros
+            )
+            hold = reservation.hold
+            if (
+                hold is None
+                or hold.amount_micros >= estimate_micros
+                or reservation.state.snapshot.held_micros == 0
+            ):
+                return reservation
+            await metering.release(hold)
+            if not await _others_settle(services, practice_id, estimate_micros, deadline):
+                return Reservation(hold=None, state=reservation.state)
 
     return await gate(services, practice_id, reserve)
+
+
+async def _others_settle(
+    services: Services, practice_id: str, estimate_micros: int, deadline: float
+) -> bool:
+    """Wait until the practice holds nothing or has `estimate_micros` free; False at `deadline`."""
+    loop = asyncio.get_running_loop()
+    delay = 0.02
+    while (left := deadline - loop.time()) > 0:
+        await asyncio.sleep(min(delay, left))
+        snapshot = (await services.metering.state(practice_id)).snapshot
+        if snapshot.held_micros == 0 or snapshot.available_micros >= estimate_micros:
+            return True
+        delay = min(2 * delay, 0.2)
+    return False
 
 
 def error_event(error: GatewayError, request_id: str, client_event_id: Any = None) -> str:

@@ -314,6 +314,45 @@ async def test_two_sessions_of_one_practice_never_overspend_a_nearly_empty_budge
     assert state.snapshot.available_micros == max(0, available - spent)
 
 
+async def test_a_scrap_of_budget_is_not_taken_while_another_hold_is_in_flight(
+    start_gateway: StartGateway,
+) -> None:
+    """Less left than a response's estimate, and another request of the practice in flight:
+    the gate waits for it (realtime_drain_seconds), then refuses rather than overspend twice."""
+    async with start_gateway(gate_lease_requests=0, realtime_drain_seconds=0.5) as gateway:
+        fake = gateway.fake.realtime
+        async with gateway.client().realtime.connect(model="gpt-realtime") as connection:
+            await next_of(connection, "session.created")
+            await turn(connection)
+            await gateway.settled(1)
+            await leave_available(gateway, 20_000)
+            # Another request of the practice holds all but 1000 micro-USD.
+            other = await gateway.metering.reserve(
+                gateway.practice, request_id="elsewhere-in-flight", estimate_micros=19_000
+            )
+            assert other.hold is not None and other.hold.amount_micros == 19_000
+            await speak(connection)
+            started = asyncio.get_running_loop().time()
+            await connection.response.create()
+            error = await next_of(connection, "error")
+            waited = asyncio.get_running_loop().time() - started
+            with pytest.raises(ConnectionClosed) as closed:
+                await connection.recv()
+        assert waited >= 0.5
+        assert error.error.code == "insufficient_quota"
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+        assert fake.client_events.count("response.create") == 1  # the second never left
+        # Only the other request's hold is left; once it goes, the 1000 are still there.
+        await until(lambda: _holds_are(gateway, 19_000))
+        await gateway.metering.release(other.hold)
+        assert (await gateway.metering.state(gateway.practice)).snapshot.available_micros == 20_000
+        assert len(await realtime_events(gateway)) == 1
+
+
+async def _holds_are(gateway: Gateway, micros: int) -> bool:
+    return (await gateway.metering.state(gateway.practice)).snapshot.held_micros == micros
+
+
 async def test_a_client_that_leaves_mid_response_is_charged_what_the_upstream_reports(
     start_gateway: StartGateway,
 ) -> None:
