@@ -135,7 +135,11 @@ def create_app(
             alerts=alerts,
             dispatcher=dispatcher,
             limits=limits,
-            limit_leases=LimitLeases(limits, lease_seconds=settings.gate_lease_seconds),
+            limit_leases=LimitLeases(
+                limits,
+                lease_seconds=settings.gate_lease_seconds,
+                retry_seconds=metering.retry_seconds,
+            ),
             pricing=Pricing(settings),
         )
         holder["services"] = current

@@ -18,8 +18,9 @@ counts against one total, and each only ever makes the gateway stricter:
   admits the next requests against the lease in memory for `lease_seconds`.
   Settled costs are added to the subject's spend when the lease closes and
   its last request is done, in one transaction that also drops the lease's
-  hold; near the cap, every request holds its own estimate, as without
-  leases. A gateway that crashes with a lease open loses that lease's spend
+  hold (retried while the database is unreachable, as a settle is); near
+  the cap, every request holds its own estimate, as without leases. A
+  gateway that crashes with a lease open loses that lease's spend
   from the subject's total (its hold expires by itself): at most one lease.
 """
 
@@ -33,6 +34,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from budget.limits import Subject, Window
+from gateway.storage.holds import until_written
 from gateway.storage.limits import CapHold, LimitStore
 
 log = logging.getLogger("aza.gateway.limits")
@@ -69,9 +71,13 @@ def _key(subject: Subject) -> tuple[str, str, str]:
 class LimitLeases:
     """Rate slots and cap leases over a `LimitStore` (see the module docstring)."""
 
-    def __init__(self, store: LimitStore, *, lease_seconds: float = 1.0) -> None:
+    def __init__(
+        self, store: LimitStore, *, lease_seconds: float = 1.0, retry_seconds: float = 900.0
+    ) -> None:
         self.store = store
         self.lease_seconds = lease_seconds
+        # A closing lease's spend is written like a settle: retried while the database is away.
+        self.retry_seconds = retry_seconds
         self._slots: dict[tuple[str, str, str], _Slots] = {}
         self._leases: dict[tuple[str, str, str], CapLease] = {}
         self._locks: dict[tuple[str, str, str], asyncio.Lock] = {}
@@ -223,7 +229,11 @@ class LimitLeases:
     async def _flush(self, lease: CapLease) -> None:
         hold = CapHold(lease.subject, lease.hold_id, lease.amount_micros, lease.period_start)
         try:
-            await self.store.settle_cap(hold, lease.spent_micros)
+            await until_written(
+                f"closing the cap lease {lease.hold_id}",
+                lambda: self.store.settle_cap(hold, lease.spent_micros),
+                self.retry_seconds,
+            )
         except Exception:
             log.exception("closing the cap lease %s failed; its hold expires", lease.hold_id)
 
