@@ -8,10 +8,11 @@ result. Secrets are wrapped in `Secret` so a stray log line or repr shows
 
 from __future__ import annotations
 
+import functools
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -73,13 +74,84 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise ConfigError(f"{name} must be a whole number, not {raw!r}") from None
 
 
+# Where in defaults.toml a field of `FileDefaults` is read.
+_GATEWAY = {"section": "gateway"}
+_BUDGET = {"section": "budget"}
+
+
+@dataclass(frozen=True, slots=True)
+class FileDefaults:
+    """The `Settings` defaults that config/defaults.toml holds, written there once.
+
+    `shipped()` is the shipped file's, and the defaults of `Settings()`; it
+    must have every key, or the gateway does not start. A deployment's own
+    defaults.toml (AZA_CONFIG_DIR) may set any of them, the rest come from the
+    shipped file; the environment overrides some (`Settings.from_env`).
+    """
+
+    # [gateway]
+    max_request_body_bytes: int = field(metadata=_GATEWAY)
+    upstream_timeout_seconds: float = field(metadata=_GATEWAY)
+    unpriced_model_policy: Literal["reject", "fallback"] = field(metadata=_GATEWAY)
+    fallback_model: str = field(metadata=_GATEWAY)
+    user_language: Language = field(metadata=_GATEWAY)
+    # [budget]
+    default_max_output_tokens: int = field(metadata=_BUDGET)
+    hold_ttl_seconds: int = field(metadata=_BUDGET)
+    gate_lease_requests: int = field(metadata=_BUDGET)
+    gate_lease_seconds: float = field(metadata=_BUDGET)
+    period_grace_seconds: int = field(metadata=_BUDGET)
+
+    @classmethod
+    def from_mapping(
+        cls, data: Mapping[str, Any], *, base: FileDefaults | None = None
+    ) -> FileDefaults:
+        """The defaults of a defaults.toml's content; keys it lacks come from `base`
+        (each is required without one)."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            section = f.metadata["section"]
+            table = data.get(section, {})
+            if f.name not in table:
+                if base is None:
+                    raise ConfigError(f"defaults.toml: [{section}] {f.name} is missing")
+                values[f.name] = getattr(base, f.name)
+                continue
+            raw = table[f.name]
+            convert = {"int": int, "float": float}.get(str(f.type), str)
+            try:
+                values[f.name] = convert(raw)
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"defaults.toml: [{section}] {f.name} must be a {f.type}, not {raw!r}"
+                ) from None
+        if values["unpriced_model_policy"] not in ("reject", "fallback"):
+            raise ConfigError(
+                "defaults.toml: [gateway] unpriced_model_policy must be reject or fallback"
+            )
+        if values["user_language"] not in LANGUAGES:
+            raise ConfigError("defaults.toml: [gateway] user_language must be de, fr, it or en")
+        return cls(**values)
+
+    @classmethod
+    @functools.cache
+    def shipped(cls) -> FileDefaults:
+        """The shipped defaults (config/defaults.toml)."""
+        with (CONFIG_DIR / "defaults.toml").open("rb") as handle:
+            return cls.from_mapping(tomllib.load(handle))
+
+
+# Read once, at import: a shipped file without one of the keys stops the gateway here.
+_SHIPPED = FileDefaults.shipped()
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the gateway needs to run, fixed for the life of the process."""
 
     upstream_base_url: str = DEFAULT_UPSTREAM
     upstream_api_key: Secret = Secret("")
-    upstream_timeout_seconds: float = 600.0
+    upstream_timeout_seconds: float = _SHIPPED.upstream_timeout_seconds
     database_url: str = DEFAULT_DATABASE_URL
     database_pool_size: int = 10
     # SQLite commit durability: NORMAL survives a gateway crash; FULL also an
@@ -92,24 +164,24 @@ class Settings:
     auto_topup_enabled: bool = False
     topup_dry_run: bool = True
     topup_allow_live: bool = False
-    max_request_body_bytes: int = 26_738_688
-    unpriced_model_policy: Literal["reject", "fallback"] = "reject"
-    fallback_model: str = "gpt-4o"
-    user_language: Language = "de"
-    default_max_output_tokens: int = 1024
-    hold_ttl_seconds: int = 900
+    max_request_body_bytes: int = _SHIPPED.max_request_body_bytes
+    unpriced_model_policy: Literal["reject", "fallback"] = _SHIPPED.unpriced_model_policy
+    fallback_model: str = _SHIPPED.fallback_model
+    user_language: Language = _SHIPPED.user_language
+    default_max_output_tokens: int = _SHIPPED.default_max_output_tokens
+    hold_ttl_seconds: int = _SHIPPED.hold_ttl_seconds
     # Following upstream jobs (batches): polls back off from min to max seconds.
     job_poll_min_seconds: float = 5.0
     job_poll_max_seconds: float = 60.0
     # POST /v1/files: the largest file accepted (OpenAI's limit: 512 MB).
     max_file_bytes: int = 512 * 1024 * 1024
-    period_grace_seconds: int = 172_800
+    period_grace_seconds: int = _SHIPPED.period_grace_seconds
     # Budget leases (gateway/storage/leases.py): a gate may hold this many
     # times its estimate, while a practice has at least four times that left,
     # and admit the instance's next requests against it for up to
     # gate_lease_seconds without asking the database. 0 or 1: no leases.
-    gate_lease_requests: int = 128
-    gate_lease_seconds: float = 1.0
+    gate_lease_requests: int = _SHIPPED.gate_lease_requests
+    gate_lease_seconds: float = _SHIPPED.gate_lease_seconds
     # In-memory cache of key → practice lookups; a revoked key stops working
     # within this many seconds on every instance.
     auth_cache_seconds: float = 30.0
@@ -183,9 +255,8 @@ class Settings:
         if defaults_file.exists():
             with defaults_file.open("rb") as handle:
                 defaults = tomllib.load(handle)
-        gw = defaults.get("gateway", {})
-        budget = defaults.get("budget", {})
-        policy = env.get("AZA_UNPRICED_MODEL_POLICY", gw.get("unpriced_model_policy", "reject"))
+        file = FileDefaults.from_mapping(defaults, base=FileDefaults.shipped())
+        policy = env.get("AZA_UNPRICED_MODEL_POLICY", file.unpriced_model_policy)
         if policy not in ("reject", "fallback"):
             raise ConfigError(
                 f"AZA_UNPRICED_MODEL_POLICY must be reject or fallback, not {policy!r}"
@@ -193,7 +264,7 @@ class Settings:
         synchronous = env.get("AZA_SQLITE_SYNCHRONOUS", "NORMAL").upper()
         if synchronous not in ("NORMAL", "FULL"):
             raise ConfigError(f"AZA_SQLITE_SYNCHRONOUS must be NORMAL or FULL, not {synchronous!r}")
-        language = env.get("AZA_USER_LANGUAGE", gw.get("user_language", "de"))
+        language = env.get("AZA_USER_LANGUAGE", file.user_language)
         if language not in LANGUAGES:
             raise ConfigError(f"AZA_USER_LANGUAGE must be de, fr, it or en, not {language!r}")
         credit = CreditConfig.from_mapping(defaults.get("credit", {}), base=CreditConfig.defaults())
@@ -257,7 +328,7 @@ class Settings:
             upstream_base_url=env.get("AZA_UPSTREAM_BASE_URL", DEFAULT_UPSTREAM).rstrip("/"),
             upstream_api_key=Secret(env.get("OPENAI_API_KEY", "")),
             upstream_timeout_seconds=float(
-                env.get("AZA_UPSTREAM_TIMEOUT_SECONDS", gw.get("upstream_timeout_seconds", 600))
+                env.get("AZA_UPSTREAM_TIMEOUT_SECONDS", file.upstream_timeout_seconds)
             ),
             database_url=env.get("AZA_DATABASE_URL", DEFAULT_DATABASE_URL),
             database_pool_size=_int(env, "AZA_DATABASE_POOL_SIZE", 10),
@@ -271,27 +342,19 @@ class Settings:
             topup_dry_run=_flag(env, "AZA_AI_TOPUP_DRY_RUN", True),
             topup_allow_live=_flag(env, "AZA_AI_TOPUP_ALLOW_LIVE", False),
             max_request_body_bytes=_int(
-                env, "AZA_MAX_REQUEST_BODY_BYTES", int(gw.get("max_request_body_bytes", 26_738_688))
+                env, "AZA_MAX_REQUEST_BODY_BYTES", file.max_request_body_bytes
             ),
-            unpriced_model_policy=policy,
-            fallback_model=env.get("AZA_FALLBACK_MODEL", gw.get("fallback_model", "gpt-4o")),
+            unpriced_model_policy=policy,  # type: ignore[arg-type]  # checked above
+            fallback_model=env.get("AZA_FALLBACK_MODEL", file.fallback_model),
             user_language=language,
-            default_max_output_tokens=int(budget.get("default_max_output_tokens", 1024)),
-            hold_ttl_seconds=_int(
-                env, "AZA_HOLD_TTL_SECONDS", int(budget.get("hold_ttl_seconds", 900))
-            ),
+            default_max_output_tokens=file.default_max_output_tokens,
+            hold_ttl_seconds=_int(env, "AZA_HOLD_TTL_SECONDS", file.hold_ttl_seconds),
             job_poll_min_seconds=float(env.get("AZA_JOB_POLL_MIN_SECONDS", 5.0)),
             job_poll_max_seconds=float(env.get("AZA_JOB_POLL_MAX_SECONDS", 60.0)),
             max_file_bytes=_int(env, "AZA_MAX_FILE_BYTES", 512 * 1024 * 1024),
-            period_grace_seconds=_int(
-                env, "AZA_PERIOD_GRACE_SECONDS", int(budget.get("period_grace_seconds", 172_800))
-            ),
-            gate_lease_requests=_int(
-                env, "AZA_GATE_LEASE_REQUESTS", int(budget.get("gate_lease_requests", 128))
-            ),
-            gate_lease_seconds=float(
-                env.get("AZA_GATE_LEASE_SECONDS", budget.get("gate_lease_seconds", 1.0))
-            ),
+            period_grace_seconds=_int(env, "AZA_PERIOD_GRACE_SECONDS", file.period_grace_seconds),
+            gate_lease_requests=_int(env, "AZA_GATE_LEASE_REQUESTS", file.gate_lease_requests),
+            gate_lease_seconds=float(env.get("AZA_GATE_LEASE_SECONDS", file.gate_lease_seconds)),
             smtp_url=Secret(env.get("AZA_SMTP_URL", "")),
             alert_from=env.get("AZA_ALERT_FROM", ""),
             alert_webhook_allow_private=_flag(env, "AZA_ALERT_WEBHOOK_ALLOW_PRIVATE", False),

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import shutil
+import tomllib
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from config import CONFIG_DIR
-from gateway.settings import ConfigError, Settings
+from gateway.settings import ConfigError, FileDefaults, Settings
 
 
 def month_zone_config(tmp_path: Path, zone: str) -> Path:
@@ -51,3 +54,81 @@ def test_an_unknown_month_zone_is_refused_at_start(tmp_path: Path, zone: str) ->
 def test_a_wrong_environment_value_names_its_variable(env: dict[str, str], named: str) -> None:
     with pytest.raises(ConfigError, match=named):
         Settings.from_env(env)
+
+
+def _shipped_defaults() -> dict[str, Any]:
+    with (CONFIG_DIR / "defaults.toml").open("rb") as handle:
+        return tomllib.load(handle)
+
+
+def _default_fields() -> list[tuple[str, str]]:
+    """(section, key) of every Settings default that config/defaults.toml holds."""
+    return [(f.metadata["section"], f.name) for f in fields(FileDefaults)]
+
+
+def test_settings_defaults_are_the_shipped_files() -> None:
+    """Settings() takes each default that defaults.toml holds from the file, not a literal."""
+    shipped = _shipped_defaults()
+    plain = Settings()
+    assert len(_default_fields()) == 10
+    for section, key in _default_fields():
+        assert getattr(plain, key) == shipped[section][key], key
+    # No default the file holds is missing from FileDefaults: every [gateway]
+    # and [budget] key of the file is one.
+    assert {key for section, key in _default_fields()} == {
+        *shipped["gateway"],
+        *shipped["budget"],
+    }
+
+
+def test_settings_from_an_empty_environment_equal_the_defaults() -> None:
+    """from_env's fallbacks and the field defaults are the same values, field by field
+    (the price and plan books, read from the same files, have no equality)."""
+    from_env = Settings.from_env({})
+    plain = Settings()
+    compared = [f.name for f in fields(Settings) if f.name not in ("prices", "plans")]
+    assert len(compared) == len(fields(Settings)) - 2
+    for name in compared:
+        assert getattr(from_env, name) == getattr(plain, name), name
+
+
+@pytest.mark.parametrize(("section", "key"), _default_fields())
+def test_a_key_missing_from_the_shipped_defaults_stops_the_start(section: str, key: str) -> None:
+    data = _shipped_defaults()
+    del data[section][key]
+    with pytest.raises(ConfigError, match=rf"\[{section}\] {key} is missing"):
+        FileDefaults.from_mapping(data)
+
+
+def test_a_deployment_s_defaults_override_the_shipped_ones_key_by_key(tmp_path: Path) -> None:
+    """A deployment's defaults.toml (AZA_CONFIG_DIR) may set some keys; the rest are shipped."""
+    folder = tmp_path / "config"
+    shutil.copytree(CONFIG_DIR, folder, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    (folder / "defaults.toml").write_text(
+        '[budget]\nhold_ttl_seconds = 60\n[gateway]\nfallback_model = "gpt-4o-mini"\n'
+    )
+    settings = Settings.from_env({"AZA_CONFIG_DIR": str(folder)})
+    assert settings.hold_ttl_seconds == 60
+    assert settings.fallback_model == "gpt-4o-mini"
+    assert settings.gate_lease_requests == Settings().gate_lease_requests == 128
+    # The environment still wins over either file.
+    settings = Settings.from_env({"AZA_CONFIG_DIR": str(folder), "AZA_HOLD_TTL_SECONDS": "30"})
+    assert settings.hold_ttl_seconds == 30
+
+
+@pytest.mark.parametrize(
+    ("line", "named"),
+    [
+        ("[budget]\nhold_ttl_seconds = 'soon'", r"\[budget\] hold_ttl_seconds"),
+        ("[gateway]\nunpriced_model_policy = 'guess'", r"unpriced_model_policy"),
+        ("[gateway]\nuser_language = 'rm'", r"user_language"),
+    ],
+)
+def test_a_wrong_value_in_a_deployment_s_defaults_names_its_key(
+    tmp_path: Path, line: str, named: str
+) -> None:
+    folder = tmp_path / "config"
+    shutil.copytree(CONFIG_DIR, folder, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    (folder / "defaults.toml").write_text(line + "\n")
+    with pytest.raises(ConfigError, match=named):
+        Settings.from_env({"AZA_CONFIG_DIR": str(folder)})
