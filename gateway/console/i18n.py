@@ -185,6 +185,7 @@ _TEXTS: dict[str, tuple[str, str, str, str]] = {
     ),
     "back": ("Zurück", "Retour", "Indietro", "Back"),
     "limits_nav": ("Limits", "Limites", "Limiti", "Limits"),
+    "alerts_nav": ("Hinweise", "Alertes", "Avvisi", "Alerts"),
     "topup_done": (
         "Zahlung erhalten: {usd} USD wurden gutgeschrieben.",
         "Paiement reçu : {usd} USD ont été crédités.",

@@ -31,7 +31,13 @@ from budget.limits import Scope
 from budget.money import micros_to_usd
 from credit.errors import CreditError
 from credit.money import chf_to_internal_usd
+from gateway.alerts.messages import LANGUAGES as ALERT_LANGUAGES
+from gateway.alerts.store import AlertSettings
 from gateway.console import charts
+from gateway.console.alerts import alert_texts
+from gateway.console.alerts import form_data as alert_form_data
+from gateway.console.alerts import form_values as alert_form_values
+from gateway.console.alerts import refusal_text as alert_refusal_text
 from gateway.console.i18n import language_of, texts
 from gateway.console.limits import form_data as limit_form_data
 from gateway.console.limits import limit_rows, limit_texts
@@ -48,6 +54,7 @@ from gateway.console.session import (
 from gateway.errors import GatewayError
 from gateway.keys import KeyIdentity
 from gateway.messages import LANGUAGES, Language, credit_user_text, user_message
+from gateway.routes.alerts import change_alert_settings
 from gateway.routes.limits import change_limits, check_device_id, check_key_of_practice
 from gateway.routes.usage import (
     UsageQuery,
@@ -800,6 +807,87 @@ async def limits_save(request: Request) -> Response:
     return _redirect("limits", saved=name)
 
 
+# -- alerts ----------------------------------------------------------------------
+
+
+async def alerts_page(request: Request) -> Response:
+    """GET /console/alerts: the practice's alert settings as a form."""
+    signed = await _signed_in(request)
+    if signed is None:
+        return _redirect("")
+    session, identity = signed
+    current = await _services(request).alerts.settings(identity.practice_id)
+    return _alerts_page(request, session, identity, alert_form_values(current), current)
+
+
+def _alerts_page(
+    request: Request,
+    session: Session,
+    identity: KeyIdentity,
+    values: dict[str, str],
+    current: AlertSettings,
+    *,
+    banner: tuple[str, str] | None = None,
+    secret: str | None = None,
+    status: int = 200,
+) -> Response:
+    services = _services(request)
+    words = alert_texts(_language(request))
+    if banner is None and request.query_params.get("saved"):
+        banner = ("ok", words["alerts_saved"])
+    context = {
+        "csrf": session.csrf,
+        "practice_id": identity.practice_id,
+        "at": words,
+        "banner": banner,
+        "values": values,
+        "secret": secret,
+        "secret_set": bool(current.webhook_secret),
+        "email_enabled": services.dispatcher.mailer is not None,
+        "alert_languages": ALERT_LANGUAGES,
+    }
+    return _page(request, "alerts.html", context, status=status)
+
+
+async def alerts_save(request: Request) -> Response:
+    """POST /console/alerts: through the PUT route's code (`change_alert_settings`); a new
+    webhook URL's secret is shown on the answering page, once."""
+    outcome = await _post_session(request)
+    if isinstance(outcome, Response):
+        return outcome
+    session, identity, form = outcome
+    services = _services(request)
+    words = alert_texts(_language(request))
+    data = alert_form_data(form)
+    try:
+        new, secret = await change_alert_settings(services, identity.practice_id, data)
+    except GatewayError as exc:
+        current = await services.alerts.settings(identity.practice_id)
+        entered = {name: str(form.get(name) or "") for name in alert_form_values(current)}
+        reason = alert_refusal_text(exc, words)
+        return _alerts_page(
+            request,
+            session,
+            identity,
+            entered,
+            current,
+            banner=("error", words["alerts_refused"].format(reason=reason)),
+            status=422,
+        )
+    if secret:
+        # Shown here and never again: not a redirect (the secret stays out of every URL).
+        return _alerts_page(
+            request,
+            session,
+            identity,
+            alert_form_values(new),
+            new,
+            banner=("ok", words["alerts_saved"]),
+            secret=secret,
+        )
+    return _redirect("alerts", saved="1")
+
+
 routes: list[BaseRoute] = [
     Route("/", root, methods=["GET"]),
     Route("/console", root, methods=["GET"]),
@@ -815,4 +903,6 @@ routes: list[BaseRoute] = [
     Route("/console/resume", resume, methods=["POST"]),
     Route("/console/limits", limits_page, methods=["GET"]),
     Route("/console/limits", limits_save, methods=["POST"]),
+    Route("/console/alerts", alerts_page, methods=["GET"]),
+    Route("/console/alerts", alerts_save, methods=["POST"]),
 ]

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -30,6 +30,9 @@ from gateway.routes.common import (
     ok,
     services_of,
 )
+
+if TYPE_CHECKING:
+    from gateway.services import Services
 
 MAX_THRESHOLDS = 10
 
@@ -136,12 +139,12 @@ async def alerts_get(request: Request) -> Response:
     return ok(settings_view(current, email_enabled=services.dispatcher.mailer is not None))
 
 
-@endpoint
-async def alerts_put(request: Request) -> Response:
-    """PUT /v1/ai-credit/alerts: change the named fields; a new webhook_url answers its secret."""
-    _, practice_id = await admin_practice_of(request)
-    services = services_of(request)
-    data = await json_body(request)
+async def change_alert_settings(
+    services: Services, practice_id: str, data: dict[str, Any]
+) -> tuple[AlertSettings, str | None]:
+    """Apply a PUT's `data` to a practice's alert settings (422 on the first bad field,
+    nothing changed then): the settings now, and a new webhook secret to show once (or
+    None). The PUT route and the console's form both come here."""
     current = await services.alerts.settings(practice_id)
     new = await _updated(data, current, allow_private=services.settings.alert_webhook_allow_private)
     state = await services.metering.state(practice_id)
@@ -149,9 +152,19 @@ async def alerts_put(request: Request) -> Response:
     if state.period is not None:
         period = (state.period.start, state.snapshot.budget_micros)
     await services.alerts.save_settings(practice_id, new, period=period)
+    fresh = new.webhook_secret if new.webhook_secret != current.webhook_secret else None
+    return new, fresh
+
+
+@endpoint
+async def alerts_put(request: Request) -> Response:
+    """PUT /v1/ai-credit/alerts: change the named fields; a new webhook_url answers its secret."""
+    _, practice_id = await admin_practice_of(request)
+    services = services_of(request)
+    new, secret = await change_alert_settings(services, practice_id, await json_body(request))
     payload = settings_view(new, email_enabled=services.dispatcher.mailer is not None)
-    if new.webhook_secret and new.webhook_secret != current.webhook_secret:
-        payload["webhook_secret"] = new.webhook_secret
+    if secret:
+        payload["webhook_secret"] = secret
     return ok(payload)
 
 

@@ -98,3 +98,36 @@ def test_smtp_urls() -> None:
     assert SmtpConfig.from_url("smtps://u:p@mail.test").port == 465
     with pytest.raises(ValueError):
         SmtpConfig.from_url("http://mail.test")
+
+
+def test_the_console_alert_form_reads_as_the_put_would() -> None:
+    """Thresholds as a comma list, empty fields as null, whole numbers as numbers, the
+    rest as typed; the refusals of the PUT's checks read in four languages."""
+    from starlette.datastructures import FormData
+
+    from gateway.console.alerts import alert_texts, all_entries, form_data, refusal_text
+    from gateway.errors import unprocessable
+
+    form = FormData(
+        [
+            ("budget_used_percent", "90, 75 %, x"),
+            ("extra_credit_below_usd", "5,50"),
+            ("key_cap_percent", ""),
+            ("email", " "),
+            ("webhook_url", ""),
+            ("language", "it"),
+        ]
+    )
+    assert form_data(form) == {
+        "budget_used_percent": [90, 75, "x"],
+        "extra_credit_below_usd": "5.50",
+        "email": None,
+        "webhook_url": None,
+        "language": "it",
+    }
+    error = unprocessable("bad", code="invalid_percent", param="key_cap_percent")
+    texts = {lang: refusal_text(error, alert_texts(lang)) for lang in ("de", "fr", "it", "en")}
+    assert len(set(texts.values())) == 4
+    assert alert_texts("de")["key_cap_percent"] in texts["de"]
+    for key, values in all_entries().items():
+        assert len(values) == 4 and all(v.strip() for v in values), key

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -148,3 +149,72 @@ async def test_a_cap_set_in_the_console_refuses_a_request_over_it(
     assert answer.status == 303
     assert await page.locator(device_row).count() == 0
     assert [(r["scope"], r["subject"]) for r in await limit_rows(console)] == [("key", prefix)]
+
+
+async def test_alert_settings_in_the_console_are_the_put_routes(
+    page: Any, console: Console
+) -> None:
+    """The alerts form: defaults shown; a private webhook refused in German with nothing
+    stored; saved settings are the API's; a new webhook's secret is shown once."""
+    await sign_in(page, console)
+    await page.click("#nav-alerts")
+    await page.wait_for_load_state()
+    assert page.url.endswith("/console/alerts")
+    assert await page.input_value("#budget_used_percent") == "50, 80, 95, 100"
+    assert await page.input_value("#key_cap_percent") == "80"
+    assert await page.locator("#email-off").count() == 1  # no SMTP configured here
+
+    async def stored() -> list[Any]:
+        async with console.db.read() as conn:
+            return list(await conn.fetchall("SELECT * FROM ai_alert_settings"))
+
+    async def save() -> Any:
+        async with page.expect_response(lambda r: r.url.endswith("/console/alerts")) as info:
+            await page.click("#save-alerts")
+        await page.wait_for_load_state()
+        return await info.value
+
+    await page.fill("#webhook_url", "https://127.0.0.1/hooks")
+    answer = await save()
+    assert answer.status == 422
+    banner = await page.inner_text("#alerts-banner")
+    assert "Webhook-URL (https)" in banner and "öffentlichen Internet" in banner, banner
+    assert await stored() == []
+
+    await page.fill("#budget_used_percent", "90, 75")
+    await page.fill("#extra_credit_below_usd", "5,00")
+    await page.fill("#email", "praxis@example.ch")
+    await page.fill("#webhook_url", "https://1.1.1.1/aza-hooks")
+    await page.select_option("#language", "fr")
+    answer = await save()
+    assert answer.status == 200
+    [row] = await stored()
+    secret = row["webhook_secret"]
+    assert secret and secret in await page.inner_text("#webhook-secret")
+    assert secret not in page.url
+    async with httpx.AsyncClient(base_url=console.root) as http:
+        api = (
+            await http.get(
+                "/v1/ai-credit/alerts", headers={"authorization": f"Bearer {console.admin_key}"}
+            )
+        ).json()
+    assert api["budget_used_percent"] == [75, 90]
+    assert api["extra_credit_below_usd"] == "5.00"
+    assert (api["email"], api["webhook_url"], api["language"]) == (
+        "praxis@example.ch",
+        "https://1.1.1.1/aza-hooks",
+        "fr",
+    )
+    assert "webhook_secret" not in api and api["webhook_secret_set"]
+
+    await page.goto(console.root + "/console/alerts")  # shown once: not on the next visit
+    assert await page.locator("#webhook-secret").count() == 0
+    assert secret not in await page.content()
+    assert await page.locator("#secret-set").count() == 1
+    assert await page.input_value("#budget_used_percent") == "75, 90"
+    answer = await save()  # saved again unchanged: no new secret
+    assert answer.status == 303
+    [again] = await stored()
+    assert again["webhook_secret"] == secret
+    assert "Gespeichert" in await page.inner_text("#alerts-banner")
+    await shot(page, "alerts")
