@@ -161,9 +161,13 @@ class SessionMeter:
         """Audio appended to the input buffer: `base64_chars` of base64 (an upper bound)."""
         self.buffer_bytes += base64_chars * 3 // 4
 
+    def buffered_seconds(self) -> Decimal:
+        """Seconds of audio in the input buffer (appended, not yet committed)."""
+        return Decimal(self.buffer_bytes) / Decimal(self.bytes_per_second)
+
     def committed(self) -> Decimal:
         """The input buffer was committed: its audio joins the conversation. Returns its seconds."""
-        seconds = Decimal(self.buffer_bytes) / Decimal(self.bytes_per_second)
+        seconds = self.buffered_seconds()
         self.new_audio_bytes += self.buffer_bytes
         self.buffer_bytes = 0
         return seconds

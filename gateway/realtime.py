@@ -16,7 +16,9 @@ bytes; audio chunks are not parsed):
   practice cannot afford it (after one auto top-up attempt) the client gets
   an `error` event with `code: insufficient_quota` and the HTTP 429's
   `error_code` and `message_user`, the event is not forwarded, and the
-  socket closes with 1008;
+  socket closes with 1008; the caller's key and device limits (issue 18)
+  are applied there too: a cap as the budget, a rate limit with an `error`
+  event (`rate_limit_exceeded`) while the session goes on;
 - each `response.done` is charged by its usage, each transcription's
   `conversation.item.input_audio_transcription.completed` by its own, as one
   usage event with the request id `rt:<session id>:<response or item id>`, so
@@ -37,7 +39,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
@@ -55,6 +57,7 @@ from websockets.exceptions import (
     InvalidURI,
 )
 
+from budget.limits import Subject
 from budget.money import usd_to_micros
 from budget.operations import Operation
 from budget.pricing import UnpricedModel
@@ -69,8 +72,18 @@ from budget.realtime import (
 )
 from budget.usage import Usage
 from credit.ports import DatabaseUnavailable
-from gateway.auth import require_practice
+from gateway.auth import Caller, require_practice
 from gateway.errors import GatewayError, bad_request, forbidden, unavailable
+from gateway.limiting import (
+    cap_reached,
+    device_subject,
+    hold_caps,
+    rate_limited,
+    release_limits,
+    settle_limits,
+    subjects_of,
+    take_rates,
+)
 from gateway.middleware import gate, new_request_id
 from gateway.pricing import Pricing, model_not_priced
 from gateway.proxy import (
@@ -83,6 +96,7 @@ from gateway.proxy import (
 from gateway.routing import Upstream
 from gateway.services import Services
 from gateway.storage.holds import Hold, Reservation
+from gateway.storage.limits import CapHold
 from gateway.upstream import UpstreamError
 
 log = logging.getLogger("aza.gateway.realtime")
@@ -198,6 +212,62 @@ async def _others_settle(
     return False
 
 
+async def limit_subjects(services: Services, caller: Caller, practice_id: str) -> list[Subject]:
+    """The caller's key and device that have limits (issue 18), as the HTTP gate finds them."""
+    key = caller.key
+    if key is None or (key.limits is None and not key.device_limits):
+        return []
+    device = await device_subject(services.limits, caller, practice_id)
+    return subjects_of(caller, device)
+
+
+async def admit_response(
+    services: Services,
+    practice_id: str,
+    subjects: Sequence[Subject],
+    request_id: str,
+    estimate: Usage,
+    cost_micros: int,
+    *,
+    rates: bool = True,
+) -> tuple[Hold, list[CapHold]]:
+    """The gate of one Realtime response, as the HTTP gate's: the key's and device's rate
+    windows (unless `rates` is False), the practice's budget, then their caps.
+
+    Returns the budget hold and the cap holds; raises the 429 of whichever
+    refused (`rate_limit_exceeded`, the cap's or the budget's `insufficient_quota`),
+    with nothing left held.
+    """
+    subjects = list(subjects)
+    if subjects and rates:
+        refused = await take_rates(
+            services.limit_leases,
+            subjects,
+            estimate,
+            window_seconds=services.settings.rate_limit_window_seconds,
+        )
+        if refused is not None:
+            services.metrics.gate_decisions.labels("rate_limited").inc()
+            language = await services.alerts.language(practice_id)
+            raise rate_limited(refused[0], refused[1], language)
+    hold = await hold_budget(services, practice_id, request_id, cost_micros)
+    if not subjects:
+        return hold, []
+    try:
+        caps, full = await hold_caps(services.limit_leases, subjects, hold, cost_micros)
+        if full is not None:
+            services.metrics.gate_decisions.labels("cap_reached").inc()
+            raise cap_reached(full, await services.alerts.language(practice_id))
+    except BaseException as exc:
+        # Not admitted: the budget's hold goes back in a task of its own, which
+        # a cancellation cannot stop.
+        released = services.spawn(services.metering.release(hold), name="release unadmitted hold")
+        if isinstance(exc, Exception):
+            await asyncio.shield(released)
+        raise
+    return hold, caps
+
+
 def error_event(error: GatewayError, request_id: str, client_event_id: Any = None) -> str:
     """A gateway error as a Realtime `error` event, with the HTTP error's extra members."""
     body = error.body(request_id)
@@ -226,15 +296,24 @@ class _Held:
     hold: Hold | None  # None: placed after the upstream started it (see _hold_late)
     estimate: Usage
     started_at: int
-    late: asyncio.Task[Hold | None] | None = None
+    caps: Sequence[CapHold] = ()  # on the caps of the caller's key and device
+    late: asyncio.Task[None] | None = None  # places `hold` and `caps` (see _hold_late)
 
 
 class _Refused(Exception):
-    """A gate refused the session's next response: `error` says why."""
+    """A gate refused the session's next response: `error` says why (the session ends)."""
 
     def __init__(self, error: GatewayError) -> None:
         super().__init__(error.message)
         self.error = error
+
+
+class _RateLimited(_Refused):
+    """A rate limit refused the next response: the client is told, the session goes on."""
+
+
+def _is_rate_limit(error: GatewayError) -> bool:
+    return error.code == "rate_limit_exceeded"
 
 
 class RealtimeSession:
@@ -253,8 +332,10 @@ class RealtimeSession:
         send: Send,
         upstream: ClientConnection,
         uplift: Decimal,
+        headers: Mapping[str, str],
     ) -> None:
         self.services = services
+        self.headers = headers  # the upgrade's: each gate authenticates the key again
         self.pricing = services.pricing
         self.uplift = uplift  # the chosen upstream's price uplift, percent
         self.practice_id = practice_id
@@ -335,6 +416,8 @@ class RealtimeSession:
                         forward = await self._on_client(str(kind), parsed or _parse(text) or {})
                     except _Refused as refused:
                         await self._refuse(refused.error, (parsed or _parse(text) or {}))
+                        if isinstance(refused, _RateLimited):
+                            continue  # not forwarded; the client may send it again
                         return
                     if not forward:
                         continue
@@ -409,9 +492,10 @@ class RealtimeSession:
         elif kind == "input_audio_buffer.clear":
             meter.cleared()
         elif kind == "input_audio_buffer.commit":
-            seconds = meter.committed()
             if meter.kind is SessionKind.TRANSCRIPTION:
-                self.waiting.append(await self._hold(meter.transcription_estimate(seconds)))
+                estimate = meter.transcription_estimate(meter.buffered_seconds())
+                self.waiting.append(await self._hold(estimate))
+            meter.committed()
         elif kind == "response.create":
             options = event.get("response")
             limit = None
@@ -440,21 +524,34 @@ class RealtimeSession:
         ready, self.ready = self.ready, None
         if ready is not None:
             assert ready.hold is not None
-            if ready.hold.amount_micros >= cost:
+            if ready.hold.amount_micros >= cost and all(
+                cap.amount_micros >= cost for cap in ready.caps
+            ):
                 return replace(ready, estimate=estimate)
-            await self.services.metering.release(ready.hold)
-        hold = await self._gate(cost)
-        return _Held(hold, estimate, int(time.time()))
+            await self._release(ready)
+            # The open counted this response in the rate windows already.
+            return await self._gate(estimate, cost, rates=False)
+        return await self._gate(estimate, cost)
 
-    async def _gate(self, cost: int) -> Hold:
+    async def _gate(self, estimate: Usage, cost: int, *, rates: bool = True) -> _Held:
+        """The gate of the next response: its budget and cap holds, else `_Refused`."""
         request_id = f"rt:{self.request_id}:hold{next(self._holds)}"
+        services = self.services
         try:
-            return await hold_budget(self.services, self.practice_id, request_id, cost)
+            # Again each time: a key revoked, or limits changed, since the open count.
+            caller = await services.auth.authenticate(self.headers)
+            subjects = await limit_subjects(services, caller, self.practice_id)
+            hold, caps = await admit_response(
+                services, self.practice_id, subjects, request_id, estimate, cost, rates=rates
+            )
         except GatewayError as exc:
-            raise _Refused(exc) from None
+            raise (_RateLimited if _is_rate_limit(exc) else _Refused)(exc) from None
         except DatabaseUnavailable:
             log.exception("database unavailable at a realtime gate (%s)", self.request_id)
             raise _Refused(unavailable()) from None
+        held = _Held(hold, estimate, int(time.time()), caps)
+        _track(services, held, running=True)
+        return held
 
     def _cost(self, usage: Usage) -> int:
         try:
@@ -463,14 +560,17 @@ class RealtimeSession:
             raise _Refused(model_not_priced(usage.model)) from None
 
     async def _refuse(self, error: GatewayError, event: Mapping[str, Any]) -> None:
-        """Tell the client why (an `error` event), and close with 1008 and a readable reason."""
+        """Tell the client why (an `error` event), and close with 1008 and a readable reason
+        (a rate limit only tells: the session goes on)."""
         await self._to_client(
             {
                 "type": "websocket.send",
                 "text": error_event(error, self.request_id, event.get("event_id")),
             }
         )
-        code = CLOSE_POLICY if error.status in (403, 429) else CLOSE_INTERNAL
+        if _is_rate_limit(error):
+            return
+        code = CLOSE_POLICY if error.status in (401, 403, 429) else CLOSE_INTERNAL
         await self._close_client(code, close_reason(error))
 
     # -- what the upstream sends ------------------------------------------
@@ -539,15 +639,18 @@ class RealtimeSession:
             held.late = self.services.spawn(self._hold_late(held), name="realtime:late-hold")
         self.running[upstream_id] = held
 
-    async def _hold_late(self, held: _Held) -> Hold | None:
+    async def _hold_late(self, held: _Held) -> None:
+        """Hold a response the upstream started by itself. It is running already: rate
+        limits do not stop it; the budget or a cap does (cancelled, the session ends)."""
         try:
-            return await self._gate(self._cost(held.estimate))
+            placed = await self._gate(held.estimate, self._cost(held.estimate), rates=False)
         except _Refused as refused:
             with contextlib.suppress(ConnectionClosed):
                 if self.meter.kind is SessionKind.CONVERSATION:
                     await self.upstream.send(_dumps({"type": "response.cancel"}))
             await self._refuse(refused.error, {})
-            return None
+            return
+        held.hold, held.caps = placed.hold, placed.caps
 
     def _background(self, work: Any) -> None:
         task = self.services.spawn(work, name=f"realtime-settle:{self.session_id}")
@@ -561,9 +664,9 @@ class RealtimeSession:
     ) -> None:
         """One usage event for one upstream response or transcription, its hold replaced."""
         metering, metrics = self.services.metering, self.services.metrics
+        if held is not None and held.late is not None:
+            await held.late
         hold = held.hold if held is not None else None
-        if held is not None and hold is None and held.late is not None:
-            hold = await held.late
         if usage is None:
             assert held is not None
             usage, status = held.estimate, "partial"
@@ -596,6 +699,13 @@ class RealtimeSession:
                     device_id=self.device_id,
                     status=status,
                 )
+            if held is not None and held.caps:
+                await settle_limits(
+                    self.services.limit_leases,
+                    held.caps,
+                    cost,
+                    retry_seconds=metering.retry_seconds,
+                )
             if settlement.event_id is not None:
                 metrics.usage_cost.inc(cost)
                 metrics.usage_events.labels(
@@ -610,16 +720,14 @@ class RealtimeSession:
                 )
         except Exception:
             log.exception("charging %s failed; its hold expires by itself", request_id)
+        finally:
+            if held is not None:
+                _track(self.services, held, running=False)
 
     async def _release(self, held: _Held) -> None:
-        hold = held.hold
-        if hold is None and held.late is not None:
-            hold = await held.late
-        if hold is not None:
-            try:
-                await self.services.metering.release(hold)
-            except Exception:
-                log.exception("releasing a realtime hold failed; it expires by itself")
+        if held.late is not None:
+            await held.late
+        await release_held(self.services, held)
 
     async def _finish(self) -> None:
         """At the session's end: charge what started without a usage report, release the rest."""
@@ -636,6 +744,33 @@ class RealtimeSession:
                 await asyncio.wait(list(self._work))
         finally:
             self.services.metrics.holds_in_flight.dec()
+
+
+def _track(services: Services, held: _Held, *, running: bool) -> None:
+    """Have the hold rows of a held response renewed while it is held (or no longer)."""
+    if held.hold is None:
+        return
+    ids = [(services.metering.running, held.hold.hold_id)]
+    ids += [(services.limits.running, cap.hold_id) for cap in held.caps if cap.lease is None]
+    for renewed, hold_id in ids:
+        if running:
+            renewed.add(hold_id)
+        else:
+            renewed.discard(hold_id)
+
+
+async def release_held(services: Services, held: _Held) -> None:
+    """Drop a response's budget and cap holds without charging (they expire if this fails)."""
+    hold, held.hold = held.hold, None
+    if hold is None:
+        return
+    _track(services, replace(held, hold=hold), running=False)
+    try:
+        await services.metering.release(hold)
+    except Exception:
+        log.exception("releasing a realtime hold failed; it expires by itself")
+    if held.caps:
+        await release_limits(services.limit_leases, held.caps)
 
 
 # -- opening a session ------------------------------------------------------
@@ -759,17 +894,26 @@ class RealtimeEndpoint:
                 else meter.response_estimate()
             )
             chosen = _choose_upstream(services, practice_id, estimate.model)
-            hold = await hold_budget(
+            subjects = await limit_subjects(services, caller, practice_id)
+            hold, caps = await admit_response(
                 services,
                 practice_id,
+                subjects,
                 f"rt:{request_id}:hold0",
+                estimate,
                 pricing.cost_micros(estimate, chosen.uplift),
             )
-            first = _Held(hold, estimate, int(time.time()))
+            first = _Held(hold, estimate, int(time.time()), caps)
+            _track(services, first, running=True)
             upstream = await _connect_upstream(chosen, websocket)
-        except (GatewayError, _UpstreamAnswer, DatabaseUnavailable) as exc:
-            if first is not None and first.hold is not None:
-                await services.metering.release(first.hold)
+        except BaseException as exc:
+            if first is not None:
+                # In a task of its own: a cancellation (the client gone) cannot stop it.
+                await asyncio.shield(
+                    services.spawn(release_held(services, first), name="realtime:unopened")
+                )
+            if not isinstance(exc, GatewayError | _UpstreamAnswer | DatabaseUnavailable):
+                raise
             if isinstance(exc, _UpstreamAnswer):
                 await websocket.send_denial_response(
                     Response(exc.body, status_code=exc.status, media_type="application/json")
@@ -782,7 +926,9 @@ class RealtimeEndpoint:
             await websocket.accept()
         except BaseException:
             await upstream.close()
-            await services.metering.release(hold)
+            await asyncio.shield(
+                services.spawn(release_held(services, first), name="realtime:unopened")
+            )
             raise
         session = RealtimeSession(
             services,
@@ -795,6 +941,7 @@ class RealtimeEndpoint:
             send=send,
             upstream=upstream,
             uplift=chosen.uplift,
+            headers=websocket.headers,
         )
         await session.run()
 

@@ -502,3 +502,116 @@ async def test_an_auto_top_up_at_the_gate_lets_the_session_go_on_unnoticed(
             assert await auto_topups(db, gateway.practice) == [("succeeded", 10 * USD)]
             await until(lambda: _no_holds(gateway))
             assert len(await realtime_events(gateway)) == 3
+
+
+# -- per-key and per-device limits (issue 18) ------------------------------------
+
+
+async def put_limits(gateway: Gateway, path: str, body: dict[str, Any]) -> None:
+    async with httpx.AsyncClient(base_url=gateway.root) as http:
+        answer = await http.put(path, json=body, headers={"authorization": f"Bearer {gateway.key}"})
+    assert answer.status_code == 200, answer.text
+
+
+async def rows(db: AnyDatabase, sql: str, *args: Any) -> list[Any]:
+    async with db.read() as conn:
+        return list(await conn.fetchall(sql, *args))
+
+
+async def test_a_capped_key_is_cut_off_at_its_cap_like_at_the_budget(
+    gateway: Gateway, db: AnyDatabase
+) -> None:
+    """A client key capped at 0.095 USD: two responses (some 0.013 USD each) fit beside the
+    next one's estimate (some 0.07 USD), the third does not. It gets the cap's error event
+    (not the budget's), is not forwarded, and the socket closes with 1008; the key's spend
+    is what its two responses cost."""
+    prefix = gateway.client_key[:10]
+    await put_limits(gateway, f"/v1/ai-credit/keys/{prefix}/limits", {"monthly_cap_usd": "0.095"})
+    fake = gateway.fake.realtime
+    fake.deltas = 100  # 200 audio tokens a response
+    dones = []
+    async with gateway.client(key=gateway.client_key).realtime.connect(
+        model="gpt-realtime"
+    ) as connection:
+        await next_of(connection, "session.created")
+        for _ in range(2):
+            done, _ = await turn(connection)
+            dones.append(done)
+        await speak(connection)
+        await connection.response.create()
+        error = await next_of(connection, "error")
+        with pytest.raises(ConnectionClosed) as closed:
+            await connection.recv()
+    raw = json.loads(error.to_json())
+    assert raw["error"]["code"] == "insufficient_quota"
+    assert raw["error_code"] == raw["error"]["error_code"] == "KEY_SPENDING_CAP_REACHED"
+    assert "Ausgabenlimit" in raw["message_user"]
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+    assert "KEY_SPENDING_CAP_REACHED" in closed.value.rcvd.reason
+    assert fake.client_events.count("response.create") == 2
+    events = await gateway.settled(2)
+    costs = [cost_of(done, "gpt-realtime") for done in dones]
+    assert [e["estimated_cost_micro_usd"] for e in events] == costs
+    [total] = await rows(db, "SELECT used_micro_usd FROM ai_limit_totals WHERE subject = ?", prefix)
+    assert int(total[0]) == sum(costs)
+    await until(lambda: _no_cap_holds(db))
+    assert await gateway.holds() == 0
+    assert list(await gateway.metering.totals_mismatches()) == []  # aza-gateway verify
+
+
+async def _no_cap_holds(db: AnyDatabase) -> bool:
+    return await rows(db, "SELECT hold_id FROM ai_limit_holds") == []
+
+
+async def test_a_rate_limited_key_gets_an_error_event_and_the_session_goes_on(
+    start_gateway: StartGateway, db: AnyDatabase
+) -> None:
+    """Two responses per window: opening counts the first; the third response.create gets
+    rate_limit_exceeded, is not forwarded, and the socket stays open for what follows."""
+    async with start_gateway(rate_limit_window_seconds=3600.0) as gateway:
+        prefix = gateway.client_key[:10]
+        await put_limits(gateway, f"/v1/ai-credit/keys/{prefix}/limits", {"requests_per_minute": 2})
+        fake = gateway.fake.realtime
+        async with gateway.client(key=gateway.client_key).realtime.connect(
+            model="gpt-realtime"
+        ) as connection:
+            await next_of(connection, "session.created")
+            await turn(connection)
+            await turn(connection)
+            await speak(connection)
+            await connection.response.create(event_id="evt_third")
+            error = await next_of(connection, "error")
+            # Still open: the upstream answers what the client sends next.
+            await connection.input_audio_buffer.clear()
+            await next_of(connection, "input_audio_buffer.cleared")
+        raw = json.loads(error.to_json())
+        assert raw["error"]["code"] == "rate_limit_exceeded"
+        assert raw["error_code"] == "KEY_RATE_LIMITED"
+        assert raw["error"]["event_id"] == "evt_third"
+        assert "retry after" in raw["error"]["message"]
+        assert fake.client_events.count("response.create") == 2
+        assert len(await gateway.settled(2)) == 2
+        await until(lambda: _no_holds(gateway))
+        assert await rows(db, "SELECT hold_id FROM ai_limit_holds") == []
+
+
+async def test_a_device_over_its_cap_cannot_open_a_session(gateway: Gateway) -> None:
+    """The device's cap is below the first response's estimate: the upgrade gets the cap's
+    HTTP 429; the upstream is not called and nothing stays held."""
+    await put_limits(gateway, "/v1/ai-credit/devices/empfang-1/limits", {"monthly_cap_usd": "0.01"})
+    client = gateway.client(key=gateway.client_key)
+    with pytest.raises(InvalidStatus) as refused:
+        async with client.realtime.connect(
+            model="gpt-realtime", extra_headers={"X-Device-Id": "empfang-1"}
+        ):
+            pass
+    response = refused.value.response
+    assert response.status_code == 429
+    assert json.loads(response.body)["error_code"] == "DEVICE_SPENDING_CAP_REACHED"
+    assert gateway.fake.realtime.sessions == []
+    # Another device of the same key is not limited.
+    async with client.realtime.connect(
+        model="gpt-realtime", extra_headers={"X-Device-Id": "labor-2"}
+    ) as connection:
+        await next_of(connection, "session.created")
+    await until(lambda: _no_holds(gateway))
