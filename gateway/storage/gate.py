@@ -50,8 +50,11 @@ class Gate(Protocol):
         estimate_micros: int,
         now: int,
         lease_micros: int = 0,
+        expires_at: int | None = None,
     ) -> Reservation:
-        """Check the budget and, when it admits the request, place its hold; atomically."""
+        """Check the budget and, when it admits the request, place its hold; atomically.
+
+        The hold lasts `hold_ttl_seconds`, or until `expires_at` (a batch's own hold)."""
         ...
 
     async def release(self, hold: Hold) -> bool:
@@ -115,6 +118,7 @@ class TransactionGate:
         estimate_micros: int,
         now: int,
         lease_micros: int = 0,
+        expires_at: int | None = None,
     ) -> Reservation:
         # Shared: the block raises only when the database fails; DatabaseUnavailable
         # (also when its group was rolled back) is a 503.
@@ -136,7 +140,7 @@ class TransactionGate:
                 request_id=request_id,
                 amount_micros=decision.hold_micros,
                 now=now,
-                expires_at=now + self.hold_ttl_seconds,
+                expires_at=now + self.hold_ttl_seconds if expires_at is None else expires_at,
             )
         hold = Hold(
             hold_id=hold_id,

@@ -112,10 +112,19 @@ class LeasingGate:
         estimate_micros: int,
         now: int,
         lease_micros: int = 0,
+        expires_at: int | None = None,
     ) -> Reservation:
         """The practice's open lease admits the request without the database when its
         estimate fits; otherwise the inner gate decides, and places a lease when the
-        practice has plenty left."""
+        practice has plenty left. A hold with its own expiry is never a lease's."""
+        if expires_at is not None:
+            return await self.inner.reserve(
+                practice_id,
+                request_id=request_id,
+                estimate_micros=estimate_micros,
+                now=now,
+                expires_at=expires_at,
+            )
         if practice_id in self._leases or practice_id in self._next:
             hold = self._from_leases(practice_id, request_id, estimate_micros, now)
             if hold is not None:

@@ -186,21 +186,16 @@ class MeteringStore:
         whole, so such a partial hold is taken back and the batch refused.
         """
         reservation = await self._own_holds.reserve(
-            practice_id, request_id=request_id, estimate_micros=estimate_micros, now=self.now()
+            practice_id,
+            request_id=request_id,
+            estimate_micros=estimate_micros,
+            now=self.now(),
+            expires_at=expires_at,
         )
         hold = reservation.hold
         if hold is not None and hold.amount_micros < estimate_micros:
             await self._own_holds.release(hold)
             return Reservation(hold=None, state=reservation.state)
-        if hold is not None:
-            async with self.db.transaction(lock=practice_id) as conn:
-                await conn.execute(
-                    "UPDATE ai_budget_holds SET expires_at = ? WHERE practice_id = ? "
-                    "AND hold_id = ?",
-                    expires_at,
-                    practice_id,
-                    hold.hold_id,
-                )
         return reservation
 
     async def release(self, hold: Hold) -> bool:

@@ -99,11 +99,13 @@ class OneCallGate:
         estimate_micros: int,
         now: int,
         lease_micros: int = 0,
+        expires_at: int | None = None,
     ) -> Reservation:
         expected = self.states.expected.get(practice_id)
+        until = now + self.hold_ttl_seconds if expires_at is None else expires_at
         if expected is not None:
             answered = await self._reserve_in_one_call(
-                practice_id, expected, request_id, estimate_micros, lease_micros, now
+                practice_id, expected, request_id, estimate_micros, lease_micros, now, until
             )
             if answered is not None:
                 return answered
@@ -113,6 +115,7 @@ class OneCallGate:
             estimate_micros=estimate_micros,
             now=now,
             lease_micros=lease_micros,
+            expires_at=until,
         )
 
     async def _reserve_in_one_call(
@@ -123,6 +126,7 @@ class OneCallGate:
         estimate_micros: int,
         lease_micros: int,
         now: int,
+        expires_at: int,
     ) -> Reservation | None:
         """The gate as one statement, for the license and period seen last time.
 
@@ -157,7 +161,7 @@ class OneCallGate:
                 estimate_micros,
                 hold_id,
                 request_id,
-                now + self.hold_ttl_seconds,
+                expires_at,
                 lease_micros,
                 LEASE_FLOOR_FACTOR * lease_micros,
             ),
