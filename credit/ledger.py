@@ -22,6 +22,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from budget.money import micros_to_float
+from credit.money_sql import EXTRA_CREDIT_SQL
 from credit.ports import Connection, Row
 from credit.stripe_ids import mask_stripe_reference
 
@@ -275,16 +276,8 @@ async def extra_credit_micros(conn: Connection, practice_id: str) -> int:
 
     May be negative after a refund of credit that was already used.
     """
-    row = await conn.fetchone(
-        "SELECT (SELECT COALESCE(SUM(amount_internal_micro_usd), 0) FROM ai_credit_ledger "
-        "WHERE practice_id = ? AND status = 'succeeded') AS credited, "
-        "(SELECT COALESCE(SUM(used_credit_micro_usd), 0) FROM ai_usage_period_totals "
-        "WHERE practice_id = ?) AS used",
-        practice_id,
-        practice_id,
-    )
-    assert row is not None  # an aggregate query always returns a row
-    return int(row["credited"]) - int(row["used"])
+    # The money SQL written once (credit/money_sql.py).
+    return int(await conn.fetchval(EXTRA_CREDIT_SQL, practice_id, practice_id))
 
 
 async def pending_auto_topups(

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from importlib import resources
 
+from credit import money_sql
 from credit.ports import DatabaseUnavailable, UniqueViolation
 from gateway.storage.postgres import PostgresDatabase
 from gateway.storage.sqlite import SqliteDatabase, sqlite_path
@@ -67,9 +69,17 @@ async def open_database(
 _INCLUDE = re.compile(r"^\\ir \.\./\.\./functions/(\w+\.sql)[ \t]*$", re.MULTILINE)
 
 
+# A migration takes a piece of the money SQL written once (credit/money_sql.py)
+# by naming it with the SQL of its argument, `{{ extra_credit(NEW.practice_id) }}`:
+# what SQLite's triggers cannot call as a function they include.
+_FRAGMENTS: dict[str, Callable[[str], str]] = {"extra_credit": money_sql.extra_credit_sql}
+_FRAGMENT = re.compile(r"\{\{ (\w+)\(([\w.]+)\) \}\}")
+
+
 def _with_includes(script: str) -> str:
     functions = resources.files("gateway.storage") / "functions"
-    return _INCLUDE.sub(lambda m: (functions / m.group(1)).read_text(encoding="utf-8"), script)
+    script = _INCLUDE.sub(lambda m: (functions / m.group(1)).read_text(encoding="utf-8"), script)
+    return _FRAGMENT.sub(lambda m: _FRAGMENTS[m.group(1)](m.group(2)), script)
 
 
 def _migration_files(dialect: str) -> list[tuple[int, str]]:

@@ -1,8 +1,8 @@
 """A practice's budget state as the gate reads it: license, period and money, in one query.
 
 The money (the period's usage, the extra credit left, what holds reserve) is
-summed here, in SQL written once (`MONEY_COLUMNS`); the license is read
-through `credit.licenses`. `StateReader` turns a row into a `BudgetState`
+summed by the money SQL written once (`credit/money_sql.py`, `MONEY_COLUMNS`);
+the license is read through `credit.licenses`. `StateReader` turns a row into a `BudgetState`
 by the rules of `budget.license` (which period a license gives now) and the
 plan book (the monthly budget).
 """
@@ -16,22 +16,9 @@ from budget.license import License, LicenseProblem, Period, current_period
 from budget.pricing import PlanBook
 from budget.snapshot import BudgetSnapshot
 from credit.licenses import BEST_LICENSE_SQL, license_from_row
+from credit.money_sql import MONEY_COLUMNS, PERIOD_USED_SQL
 from credit.ports import Connection, Row
 
-USED_SQL = (
-    "SELECT COALESCE(SUM(used_micro_usd), 0) FROM ai_usage_period_totals "
-    "WHERE practice_id = ? AND period_start = ?"
-)
-# Arguments: practice, period start, practice, practice, practice, now.
-MONEY_COLUMNS = f"""
-  ({USED_SQL}) AS used,
-  (SELECT COALESCE(SUM(amount_internal_micro_usd), 0) FROM ai_credit_ledger
-     WHERE practice_id = ? AND status = 'succeeded') AS credited,
-  (SELECT COALESCE(SUM(used_credit_micro_usd), 0) FROM ai_usage_period_totals
-     WHERE practice_id = ?) AS credit_used,
-  (SELECT COALESCE(SUM(amount_micro_usd), 0) FROM ai_budget_holds
-     WHERE practice_id = ? AND expires_at > ?) AS held
-"""
 # Used, extra credit and held amounts in one query (the settle's read of money).
 _SNAPSHOT_SQL = f"SELECT {MONEY_COLUMNS}"
 # The gate's one read: the license row and the money, the period's usage read
@@ -131,7 +118,7 @@ class StateReader:
         used = int(row["used"])
         if period_start != expected:
             self._period_hint[practice_id] = period_start
-            used = int(await conn.fetchval(USED_SQL, practice_id, period_start))
+            used = int(await conn.fetchval(PERIOD_USED_SQL, practice_id, period_start))
         if self._remember and period is not None:
             self.expected[practice_id] = Expected(
                 tuple(row[column] for column in LICENSE_ROW), period, budget

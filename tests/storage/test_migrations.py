@@ -9,6 +9,7 @@ from pathlib import Path
 
 from budget.pricing import PlanBook
 from config import CONFIG_DIR
+from credit.money_sql import extra_credit_sql
 from gateway.storage import AnyDatabase, _migration_files, migrate
 from gateway.storage.metering import MeteringStore
 from gateway.storage.sqlite import SqliteDatabase
@@ -134,11 +135,24 @@ def test_each_postgresql_function_is_defined_in_one_file() -> None:
     """
     storage = Path(__file__).resolve().parents[2] / "gateway" / "storage"
     defines = re.compile(r"CREATE\s+(?:OR\s+REPLACE\s+)?FUNCTION\s+(\w+)", re.IGNORECASE)
+    includes = re.compile(r"^\\ir \.\./\.\./functions/(\w+)\.sql", re.MULTILINE)
     where: dict[str, list[str]] = {}
+    # Where a migration already applied on databases wrote a function that a
+    # later migration replaces with its file (migration 012's aza_alert_usage,
+    # replaced by 014), that old text is history, not a second definition.
+    superseded: set[str] = set()
+    migrations = sorted((storage / "migrations" / "postgresql").glob("*.sql"))
+    for n, path in enumerate(migrations):
+        later = "".join(p.read_text(encoding="utf-8") for p in migrations[n + 1 :])
+        for name in set(defines.findall(path.read_text(encoding="utf-8"))):
+            if name in includes.findall(later):
+                superseded.add(f"{name}@{path.name}")
     files = [*sorted((storage / "migrations").glob("*/*.sql")), *(storage / "functions").glob("*")]
     for path in files:
         for name in set(defines.findall(path.read_text(encoding="utf-8"))):
-            where.setdefault(name.lower(), []).append(str(path.relative_to(storage)))
+            if f"{name}@{path.name}" not in superseded:
+                where.setdefault(name.lower(), []).append(str(path.relative_to(storage)))
+    assert superseded == {"aza_alert_usage@012_limits_alerts.sql"}
     assert {name: paths for name, paths in where.items() if len(paths) > 1} == {}
     for path in (storage / "functions").glob("*"):
         assert path.suffix == ".sql"
@@ -147,3 +161,28 @@ def test_each_postgresql_function_is_defined_in_one_file() -> None:
     included = "".join(script for _, script in _migration_files("postgresql"))
     for path in (storage / "functions").glob("*.sql"):
         assert path.read_text(encoding="utf-8") in included, path.name
+
+
+async def test_a_database_from_before_014_takes_the_money_sql_written_once(
+    db: AnyDatabase,
+) -> None:
+    """014 upgrades a database that has every other migration (016 included): the credit
+    alert then reads the extra credit left from the one money SQL of its engine."""
+    async with db.transaction() as conn:
+        await conn.execute("DELETE FROM aza_schema_migrations WHERE version = 14")
+    twelve = dict(_migration_files(db.dialect))[12]
+    if isinstance(db, SqliteDatabase):
+        # The database as 012 left it: its trigger with its own sums.
+        await db.executescript("DROP TRIGGER ai_alert_credit_low;\n" + twelve)
+        query = "SELECT sql FROM sqlite_master WHERE name = 'ai_alert_credit_low'"
+        written = extra_credit_sql("NEW.practice_id")
+    else:
+        async with db.transaction() as conn:
+            await conn.execute(twelve)
+        query = "SELECT prosrc FROM pg_proc WHERE oid = 'aza_alert_usage'::regproc"
+        written = "FROM aza_money(NEW.practice_id, NEW.period_start, 0)"
+    async with db.read() as conn:
+        assert written not in await conn.fetchval(query)
+    assert await migrate(db) == [14]
+    async with db.read() as conn:
+        assert written in await conn.fetchval(query)

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -22,7 +23,9 @@ from budget.operations import Operation
 from budget.pricing import PlanBook
 from budget.usage import Usage
 from config import CONFIG_DIR
-from gateway.storage import open_database
+from credit.ledger import extra_credit_micros
+from credit.money_sql import MONEY_COLUMNS
+from gateway.storage import AnyDatabase, open_database
 from gateway.storage.metering import MeteringStore
 from gateway.storage.postgres import PostgresDatabase
 from tests.conftest import create_schema, drop_schema, pg_url_with_schema, skip_without_postgres
@@ -416,3 +419,107 @@ async def test_transaction_gates_and_single_call_gates_exclude_each_other() -> N
             assert warm_store.one_call.counts["answered"] - before == 30
             assert cold_store.one_call.counts["answered"] < 30  # some went the transaction way
         assert await holds(db) == 80
+
+
+async def random_money_rows(
+    dbs: list[AnyDatabase], rng: random.Random, practices: list[str], periods: list[int]
+) -> tuple[list[tuple[str, str, int]], list[tuple[str, int, int, int]], list[tuple[str, int, int]]]:
+    """The same random ledger entries, period totals and holds, written to each of `dbs`
+    (always a refund, credit not succeeded, a hold expired and one expiring at START)."""
+    ledger = [(practices[0], "succeeded", -USD), (practices[0], "pending", USD)] + [
+        (
+            rng.choice(practices),
+            rng.choice(["succeeded", "succeeded", "pending", "failed"]),
+            rng.choice([-1, 1, USD, 3 * USD, rng.randint(-2 * USD, 40 * USD)]),
+        )
+        for _ in range(rng.randint(0, 25))
+    ]
+    totals = [
+        (practice, period, rng.randint(0, 30 * USD), rng.choice([0, 1, rng.randint(0, 9 * USD)]))
+        for practice in practices
+        for period in periods
+        if rng.random() < 0.7
+    ]
+    holds = [(practices[1], USD, START - 1), (practices[2], 7, START)] + [
+        (rng.choice(practices), rng.randint(0, 5 * USD), START + rng.randint(-600, 600))
+        for _ in range(rng.randint(0, 20))
+    ]
+    for db in dbs:
+        async with db.transaction() as conn:
+            for practice, status, micros in ledger:
+                await conn.execute(
+                    "INSERT INTO ai_credit_ledger (practice_id, event_type, status, "
+                    "amount_internal_micro_usd, created_at, updated_at) "
+                    "VALUES (?, 'topup_purchase', ?, ?, 0, 0)",
+                    practice,
+                    status,
+                    micros,
+                )
+            for practice, period, used, credit_used in totals:
+                await conn.execute(
+                    "INSERT INTO ai_usage_period_totals (practice_id, period_start, "
+                    "used_micro_usd, used_credit_micro_usd, events) VALUES (?, ?, ?, ?, 1)",
+                    practice,
+                    period,
+                    used,
+                    credit_used,
+                )
+            for n, (practice, micros, expires_at) in enumerate(holds):
+                await conn.execute(
+                    "INSERT INTO ai_budget_holds (hold_id, practice_id, request_id, "
+                    "amount_micro_usd, created_at, expires_at) VALUES (?, ?, ?, ?, 0, ?)",
+                    f"h{n}",
+                    practice,
+                    f"r{n}",
+                    micros,
+                    expires_at,
+                )
+    return ledger, totals, holds
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5, 6])
+async def test_aza_money_and_the_money_sql_sum_what_the_rows_say(seed: int, tmp_path: Path) -> None:
+    """The money SQL exists once per language: `aza_money` (what runs inside PostgreSQL:
+    the gate and settle functions, the credit alert trigger) and credit/money_sql.py (the
+    engine-neutral code on both engines, SQLite's credit alert trigger). On random rows of
+    several practices, periods and hold expiries both give the sums the rows say."""
+    rng = random.Random(seed)
+    practices, periods = ["p", "q", "r"], [START - 30 * DAY, START]
+    sqlite = await open_database(f"sqlite:///{tmp_path / 'money.sqlite'}")
+    try:
+        async with engine() as pg:
+            ledger, totals, holds = await random_money_rows([pg, sqlite], rng, practices, periods)
+            for practice in [*practices, "nobody"]:
+                credited = sum(m for p, s, m in ledger if p == practice and s == "succeeded")
+                credit_used = sum(c for p, _, _, c in totals if p == practice)
+                for period in [*periods, START + 30 * DAY]:
+                    used = sum(u for p, s, u, _ in totals if p == practice and s == period)
+                    for now in (START - 601, START, START + 601):
+                        held = sum(m for p, m, e in holds if p == practice and e > now)
+                        expected = (used, credited, credit_used, held)
+                        async with pg.read() as conn:
+                            row = await conn.fetchone(
+                                "SELECT * FROM aza_money(?, ?, ?)", practice, period, now
+                            )
+                            assert row is not None
+                            assert tuple(int(row[k]) for k in range(4)) == expected
+                        for db in (pg, sqlite):
+                            async with db.read() as conn:
+                                row = await conn.fetchone(
+                                    f"SELECT {MONEY_COLUMNS}",
+                                    practice,
+                                    period,
+                                    practice,
+                                    practice,
+                                    practice,
+                                    now,
+                                )
+                                assert row is not None
+                                names = ("used", "credited", "credit_used", "held")
+                                assert tuple(int(row[k]) for k in names) == expected, db.dialect
+                for db in (pg, sqlite):
+                    async with db.read() as conn:
+                        left = await extra_credit_micros(conn, practice)
+                    assert left == credited - credit_used, db.dialect
+    finally:
+        await sqlite.close()

@@ -3,7 +3,10 @@
 --
 -- A practice's money at one moment: this period's usage, extra credit bought
 -- and used, holds in flight (the gate's and the settle's read; micro-USD).
--- The same sums as gateway/storage/budget_state.py MONEY_COLUMNS (both engines).
+-- The money SQL of everything that runs inside PostgreSQL (aza_reserve,
+-- aza_settle, the alert trigger aza_alert_usage); the engine-neutral code
+-- runs the same sums from credit/money_sql.py, and
+-- tests/storage/test_one_call_gate.py holds the two equal on random rows.
 
 CREATE OR REPLACE FUNCTION aza_money(p_practice_id TEXT, p_period_start BIGINT, p_now BIGINT)
 RETURNS TABLE (used BIGINT, credited BIGINT, credit_used BIGINT, held BIGINT)
