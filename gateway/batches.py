@@ -20,12 +20,14 @@ one usage event per completed line at the batch price (request id
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import math
+import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -41,9 +43,11 @@ from budget.batch import (
     InvalidBatchLine,
     output_line_usage,
 )
+from budget.limits import Scope
 from budget.pricing import UnpricedModel
 from budget.usage import Usage
 from gateway import files
+from gateway.auth import Caller
 from gateway.errors import GatewayError, bad_request, unavailable
 from gateway.files import (
     FilesUpstream,
@@ -61,9 +65,20 @@ from gateway.files import (
 )
 from gateway.followers import Again, Done, Follower, PollResult
 from gateway.handover import caller_of
+from gateway.limiting import cap_reached, device_subject, hold_caps, release_limits, subjects_of
+from gateway.proxy import upstream_timeout
 from gateway.routes.common import endpoint
-from gateway.storage.batches import BATCH, FILE, BatchRow, BatchStore, ChargedLine
+from gateway.storage.batches import (
+    BATCH,
+    CREATING,
+    FILE,
+    BatchRow,
+    BatchStore,
+    ChargedLine,
+)
+from gateway.storage.holds import Hold
 from gateway.storage.jobs import Job, JobStore
+from gateway.storage.limits import CapHold, LimitStore
 
 if TYPE_CHECKING:
     from gateway.services import Services
@@ -71,6 +86,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("aza.gateway.batches")
 
 JOB_KIND = "batch"
+# A batch recorded before the upstream was asked to make it (see `create_batch`).
+INTENT_KIND = "batch-intent"
+# The metadata entry that carries a batch's intent id to the upstream and back.
+INTENT_KEY = "aza_intent"
+# OpenAI takes at most 16 metadata pairs; the gateway's own is one of them.
+MAX_METADATA_PAIRS = 16
+# The upstream's batch list is searched back to this long before an intent was made.
+_LIST_SKEW_SECONDS = 600
+_LIST_MAX_PAGES = 100
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 # A batch's hold outlives OpenAI's 24 h completion window by this much at
 # first; the follower keeps it alive for as long as the batch runs.
@@ -90,9 +114,15 @@ class BatchService:
         )
         self.jobs = JobStore(services.db)
         self.upstream = FilesUpstream(services)
+        # The upstream's answer to a batch create is awaited this long at most; an intent
+        # is looked for upstream only after twice that (and a poll) has passed.
+        self.create_timeout_seconds = min(settings.upstream_timeout_seconds, 60.0)
+        self.intent_grace_ms = int(
+            (2 * self.create_timeout_seconds + settings.job_poll_max_seconds) * 1000
+        )
         self.follower = Follower(
             self.jobs,
-            {JOB_KIND: self.poll_batch},
+            {JOB_KIND: self.poll_batch, INTENT_KIND: self.resolve_intent},
             min_seconds=settings.job_poll_min_seconds,
             max_seconds=settings.job_poll_max_seconds,
         )
@@ -127,6 +157,79 @@ class BatchService:
         settings = self.services.settings
         keep = settings.hold_ttl_seconds + 2 * settings.job_poll_max_seconds
         return int(time.time() + keep)
+
+    # -- intents --------------------------------------------------------------
+
+    async def name(self, row: BatchRow, batch_id: str, status: str) -> bool:
+        """The upstream made the batch of intent `row` as `batch_id`: record its owner and
+        follow it, in one transaction. False when the intent was given up meanwhile."""
+        assert row.intent_id is not None
+        async with self.services.db.transaction(lock=row.practice_id) as conn:
+            named = await self.store.name_intent(conn, row.intent_id, batch_id, status)
+            if named is None:
+                return False
+            if named:
+                await self.store.record(batch_id, BATCH, row.practice_id, conn=conn)
+                await self.jobs.add(
+                    JOB_KIND,
+                    batch_id,
+                    practice_id=row.practice_id,
+                    conn=conn,
+                    first_poll_in_ms=int(self.follower.min_seconds * 1000),
+                )
+                await self.jobs.close(conn, INTENT_KIND, row.intent_id)
+        self.follower.poke()
+        return True
+
+    async def abandon(self, row: BatchRow) -> bool:
+        """No batch was made for intent `row`: its holds go, in one transaction."""
+        assert row.intent_id is not None
+        async with self.services.db.transaction(lock=row.practice_id) as conn:
+            abandoned = await self.store.abandon_intent(conn, row.intent_id)
+            await self.jobs.close(conn, INTENT_KIND, row.intent_id)
+        return abandoned
+
+    async def resolve_intent(self, job: Job) -> PollResult:
+        """An intent still unnamed after its grace (the gateway stopped, or the client left,
+        between asking the upstream and recording its answer): the upstream's batch that
+        carries its id in `metadata` is followed from now on; when there is none, the
+        intent's holds are released."""
+        row = await self.store.intent(job.job_id)
+        if row is None or row.status != CREATING or row.batch_id != row.intent_id:
+            return Done()
+        found = await self._find_upstream(row)
+        if found is None:
+            if await self.abandon(row):
+                log.info("batch intent %s: no batch upstream; holds released", row.intent_id)
+            return Done()
+        if await self.name(row, str(found["id"]), str(found.get("status") or "validating")):
+            log.info("batch intent %s: found upstream as %s", row.intent_id, found["id"])
+        return Done()
+
+    async def _find_upstream(self, row: BatchRow) -> dict[str, Any] | None:
+        """The upstream batch whose metadata names `row`'s intent, from the newest back to
+        a little before the intent was made; None when there is none."""
+        params: dict[str, Any] = {"limit": 100}
+        oldest = row.created_at - _LIST_SKEW_SECONDS
+        for _ in range(_LIST_MAX_PAGES):
+            response = await self.upstream.json(row.practice_id, "GET", "/batches", params=params)
+            if response.status_code != 200:
+                raise RuntimeError(f"batch list answered {response.status_code}")
+            page = json_of(response)
+            items = [item for item in page.get("data") or () if isinstance(item, dict)]
+            for item in items:
+                metadata = item.get("metadata")
+                if isinstance(metadata, dict) and metadata.get(INTENT_KEY) == row.intent_id:
+                    return item
+            older = [item.get("created_at") for item in items]
+            if (
+                not items
+                or not page.get("has_more")
+                or any(isinstance(at, int) and at < oldest for at in older)
+            ):
+                return None
+            params = {"limit": 100, "after": items[-1].get("id")}
+        return None
 
     # -- following ----------------------------------------------------------
 
@@ -257,6 +360,8 @@ async def create_batch(request: Request) -> Response:
         lines, model, estimate = await _estimate(service, practice_id, file_id, batch_endpoint)
     except _Passthrough as exc:
         return passthrough(exc.response)
+    forward, intent_id = _with_intent(body)
+    caller = caller_of(request.scope)
     request_id = str(request.scope["state"].get("request_id"))
     expires_at = int(time.time()) + _WINDOW_SECONDS + _MARGIN_SECONDS
 
@@ -269,60 +374,135 @@ async def create_batch(request: Request) -> Response:
         )
 
     hold = await gate(services, practice_id, reserve)
+    caps: Sequence[CapHold] = ()
     try:
-        response = await service.upstream.json(
-            practice_id,
-            "POST",
-            "/batches",
-            content=raw,
-            headers={"content-type": "application/json"},
+        caps = await _hold_caps(services, caller, practice_id, hold, estimate)
+        row = BatchRow(
+            batch_id=intent_id,
+            practice_id=practice_id,
+            hold_id=hold.hold_id,
+            endpoint=batch_endpoint,
+            model=model,
+            input_file_id=file_id,
+            lines=lines,
+            estimate_micros=estimate,
+            status=CREATING,
+            completed_lines=0,
+            failed_lines=0,
+            cost_micros=0,
+            created_at=int(time.time()),
+            settled_at=None,
+            device_id=caller.device_id,
+            intent_id=intent_id,
+            cap_hold_id=intent_id if caps else None,
+            cap_key=next((c.subject.name for c in caps if c.subject.scope is Scope.KEY), None),
+            cap_device=next(
+                (c.subject.name for c in caps if c.subject.scope is Scope.DEVICE), None
+            ),
         )
+        # The intent first, with its holds: whatever happens from here on, a follower
+        # either finds the batch upstream by its metadata or releases the holds.
+        async with services.db.transaction(lock=practice_id) as conn:
+            await service.store.insert_batch(conn, row)
+            await service.jobs.add(
+                INTENT_KIND,
+                intent_id,
+                practice_id=practice_id,
+                conn=conn,
+                first_poll_in_ms=service.intent_grace_ms,
+            )
+            if caps:
+                await LimitStore.hold_durable(conn, caps, intent_id, expires_at)
     except BaseException:
-        await services.metering.release(hold)
+        # Not recorded (a cap, the database, the client gone): nothing may stay held.
+        await _shielded(services, _release(services, hold, caps), "release batch holds")
         raise
+    if caps:
+        # Held durably under the intent now; the request's own cap holds go back.
+        services.spawn(release_limits(services.limit_leases, caps), name="release cap holds")
+    try:
+        async with asyncio.timeout(service.create_timeout_seconds):
+            response = await service.upstream.json(
+                practice_id,
+                "POST",
+                "/batches",
+                content=forward,
+                headers={"content-type": "application/json"},
+            )
+    except TimeoutError:
+        # Whether the upstream made it is not known: the intent's follower finds out.
+        raise upstream_timeout() from None
     data = json_of(response)
     batch_id = data.get("id")
     if response.status_code != 200 or not isinstance(batch_id, str):
-        await services.metering.release(hold)
+        # The upstream refused it: nothing was made, nothing stays held.
+        await _shielded(services, service.abandon(row), "abandon batch intent")
         return passthrough(response)
-    row = BatchRow(
-        batch_id=batch_id,
-        practice_id=practice_id,
-        hold_id=hold.hold_id,
-        endpoint=batch_endpoint,
-        model=model,
-        input_file_id=file_id,
-        lines=lines,
-        estimate_micros=estimate,
-        status=str(data.get("status") or "validating"),
-        completed_lines=0,
-        failed_lines=0,
-        cost_micros=0,
-        created_at=int(time.time()),
-        settled_at=None,
-        device_id=caller_of(request.scope).device_id,
-    )
     try:
-        async with services.db.transaction(lock=practice_id) as conn:
-            await service.store.record(batch_id, BATCH, practice_id, conn=conn)
-            await service.store.insert_batch(conn, row)
-            await service.jobs.add(
-                JOB_KIND,
-                batch_id,
-                practice_id=practice_id,
-                conn=conn,
-                first_poll_in_ms=int(service.follower.min_seconds * 1000),
-            )
+        named = await service.name(row, batch_id, str(data.get("status") or "validating"))
     except Exception:
-        # Not recorded, so never followed nor charged: it must not run.
-        log.exception("recording batch %s failed; cancelling it upstream", batch_id)
+        log.exception("recording batch %s failed; its intent's follower will find it", batch_id)
+        raise unavailable() from None
+    if not named:
+        # Given up before the upstream answered (past the create timeout): it must not run.
+        log.warning("batch %s answered after its intent was given up; cancelling it", batch_id)
         with contextlib.suppress(Exception):
             await service.upstream.json(practice_id, "POST", f"/batches/{batch_id}/cancel")
-        with contextlib.suppress(Exception):
-            await services.metering.release(hold)
-        raise unavailable() from None
-    service.follower.poke()
+        raise unavailable()
     return passthrough(response)
+
+
+def _with_intent(body: dict[str, Any]) -> tuple[bytes, str]:
+    """The batch create body to forward, with a new intent id in its metadata; 400 for
+    metadata that is not string pairs or leaves no room for the gateway's."""
+    metadata = body.get("metadata")
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(key, str) and isinstance(value, str) for key, value in metadata.items()
+    ):
+        raise bad_request("metadata must be an object of string values", param="metadata")
+    own = {key: value for key, value in metadata.items() if key != INTENT_KEY}
+    if len(own) >= MAX_METADATA_PAIRS:
+        raise bad_request(
+            f"metadata may hold at most {MAX_METADATA_PAIRS - 1} pairs through the gateway: "
+            f"it adds '{INTENT_KEY}', by which it finds the batch again after a failure",
+            param="metadata",
+        )
+    intent_id = "batch_intent_" + secrets.token_hex(16)
+    forward = {**body, "metadata": {**own, INTENT_KEY: intent_id}}
+    return json.dumps(forward, separators=(",", ":")).encode(), intent_id
+
+
+async def _hold_caps(
+    services: Services, caller: Caller, practice_id: str, hold: Hold, estimate_micros: int
+) -> Sequence[CapHold]:
+    """The batch's estimate held on the monthly caps of the creating key and device, as a
+    request's is; the cap's 429 when one is full (the caller releases the budget's hold)."""
+    key = caller.key
+    if key is None or (key.limits is None and not key.device_limits):
+        return ()
+    device = await device_subject(services.limits, caller, practice_id)
+    caps, full = await hold_caps(
+        services.limit_leases, subjects_of(caller, device), hold, estimate_micros
+    )
+    if full is not None:
+        services.metrics.gate_decisions.labels("cap_reached").inc()
+        raise cap_reached(full, await services.alerts.language(practice_id))
+    return caps
+
+
+async def _release(services: Services, hold: Hold, caps: Sequence[CapHold]) -> None:
+    try:
+        if caps:
+            await release_limits(services.limit_leases, caps)
+    finally:
+        await services.metering.release(hold)
+
+
+async def _shielded(services: Services, work: Coroutine[Any, Any, Any], name: str) -> None:
+    """Run `work` to its end even when the request is cancelled meanwhile."""
+    await asyncio.shield(services.spawn(work, name=name))
 
 
 async def list_batches(request: Request) -> Response:

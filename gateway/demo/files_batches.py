@@ -7,11 +7,16 @@ once); when all are done it is `completed`, with an output file whose lines
 carry each answer and its `usage`. Cancel makes it `cancelling`, and the next
 retrieve `cancelled`, with an output file of the lines completed so far.
 Tests steer it through `lines_per_poll`, `advance()` and `fail_lines`
-(custom_ids answered with an error line instead).
+(custom_ids answered with an error line instead). A batch keeps the
+`metadata` it was created with, as OpenAI's do. `create_gate` (an
+`asyncio.Event`) holds the answer to `POST /v1/batches` back until it is
+set, after the batch was made, or, with `create_lost`, before: then no
+batch is made and the answer is a 500 (a crash of the upstream's own).
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import time
@@ -87,6 +92,10 @@ class FakeFilesBatches:
         self.lines_per_poll: int | None = None
         self.fail_lines: set[str] = set()
         self.retrieves = 0
+        self.create_gate: asyncio.Event | None = None
+        self.create_lost = False
+        self.creates_received = 0
+        self.lists = 0
         self._ids = itertools.count(1)
         self._clock = itertools.count(int(time.time()))
 
@@ -229,6 +238,12 @@ class FakeFilesBatches:
 
     async def _create_batch(self, request: Request) -> Response:
         body = await request.json()
+        self.creates_received += 1
+        if self.create_lost:
+            if self.create_gate is not None:
+                await self.create_gate.wait()
+            body = {"error": {"message": "The server had an error.", "type": "server_error"}}
+            return JSONResponse(body, status_code=500)
         file_id = body.get("input_file_id")
         if file_id not in self.contents:
             return _not_found("File", str(file_id))
@@ -261,6 +276,8 @@ class FakeFilesBatches:
             "metadata": body.get("metadata"),
         }
         self.done_lines[batch_id] = []
+        if self.create_gate is not None:
+            await self.create_gate.wait()
         return JSONResponse(self.batches[batch_id])
 
     def advance(self, batch_id: str, lines: int) -> None:
@@ -341,6 +358,7 @@ class FakeFilesBatches:
         return JSONResponse(self.batches[batch_id])
 
     async def _list_batches(self, request: Request) -> Response:
+        self.lists += 1
         return JSONResponse(_page(list(self.batches.values()), request))
 
     async def _cancel_batch(self, request: Request) -> Response:

@@ -19,6 +19,7 @@ from budget.license import Period
 from budget.usage import Usage
 from credit.ports import Connection, Database, Row
 from gateway.storage.budget_state import StateReader
+from gateway.storage.limits import LimitStore
 from gateway.storage.settle import write_usage
 
 # (transaction, practice, period start, budget micro-USD): the period's alert marks.
@@ -27,6 +28,8 @@ MarksWriter = Callable[[Connection, str, int, int], Awaitable[None]]
 FILE = "file"
 UPLOAD = "upload"
 BATCH = "batch"
+# The status of a batch recorded before the upstream named it (its batch_id is its intent_id).
+CREATING = "creating"
 
 
 def line_request_id(batch_id: str, custom_id: str) -> str:
@@ -205,15 +208,74 @@ class BatchStore:
             row = await conn.fetchone("SELECT * FROM aza_batches WHERE batch_id = ?", batch_id)
         return None if row is None else _batch(row)
 
+    async def intent(self, intent_id: str) -> BatchRow | None:
+        """The batch recorded under `intent_id`, named by the upstream or not."""
+        async with self.db.read() as conn:
+            row = await conn.fetchone("SELECT * FROM aza_batches WHERE intent_id = ?", intent_id)
+        return None if row is None else _batch(row)
+
+    async def name_intent(
+        self, conn: Connection, intent_id: str, batch_id: str, status: str
+    ) -> bool | None:
+        """Give the batch recorded under `intent_id` the id the upstream gave it (inside the
+        caller's transaction, locked on the practice). True when named now, False when it
+        was named so before, None when the intent is gone (abandoned) or named otherwise."""
+        changed = await conn.execute(
+            "UPDATE aza_batches SET batch_id = ?, status = ? "
+            "WHERE intent_id = ? AND batch_id = intent_id",
+            batch_id,
+            status,
+            intent_id,
+        )
+        if changed:
+            return True
+        named = await conn.fetchval(
+            "SELECT 1 FROM aza_batches WHERE intent_id = ? AND batch_id = ?", intent_id, batch_id
+        )
+        return False if named is not None else None
+
+    async def abandon_intent(self, conn: Connection, intent_id: str) -> bool:
+        """Forget a batch the upstream never made (inside the caller's transaction, locked
+        on the practice): its row, its budget hold and its cap holds go. False when the
+        upstream had named it meanwhile (then it is followed, and nothing changes)."""
+        row = await conn.fetchone(
+            "SELECT practice_id, hold_id, cap_hold_id FROM aza_batches "
+            "WHERE intent_id = ? AND batch_id = intent_id",
+            intent_id,
+        )
+        if row is None:
+            return False
+        practice_id = row["practice_id"]
+        await conn.execute("DELETE FROM aza_batches WHERE batch_id = ?", intent_id)
+        await conn.execute(
+            "DELETE FROM ai_budget_holds WHERE practice_id = ? AND hold_id = ?",
+            practice_id,
+            row["hold_id"],
+        )
+        if row["cap_hold_id"] is not None:
+            await LimitStore.settle_durable(conn, practice_id, row["cap_hold_id"], 0, 0)
+        return True
+
     async def follow_status(self, batch_id: str, status: str, *, hold_until: int) -> None:
-        """Note the upstream status of a running batch and keep its hold alive until
-        `hold_until` (a batch may run for a day; the hold must outlive every poll)."""
+        """Note the upstream status of a running batch and keep its holds (the budget's and
+        the caps') alive until `hold_until` (a batch may run for a day; its holds must
+        outlive every poll)."""
         async with self.db.transaction() as conn:
             row = await conn.fetchone(
-                "SELECT practice_id, hold_id FROM aza_batches WHERE batch_id = ?", batch_id
+                "SELECT practice_id, hold_id, cap_hold_id FROM aza_batches WHERE batch_id = ?",
+                batch_id,
             )
             if row is None:
                 return
+            if row["cap_hold_id"] is not None:
+                await conn.execute(
+                    "UPDATE ai_limit_holds SET expires_at = ? "
+                    "WHERE practice_id = ? AND hold_id = ? AND expires_at < ?",
+                    hold_until,
+                    row["practice_id"],
+                    row["cap_hold_id"],
+                    hold_until,
+                )
             await conn.execute(
                 "UPDATE aza_batches SET status = ? WHERE batch_id = ? AND settled_at IS NULL",
                 status,
@@ -291,6 +353,11 @@ class BatchStore:
                 batch.practice_id,
                 batch.hold_id,
             )
+            if batch.cap_hold_id is not None:
+                # The key's and device's caps: their hold replaced by what the lines cost.
+                await LimitStore.settle_durable(
+                    conn, batch.practice_id, batch.cap_hold_id, total, period.start
+                )
             await conn.execute(
                 "UPDATE aza_batches SET status = ?, completed_lines = ?, failed_lines = ?, "
                 "cost_micro_usd = cost_micro_usd + ?, settled_at = ? WHERE batch_id = ?",

@@ -175,6 +175,22 @@ class JobStore:
         async with self.db.transaction() as tx:
             return await tx.execute(sql, *args) > 0
 
+    async def close(self, conn: Connection, kind: str, job_id: str) -> bool:
+        """Mark an open job done whoever holds its lease, inside `conn`'s transaction: what
+        it waited for happened elsewhere. False when it was not open."""
+        return (
+            await conn.execute(
+                "UPDATE aza_upstream_jobs SET state = ?, lease_owner = NULL, lease_until = 0, "
+                "updated_at = ? WHERE kind = ? AND job_id = ? AND state = ?",
+                DONE,
+                self.now_ms(),
+                kind,
+                job_id,
+                OPEN,
+            )
+            > 0
+        )
+
     async def extend(self, job: Job, *, owner: str, lease_ms: int) -> bool:
         """Keep `owner`'s lease on `job` for `lease_ms` more (a long poll). False if lost."""
         now = self.now_ms()

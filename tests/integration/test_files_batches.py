@@ -440,3 +440,227 @@ async def test_a_running_batch_is_one_entry_holding_its_estimate(
     assert entry["estimate_micro_usd"] == row["estimate_micro_usd"] > 0
     body: Any = await client.get("/ai-credit/usage", cast_to=object)
     assert body["total_requests"] == 0  # nothing charged yet
+
+
+async def intents_open(gw: Gateway) -> int:
+    async with gw.db.read() as conn:
+        value = await conn.fetchval(
+            "SELECT COUNT(*) FROM aza_upstream_jobs WHERE kind = 'batch-intent' AND state = 'open'"
+        )
+    return int(value)
+
+
+async def test_a_batch_carries_its_intent_in_metadata_and_keeps_the_clients(
+    fast_gateway: Gateway, upstream: Upstream
+) -> None:
+    """The client's metadata reaches the upstream with the gateway's intent id beside it;
+    once the upstream answered, the intent is closed and the batch followed."""
+    gw = fast_gateway
+    client = gw.client()
+    uploaded = await client.files.create(
+        file=("letters.jsonl", jsonl(chat_line(n) for n in range(3))), purpose="batch"
+    )
+    batch = await client.batches.create(
+        input_file_id=uploaded.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        metadata={"praxis": "Befunde Dienstag"},
+    )
+    metadata = fake(upstream).batches[batch.id]["metadata"]
+    assert metadata["praxis"] == "Befunde Dienstag"
+    assert metadata["aza_intent"].startswith("batch_intent_")
+    row = await batch_row(gw, batch.id)
+    assert row is not None and row["intent_id"] == metadata["aza_intent"]
+    assert await intents_open(gw) == 0
+    await settled_row(gw, batch.id)
+    assert await gw.holds() == 0
+
+
+@pytest.mark.parametrize(
+    ("metadata", "says"),
+    [
+        ({f"k{n}": "v" for n in range(16)}, "at most 15 pairs"),
+        ({"praxis": 7}, "string values"),
+    ],
+)
+async def test_metadata_without_room_for_the_intent_is_a_400(
+    fast_gateway: Gateway, upstream: Upstream, metadata: dict[str, Any], says: str
+) -> None:
+    """16 pairs (OpenAI's most) leave no room for the gateway's; a value that is not a
+    string is refused too: 400 naming metadata, nothing held or forwarded."""
+    gw = fast_gateway
+    client = gw.client()
+    uploaded = await client.files.create(
+        file=("letters.jsonl", jsonl(chat_line(n) for n in range(2))), purpose="batch"
+    )
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client.batches.create(
+            input_file_id=uploaded.id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            metadata=metadata,
+        )
+    error = refused.value.response.json()["error"]
+    assert error["param"] == "metadata" and says in error["message"]
+    assert fake(upstream).creates_received == 0 and await gw.holds() == 0
+
+
+async def test_a_client_that_leaves_while_the_upstream_creates_is_still_charged_once(
+    start_gateway: StartGateway, upstream: Upstream
+) -> None:
+    """The upstream makes the batch but answers late; the client gives up and the gateway's
+    own wait runs out: the intent's follower finds the batch by its metadata, follows it
+    and charges each line once; nothing stays held."""
+    async with start_gateway(upstream_timeout_seconds=0.5, **FAST) as gw:
+        client = gw.client(timeout=0.3)
+        fake(upstream).create_gate = asyncio.Event()
+        uploaded = await gw.client().files.create(
+            file=("letters.jsonl", jsonl(chat_line(n) for n in range(6))), purpose="batch"
+        )
+        with pytest.raises(openai.APITimeoutError):
+            await client.batches.create(
+                input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+        [batch_id] = list(fake(upstream).batches)
+        assert await gw.holds() == 1  # the intent's hold, until it is resolved
+        row = await settled_row(gw, batch_id)
+        fake(upstream).create_gate.set()
+        assert fake(upstream).lists >= 1
+        events = await gw.events()
+        assert len(events) == 6 and row["cost_micro_usd"] == expected_cost(upstream, batch_id)
+        assert row["status"] == "completed" and row["intent_id"]
+        assert await gw.holds() == 0 and await intents_open(gw) == 0
+        assert (await gw.client().batches.retrieve(batch_id)).id == batch_id
+
+
+async def test_a_batch_the_upstream_never_made_gives_its_hold_back(
+    start_gateway: StartGateway, upstream: Upstream
+) -> None:
+    """The upstream never makes it and the client leaves: once the intent's grace is over
+    and the upstream lists no batch with its id, the hold is released and nothing stays."""
+    async with start_gateway(upstream_timeout_seconds=0.5, **FAST) as gw:
+        client = gw.client(timeout=0.3)
+        fake(upstream).create_gate = asyncio.Event()
+        fake(upstream).create_lost = True
+        uploaded = await gw.client().files.create(
+            file=("letters.jsonl", jsonl(chat_line(n) for n in range(4))), purpose="batch"
+        )
+        with pytest.raises(openai.APITimeoutError):
+            await client.batches.create(
+                input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+        assert await gw.holds() == 1
+
+        async def released() -> bool:
+            return await gw.holds() == 0
+
+        await until(released)
+        fake(upstream).create_gate.set()
+        assert fake(upstream).batches == {} and fake(upstream).lists >= 1
+        async with gw.db.read() as conn:
+            assert await conn.fetchval("SELECT COUNT(*) FROM aza_batches") == 0
+        assert await gw.events() == [] and await intents_open(gw) == 0
+
+
+async def test_an_upstream_refusal_releases_the_intent_at_once(
+    fast_gateway: Gateway, upstream: Upstream
+) -> None:
+    """The upstream answers 500 and made nothing: the client gets it, nothing stays held."""
+    gw = fast_gateway
+    client = gw.client()
+    fake(upstream).create_lost = True
+    uploaded = await client.files.create(
+        file=("letters.jsonl", jsonl(chat_line(n) for n in range(2))), purpose="batch"
+    )
+    with pytest.raises(openai.InternalServerError):
+        await client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+    assert await gw.holds() == 0 and await intents_open(gw) == 0
+    async with gw.db.read() as conn:
+        assert await conn.fetchval("SELECT COUNT(*) FROM aza_batches") == 0
+
+
+async def test_a_batch_over_the_keys_monthly_cap_is_refused_before_the_upstream(
+    fast_gateway: Gateway, upstream: Upstream
+) -> None:
+    """A client key capped below the batch's estimate: the cap's 429 (KEY_SPENDING_CAP_REACHED,
+    message_user), no batch upstream, no budget or cap hold left; the admin key (no cap)
+    may run it."""
+    from tests.limits.test_limits import prefix_of, put_limits
+
+    gw = fast_gateway
+    answer = await put_limits(
+        gw, f"/v1/ai-credit/keys/{prefix_of(gw.client_key)}/limits", {"monthly_cap_usd": "0.0001"}
+    )
+    assert answer.status_code == 200, answer.text
+    capped = gw.client(key=gw.client_key)
+    uploaded = await capped.files.create(
+        file=("letters.jsonl", jsonl(chat_line(n) for n in range(50))), purpose="batch"
+    )
+    with pytest.raises(openai.RateLimitError) as refused:
+        await capped.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+    body = refused.value.response.json()
+    assert body["error_code"] == "KEY_SPENDING_CAP_REACHED" and body["message_user"]
+    assert body["error"]["type"] == "insufficient_quota"
+    assert refused.value.response.headers["x-should-retry"] == "false"
+    assert fake(upstream).creates_received == 0
+    assert await gw.holds() == 0
+    async with gw.db.read() as conn:
+        assert await conn.fetchval("SELECT COUNT(*) FROM ai_limit_holds") == 0
+
+
+async def test_a_capped_key_and_device_hold_a_batch_and_are_charged_its_cost(
+    fast_gateway: Gateway, upstream: Upstream
+) -> None:
+    """A key and a device with caps that fit: the estimate is held on both while the batch
+    runs (kept alive by the follower), then replaced by the lines' cost in each one's spend."""
+    from tests.limits.test_limits import prefix_of, put_limits
+
+    gw = fast_gateway
+    prefix = prefix_of(gw.client_key)
+    for path in (f"/v1/ai-credit/keys/{prefix}/limits", "/v1/ai-credit/devices/nacht-pc/limits"):
+        answer = await put_limits(gw, path, {"monthly_cap_usd": "5.00"})
+        assert answer.status_code == 200, answer.text
+    fake(upstream).lines_per_poll = 0
+    client = gw.client(key=gw.client_key, default_headers={"X-Device-Id": "nacht-pc"})
+    uploaded = await client.files.create(
+        file=("letters.jsonl", jsonl(chat_line(n) for n in range(20))), purpose="batch"
+    )
+    batch = await client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    row = await batch_row(gw, batch.id)
+    assert row is not None
+    assert (row["cap_key"], row["cap_device"]) == (prefix, "nacht-pc")
+
+    async def durable() -> list[Any]:
+        async with gw.db.read() as conn:
+            return list(
+                await conn.fetchall(
+                    "SELECT scope, subject, amount_micro_usd FROM ai_limit_holds "
+                    "WHERE hold_id = ? ORDER BY scope",
+                    row["cap_hold_id"],
+                )
+            )
+
+    held = await durable()
+    assert [(h["scope"], h["subject"]) for h in held] == [("device", "nacht-pc"), ("key", prefix)]
+    assert all(int(h["amount_micro_usd"]) == row["estimate_micro_usd"] for h in held)
+    fake(upstream).lines_per_poll = None
+    settled = await settled_row(gw, batch.id)
+    cost = expected_cost(upstream, batch.id)
+    assert settled["cost_micro_usd"] == cost > 0
+    assert await durable() == []
+    async with gw.db.read() as conn:
+        totals = await conn.fetchall(
+            "SELECT scope, subject, used_micro_usd FROM ai_limit_totals ORDER BY scope"
+        )
+    assert [(t["scope"], t["subject"], int(t["used_micro_usd"])) for t in totals] == [
+        ("device", "nacht-pc", cost),
+        ("key", prefix, cost),
+    ]
+    events = await gw.events()
+    assert {e["device_id"] for e in events} == {"nacht-pc"} and len(events) == 20
