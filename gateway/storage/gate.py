@@ -14,6 +14,9 @@ built (`MeteringStore`), never per request:
   asks the database for a lease (several requests' estimates) and admits
   the practice's next requests against it without a round trip.
 
+The first two share `DatabaseGate` (what they are built with, no leases).
+A settle is handed through as one `Charge` (`gateway.storage.settle`).
+
 `reserve(..., lease_micros=n)` asks the gate to hold `n` instead of the
 estimate when the practice has plenty left; `Reservation.leased` says it
 did. Only the leasing gate asks.
@@ -25,7 +28,6 @@ from collections.abc import Callable
 from typing import Protocol
 
 from budget.snapshot import BudgetSnapshot, admit
-from budget.usage import Usage
 from gateway.storage.budget_state import StateReader
 from gateway.storage.engine import MeteringEngine
 from gateway.storage.holds import (
@@ -36,7 +38,7 @@ from gateway.storage.holds import (
     insert_hold,
     until_written,
 )
-from gateway.storage.settle import Written, settle_in_transaction
+from gateway.storage.settle import Charge, Written, settle_in_transaction
 
 
 class Gate(Protocol):
@@ -64,17 +66,9 @@ class Gate(Protocol):
         ...
 
     async def settle(
-        self,
-        hold: Hold,
-        usage: Usage,
-        *,
-        cost_micros: int,
-        device_id: str | None,
-        status: str,
-        started_at: int | None,
-        now: int,
+        self, hold: Hold, charge: Charge, *, now: int
     ) -> tuple[Written, BudgetSnapshot]:
-        """One attempt to replace the hold with the usage event (the caller retries).
+        """One attempt to replace the hold with `charge`'s usage event (the caller retries).
 
         Returns what was written and the money read before it."""
         ...
@@ -88,7 +82,33 @@ class Gate(Protocol):
         ...
 
 
-class TransactionGate:
+class DatabaseGate:
+    """What the two gates that ask the database each time share: what they are built
+    with, and no leases (`LeasingGate` adds those over either)."""
+
+    def __init__(
+        self,
+        db: MeteringEngine,
+        states: StateReader,
+        ids: HoldIds,
+        *,
+        hold_ttl_seconds: int,
+        retry_seconds: float,
+    ) -> None:
+        self.db = db
+        self.states = states
+        self.ids = ids
+        self.hold_ttl_seconds = hold_ttl_seconds
+        self.retry_seconds = retry_seconds
+
+    def close_leases(self, practice_id: str | None = None) -> None:
+        """No leases here."""
+
+    async def aclose(self, *, wait_seconds: float) -> None:
+        """Nothing to give back."""
+
+
+class TransactionGate(DatabaseGate):
     """The gate as a transaction locked on the practice (every engine)."""
 
     def __init__(
@@ -101,11 +121,9 @@ class TransactionGate:
         retry_seconds: float,
         also_lock: Callable[[str], str] | None = None,
     ) -> None:
-        self.db = db
-        self.states = states
-        self.ids = ids
-        self.hold_ttl_seconds = hold_ttl_seconds
-        self.retry_seconds = retry_seconds
+        super().__init__(
+            db, states, ids, hold_ttl_seconds=hold_ttl_seconds, retry_seconds=retry_seconds
+        )
         # The name of a second lock to take after the practice's (the one-call
         # gate's, whose functions hold only that one).
         self._also_lock = also_lock
@@ -163,30 +181,6 @@ class TransactionGate:
         return released > 0
 
     async def settle(
-        self,
-        hold: Hold,
-        usage: Usage,
-        *,
-        cost_micros: int,
-        device_id: str | None,
-        status: str,
-        started_at: int | None,
-        now: int,
+        self, hold: Hold, charge: Charge, *, now: int
     ) -> tuple[Written, BudgetSnapshot]:
-        return await settle_in_transaction(
-            self.db,
-            self.states,
-            hold,
-            usage,
-            cost_micros=cost_micros,
-            device_id=device_id,
-            status=status,
-            started_at=started_at,
-            now=now,
-        )
-
-    def close_leases(self, practice_id: str | None = None) -> None:
-        """No leases here."""
-
-    async def aclose(self, *, wait_seconds: float) -> None:
-        """Nothing to give back."""
+        return await settle_in_transaction(self.db, self.states, hold, charge, now=now)

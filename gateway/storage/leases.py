@@ -25,12 +25,11 @@ from dataclasses import dataclass, replace
 
 from budget.license import current_period
 from budget.snapshot import BudgetSnapshot
-from budget.usage import Usage
 from credit.ports import Database
 from gateway.storage.budget_state import BudgetState
 from gateway.storage.gate import Gate
 from gateway.storage.holds import Hold, Reservation, take_off_hold, until_written
-from gateway.storage.settle import Written
+from gateway.storage.settle import Charge, Written
 
 log = logging.getLogger("aza.metering")
 
@@ -170,27 +169,11 @@ class LeasingGate:
         return True
 
     async def settle(
-        self,
-        hold: Hold,
-        usage: Usage,
-        *,
-        cost_micros: int,
-        device_id: str | None,
-        status: str,
-        started_at: int | None,
-        now: int,
+        self, hold: Hold, charge: Charge, *, now: int
     ) -> tuple[Written, BudgetSnapshot]:
         if hold.share is not None:
             hold.share.done = True  # a release after this is a no-op
-        return await self.inner.settle(
-            hold,
-            usage,
-            cost_micros=cost_micros,
-            device_id=device_id,
-            status=status,
-            started_at=started_at,
-            now=now,
-        )
+        return await self.inner.settle(hold, charge, now=now)
 
     def close_leases(self, practice_id: str | None = None) -> None:
         """Close the open leases (of one practice): its next gate asks the database."""

@@ -36,7 +36,7 @@ from gateway.storage.keys import KeyStore
 from gateway.storage.leases import LeasingGate
 from gateway.storage.one_call import OneCallGate
 from gateway.storage.renewal import RunningHolds
-from gateway.storage.settle import Written, record_usage, settlement
+from gateway.storage.settle import Charge, Written, record_usage, settlement
 from gateway.storage.upkeep import Upkeep
 
 _NO_LEASES: Mapping[str, int] = Counter()
@@ -219,17 +219,10 @@ class MeteringStore:
         same request is a no-op.
         """
         now = self.now()
+        charge = Charge(usage, cost_micros, device_id, status, started_at)
 
         async def attempt() -> tuple[Written, BudgetSnapshot]:
-            return await self.gate.settle(
-                hold,
-                usage,
-                cost_micros=cost_micros,
-                device_id=device_id,
-                status=status,
-                started_at=started_at,
-                now=now,
-            )
+            return await self.gate.settle(hold, charge, now=now)
 
         written, before = await until_written(
             f"settling {hold.request_id}", attempt, self.retry_seconds

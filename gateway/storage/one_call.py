@@ -21,12 +21,11 @@ from typing import Any
 
 from budget.license import USABLE_STATUSES
 from budget.snapshot import LEASE_FLOOR_FACTOR, BudgetSnapshot, admit, split_charge
-from budget.usage import Usage
 from credit.ports import Row
 from gateway.storage.budget_state import BudgetState, Expected, StateReader, snapshot_of
 from gateway.storage.coalesce import Coalescer
 from gateway.storage.engine import MeteringEngine
-from gateway.storage.gate import TransactionGate
+from gateway.storage.gate import DatabaseGate, TransactionGate
 from gateway.storage.holds import (
     Hold,
     HoldIds,
@@ -34,7 +33,7 @@ from gateway.storage.holds import (
     delete_hold_once,
     until_written,
 )
-from gateway.storage.settle import Written, usage_columns
+from gateway.storage.settle import Charge, Written, usage_columns
 
 log = logging.getLogger("aza.metering")
 
@@ -57,7 +56,7 @@ def gate_lock(practice_id: str) -> str:
     return "gate:" + practice_id
 
 
-class OneCallGate:
+class OneCallGate(DatabaseGate):
     """The gate and settle as one database call each, a transaction gate behind them."""
 
     def __init__(
@@ -69,11 +68,9 @@ class OneCallGate:
         hold_ttl_seconds: int,
         retry_seconds: float,
     ) -> None:
-        self.db = db
-        self.states = states
-        self.ids = ids
-        self.hold_ttl_seconds = hold_ttl_seconds
-        self.retry_seconds = retry_seconds
+        super().__init__(
+            db, states, ids, hold_ttl_seconds=hold_ttl_seconds, retry_seconds=retry_seconds
+        )
         # Whatever the functions do not answer: a transaction that also takes
         # the gate lock, so that it excludes the functions' gates too.
         self.fallback = TransactionGate(
@@ -206,18 +203,11 @@ class OneCallGate:
         return deleted > 0
 
     async def settle(
-        self,
-        hold: Hold,
-        usage: Usage,
-        *,
-        cost_micros: int,
-        device_id: str | None,
-        status: str,
-        started_at: int | None,
-        now: int,
+        self, hold: Hold, charge: Charge, *, now: int
     ) -> tuple[Written, BudgetSnapshot]:
         """The settle's statements as one (`aza_settle`), its own transaction."""
         lic, period = hold.license, hold.period
+        usage, cost_micros = charge.usage, charge.cost_micros
         row = await self.settles.call(
             hold.practice_id,
             (
@@ -228,7 +218,7 @@ class OneCallGate:
                 lic.practice_id,
                 lic.subscription_id,
                 lic.customer_email,
-                device_id,
+                charge.device_id,
                 hold.request_id,
                 *usage_columns(usage),
                 cost_micros,
@@ -236,8 +226,8 @@ class OneCallGate:
                 int(usage.estimated),
                 period.start,
                 period.end,
-                status,
-                started_at,
+                charge.status,
+                charge.started_at,
             ),
         )
         before = snapshot_of(row, hold.budget_micros)
@@ -255,12 +245,6 @@ class OneCallGate:
                 expected_split,
             )
         return written, before
-
-    def close_leases(self, practice_id: str | None = None) -> None:
-        """No leases here."""
-
-    async def aclose(self, *, wait_seconds: float) -> None:
-        """Nothing to give back."""
 
     # -- batches --------------------------------------------------------------
 

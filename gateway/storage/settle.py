@@ -10,7 +10,7 @@ event, in the same transaction.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from budget.license import License, Period
@@ -22,6 +22,20 @@ from gateway.storage.holds import Hold, Settlement, delete_hold, take_off_hold
 
 # What a settle wrote: the event id (None: settled before), charged to budget, to credit.
 Written = tuple[int | None, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """What a settle books in place of a hold: the usage event's usage, cost and labels.
+
+    Made once per settle (`MeteringStore.settle`) and handed through the gates as is.
+    """
+
+    usage: Usage
+    cost_micros: int
+    device_id: str | None
+    status: str
+    started_at: int | None
 
 
 def usage_columns(usage: Usage) -> tuple[Any, ...]:
@@ -66,12 +80,8 @@ async def settle_in_transaction(
     db: Database,
     states: StateReader,
     hold: Hold,
-    usage: Usage,
+    charge: Charge,
     *,
-    cost_micros: int,
-    device_id: str | None,
-    status: str,
-    started_at: int | None,
     now: int,
 ) -> tuple[Written, BudgetSnapshot]:
     """One attempt: the hold (or a lease's share of it) off, the usage event in, one transaction."""
@@ -92,12 +102,12 @@ async def settle_in_transaction(
             lic=hold.license,
             period=hold.period,
             budget_micros=hold.budget_micros,
-            usage=usage,
-            cost_micros=cost_micros,
+            usage=charge.usage,
+            cost_micros=charge.cost_micros,
             request_id=hold.request_id,
-            device_id=device_id,
-            status=status,
-            started_at=started_at,
+            device_id=charge.device_id,
+            status=charge.status,
+            started_at=charge.started_at,
             now=now,
             hold_micros=hold.amount_micros,
             used_micros=before.used_micros,
