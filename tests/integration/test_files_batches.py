@@ -664,3 +664,42 @@ async def test_a_capped_key_and_device_hold_a_batch_and_are_charged_its_cost(
     ]
     events = await gw.events()
     assert {e["device_id"] for e in events} == {"nacht-pc"} and len(events) == 20
+
+
+async def test_a_create_cancelled_by_a_shutdown_leaks_no_hold_and_loses_no_batch(
+    start_gateway: StartGateway, upstream: Upstream
+) -> None:
+    """The gateway stops while the upstream holds back its answer (the batch made): the
+    server cancels the request; its intent keeps the hold, and the next gateway, once the
+    intent's grace is over, finds the batch, charges it once and releases the hold."""
+    from gateway.storage.jobs import JobStore
+
+    gate = asyncio.Event()
+    fake(upstream).create_gate = gate
+    async with start_gateway(upstream_timeout_seconds=30.0, **FAST) as first:
+        client = first.client(timeout=60)
+        uploaded = await client.files.create(
+            file=("letters.jsonl", jsonl(chat_line(n) for n in range(5))), purpose="batch"
+        )
+        creating = asyncio.create_task(
+            client.batches.create(
+                input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+        )
+        await until(lambda: fake(upstream).creates_received == 1 or None)
+    # Leaving the block stopped the server, which cancelled the request after its grace.
+    with pytest.raises(openai.APIError):
+        await creating
+    gate.set()
+    fake(upstream).create_gate = None
+    [batch_id] = list(fake(upstream).batches)
+    assert await first.holds() == 1
+    async with first.db.read() as conn:
+        intent = await conn.fetchval("SELECT intent_id FROM aza_batches WHERE status = 'creating'")
+    # The intent's grace (twice the create timeout) is over: due now.
+    await JobStore(first.db).wake("batch-intent", intent)
+    async with start_gateway(**FAST) as second:
+        row = await settled_row(second, batch_id)
+        assert row["cost_micro_usd"] == expected_cost(upstream, batch_id) > 0
+        assert len(await second.events()) == 5
+        assert await second.holds() == 0 and await intents_open(second) == 0
