@@ -92,6 +92,8 @@ class FakeFilesBatches:
         self.lines_per_poll: int | None = None
         self.fail_lines: set[str] = set()
         self.retrieves = 0
+        # (host, port) of the connection each retrieve came over: which process polled.
+        self.retrieve_peers: list[tuple[str, int]] = []
         self.create_gate: asyncio.Event | None = None
         self.create_lost = False
         self.creates_received = 0
@@ -354,6 +356,8 @@ class FakeFilesBatches:
         if batch_id not in self.batches:
             return _not_found("Batch", batch_id)
         self.retrieves += 1
+        if request.client is not None:
+            self.retrieve_peers.append((request.client.host, request.client.port))
         self.step(batch_id)
         return JSONResponse(self.batches[batch_id])
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import uuid
 from collections.abc import AsyncIterator
 from decimal import Decimal
+from pathlib import Path
 
 import openai
 import pytest
@@ -34,6 +36,25 @@ async def pg_url() -> AsyncIterator[str]:
         await drop_schema(schema)
 
 
+def local_ports(pid: int) -> set[int]:
+    """The local TCP ports of a process's sockets (Linux: its fds' inodes in /proc/net/tcp)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            fields = row.split()
+            if fields[9] in inodes:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
 def line(n: int) -> bytes:
     body = {
         "model": "gpt-4o-mini",
@@ -45,7 +66,8 @@ def line(n: int) -> bytes:
 
 
 async def test_two_instances_follow_one_batch_and_charge_each_line_once(pg_url: str) -> None:
-    """Both followers poll the batch (a few lines complete per poll); 30 events, one each."""
+    """Both followers poll the batch (a few lines complete per poll; the fake sees retrieves
+    over connections of each process); 30 events, one each, charged once."""
     key, store, db = await prepare_practice(pg_url, leave_micros=10 * USD)
     fake = FakeUpstream()
     fake.files_batches.lines_per_poll = 2  # many polls, shared by both instances
@@ -75,8 +97,25 @@ async def test_two_instances_follow_one_batch_and_charge_each_line_once(pg_url: 
                 )
                 # The other instance knows whose batch it is.
                 assert (await second.batches.retrieve(batch.id)).id == batch.id
+                # Which instance polled: the connection each retrieve came over, mapped to
+                # the process whose socket it is while that connection is open.
+                polled_by: dict[int, int] = {i.process.pid: 0 for i in instances}
+                # From here on (the client's own retrieve above went through the second).
+                seen = len(fake.files_batches.retrieve_peers)
+
+                def attribute() -> None:
+                    nonlocal seen
+                    peers = fake.files_batches.retrieve_peers[seen:]
+                    seen += len(peers)
+                    owners = {pid: local_ports(pid) for pid in polled_by}
+                    for _, port in peers:
+                        for pid, ports in owners.items():
+                            if port in ports:
+                                polled_by[pid] += 1
+
                 deadline = asyncio.get_running_loop().time() + 60
                 while True:
+                    attribute()
                     async with db.read() as conn:
                         settled = await conn.fetchval(
                             "SELECT settled_at FROM aza_batches WHERE batch_id = ?", batch.id
@@ -84,7 +123,9 @@ async def test_two_instances_follow_one_batch_and_charge_each_line_once(pg_url: 
                     if settled is not None:
                         break
                     assert asyncio.get_running_loop().time() < deadline, "batch never settled"
-                    await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.02)
+                attribute()
+                assert all(polls > 0 for polls in polled_by.values()), polled_by
                 await first.close()
                 await second.close()
         async with db.read() as conn:
