@@ -13,8 +13,6 @@ lives in memory.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import html
 import json
 import secrets
@@ -30,12 +28,13 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from gateway.alerts.signing import signature
+
 
 def stripe_signature(payload: bytes, secret: str, *, timestamp: int | None = None) -> str:
-    """The `Stripe-Signature` header Stripe sends with `payload`."""
-    t = int(time.time()) if timestamp is None else timestamp
-    mac = hmac.new(secret.encode(), f"{t}.".encode() + payload, hashlib.sha256).hexdigest()
-    return f"t={t},v1={mac}"
+    """The `Stripe-Signature` header Stripe sends with `payload`: Stripe's scheme, which
+    the gateway's own alert webhooks sign with too (`gateway.alerts.signing`)."""
+    return signature(secret, int(time.time()) if timestamp is None else timestamp, payload)
 
 
 def parse_form(body: bytes) -> dict[str, Any]:
