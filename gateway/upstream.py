@@ -485,6 +485,11 @@ class UpstreamClient:
                 candidate.close()
                 error = exc
                 continue
+            except BaseException:
+                # Cancelled (the connect timeout, the request gone): closed here,
+                # not left to the garbage collector.
+                candidate.close()
+                raise
             sock = candidate
             break
         if sock is None:

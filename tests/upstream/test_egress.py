@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
+import socket
 import ssl
+import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +29,7 @@ from gateway.upstream import (
     Timeouts,
     UpstreamClient,
     UpstreamConnectError,
+    UpstreamConnectTimeout,
 )
 from gateway.upstreams_config import legacy_upstream
 from tests.egress import ConnectProxy, connect_proxy
@@ -214,3 +218,37 @@ def test_proxy_url_parsing() -> None:
     assert ProxyConfig.parse("proxy:8080").authorization is None
     with pytest.raises(ValueError, match="http://"):
         ProxyConfig.parse("https://proxy:8443")
+
+
+async def test_a_connect_to_the_proxy_cut_short_closes_its_socket() -> None:
+    """A proxy that never answers the connect: the gateway gives up at its connect
+    timeout (a cancellation inside the connect) and closes the socket it opened, instead
+    of leaving it to the garbage collector."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    address = listener.getsockname()
+    # Its accept queue full, the proxy's kernel drops further SYNs: a connect hangs.
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(address)
+        fillers.append(filler)
+    client = UpstreamClient(
+        base_url="https://localhost:9/v1",
+        timeouts=Timeouts(connect=0.3, read=5, pool=5),
+        ssl_context=ssl.create_default_context(),
+        proxy=ProxyConfig.parse(f"http://127.0.0.1:{address[1]}"),
+    )
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            with pytest.raises(UpstreamConnectTimeout):
+                await _get(client)
+            gc.collect()
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+    assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
