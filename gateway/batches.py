@@ -9,10 +9,18 @@ the usual shape when the practice cannot afford it; nothing reaches the
 upstream). A line it cannot meter makes the whole batch a 400 naming the
 line; nothing is held then.
 
-Once the upstream accepted the batch, its ownership, its hold and a job to
-follow it are recorded in one transaction, and the follower
-(`gateway.followers`) polls it, on whichever instance claims it, keeping
-its hold alive while it runs. When it ends (completed, failed, expired,
+The estimate is held on the creating key's and device's monthly caps too
+(the cap's 429 when one is full). Before the upstream is asked, the batch
+is recorded under an intent id, with its holds and a job, in one
+transaction; the intent id goes to the upstream as `metadata.aza_intent`.
+The upstream's answer names the batch (its ownership and a job to follow
+it, in one transaction); a refusal (4xx) releases the holds at once. When
+no answer came (the gateway died, the upstream was slow or failed), the
+intent's job, after a grace longer than any create call, looks for the
+batch among the upstream's by its metadata: found, it is followed; none,
+the holds are released (`resolve_intent`). The follower
+(`gateway.followers`) polls each batch, on whichever instance claims it,
+keeping its holds alive while it runs. When it ends (completed, failed, expired,
 cancelled) `poll_batch` reads its output and error files and settles it:
 one usage event per completed line at the batch price (request id
 `batch:<batch_id>:<custom_id>`), the hold released (`BatchStore.settle`).
@@ -356,11 +364,11 @@ async def create_batch(request: Request) -> Response:
     file_id = body.get("input_file_id")
     if not isinstance(file_id, str) or not await service.store.owns(practice_id, FILE, file_id):
         raise no_such("File", str(file_id), param="input_file_id", status=400)
+    forward, intent_id = _with_intent(body)
     try:
         lines, model, estimate = await _estimate(service, practice_id, file_id, batch_endpoint)
     except _Passthrough as exc:
         return passthrough(exc.response)
-    forward, intent_id = _with_intent(body)
     caller = caller_of(request.scope)
     request_id = str(request.scope["state"].get("request_id"))
     expires_at = int(time.time()) + _WINDOW_SECONDS + _MARGIN_SECONDS
@@ -435,8 +443,10 @@ async def create_batch(request: Request) -> Response:
     data = json_of(response)
     batch_id = data.get("id")
     if response.status_code != 200 or not isinstance(batch_id, str):
-        # The upstream refused it: nothing was made, nothing stays held.
-        await _shielded(services, service.abandon(row), "abandon batch intent")
+        if 400 <= response.status_code < 500:
+            # The upstream refused it: nothing was made, nothing stays held.
+            await _shielded(services, service.abandon(row), "abandon batch intent")
+        # Else (a 5xx) it may have been made all the same: the intent's follower finds out.
         return passthrough(response)
     try:
         named = await service.name(row, batch_id, str(data.get("status") or "validating"))

@@ -11,7 +11,8 @@ Tests steer it through `lines_per_poll`, `advance()` and `fail_lines`
 `metadata` it was created with, as OpenAI's do. `create_gate` (an
 `asyncio.Event`) holds the answer to `POST /v1/batches` back until it is
 set, after the batch was made, or, with `create_lost`, before: then no
-batch is made and the answer is a 500 (a crash of the upstream's own).
+batch is made and the answer is a 500 (a crash of the upstream's own);
+`refuse_creates` answers every create with a 400.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ class FakeFilesBatches:
         self.retrieve_peers: list[tuple[str, int]] = []
         self.create_gate: asyncio.Event | None = None
         self.create_lost = False
+        self.refuse_creates = False
         self.creates_received = 0
         self.lists = 0
         self._ids = itertools.count(1)
@@ -241,6 +243,8 @@ class FakeFilesBatches:
     async def _create_batch(self, request: Request) -> Response:
         body = await request.json()
         self.creates_received += 1
+        if self.refuse_creates:
+            return _bad("This batch cannot be created now.", "input_file_id")
         if self.create_lost:
             if self.create_gate is not None:
                 await self.create_gate.wait()

@@ -505,58 +505,61 @@ async def test_metadata_without_room_for_the_intent_is_a_400(
     assert fake(upstream).creates_received == 0 and await gw.holds() == 0
 
 
-async def test_a_client_that_leaves_while_the_upstream_creates_is_still_charged_once(
+async def test_a_batch_made_but_answered_too_late_is_found_and_charged_once(
     start_gateway: StartGateway, upstream: Upstream
 ) -> None:
-    """The upstream makes the batch but answers late; the client gives up and the gateway's
-    own wait runs out: the intent's follower finds the batch by its metadata, follows it
-    and charges each line once; nothing stays held."""
-    async with start_gateway(upstream_timeout_seconds=0.5, **FAST) as gw:
-        client = gw.client(timeout=0.3)
-        fake(upstream).create_gate = asyncio.Event()
-        uploaded = await gw.client().files.create(
+    """The upstream makes the batch but holds its answer past the gateway's wait (504 to the
+    client): after the intent's grace its follower finds the batch by its metadata, follows
+    it and charges each line once; nothing stays held."""
+    async with start_gateway(upstream_timeout_seconds=2.0, **FAST) as gw:
+        client = gw.client()
+        gate = asyncio.Event()
+        fake(upstream).create_gate = gate
+        uploaded = await client.files.create(
             file=("letters.jsonl", jsonl(chat_line(n) for n in range(6))), purpose="batch"
         )
-        with pytest.raises(openai.APITimeoutError):
-            await client.batches.create(
-                input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
-            )
-        [batch_id] = list(fake(upstream).batches)
-        assert await gw.holds() == 1  # the intent's hold, until it is resolved
-        row = await settled_row(gw, batch_id)
-        fake(upstream).create_gate.set()
+        try:
+            with pytest.raises(openai.APIStatusError) as late:
+                await client.batches.create(
+                    input_file_id=uploaded.id,
+                    endpoint="/v1/chat/completions",
+                    completion_window="24h",
+                )
+            assert late.value.status_code == 504
+            [batch_id] = list(fake(upstream).batches)
+            row = await settled_row(gw, batch_id)
+        finally:
+            gate.set()
         assert fake(upstream).lists >= 1
         events = await gw.events()
         assert len(events) == 6 and row["cost_micro_usd"] == expected_cost(upstream, batch_id)
         assert row["status"] == "completed" and row["intent_id"]
         assert await gw.holds() == 0 and await intents_open(gw) == 0
-        assert (await gw.client().batches.retrieve(batch_id)).id == batch_id
+        assert (await client.batches.retrieve(batch_id)).id == batch_id
 
 
 async def test_a_batch_the_upstream_never_made_gives_its_hold_back(
     start_gateway: StartGateway, upstream: Upstream
 ) -> None:
-    """The upstream never makes it and the client leaves: once the intent's grace is over
-    and the upstream lists no batch with its id, the hold is released and nothing stays."""
-    async with start_gateway(upstream_timeout_seconds=0.5, **FAST) as gw:
-        client = gw.client(timeout=0.3)
-        fake(upstream).create_gate = asyncio.Event()
+    """The upstream fails (500) without making it: the client gets the 500 at once, the
+    intent keeps the hold (a 5xx may have made it), and once its grace is over and the
+    upstream lists no batch with its id, the hold is released and nothing stays."""
+    async with start_gateway(upstream_timeout_seconds=1.0, **FAST) as gw:
+        client = gw.client()
         fake(upstream).create_lost = True
-        uploaded = await gw.client().files.create(
+        uploaded = await client.files.create(
             file=("letters.jsonl", jsonl(chat_line(n) for n in range(4))), purpose="batch"
         )
-        with pytest.raises(openai.APITimeoutError):
+        with pytest.raises(openai.InternalServerError):
             await client.batches.create(
                 input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
             )
-        assert await gw.holds() == 1
 
         async def released() -> bool:
-            return await gw.holds() == 0
+            return fake(upstream).lists >= 1 and await gw.holds() == 0
 
         await until(released)
-        fake(upstream).create_gate.set()
-        assert fake(upstream).batches == {} and fake(upstream).lists >= 1
+        assert fake(upstream).batches == {}
         async with gw.db.read() as conn:
             assert await conn.fetchval("SELECT COUNT(*) FROM aza_batches") == 0
         assert await gw.events() == [] and await intents_open(gw) == 0
@@ -565,17 +568,19 @@ async def test_a_batch_the_upstream_never_made_gives_its_hold_back(
 async def test_an_upstream_refusal_releases_the_intent_at_once(
     fast_gateway: Gateway, upstream: Upstream
 ) -> None:
-    """The upstream answers 500 and made nothing: the client gets it, nothing stays held."""
+    """The upstream refuses it (400) and made nothing: the client gets the upstream's
+    answer, nothing stays held."""
     gw = fast_gateway
     client = gw.client()
-    fake(upstream).create_lost = True
+    fake(upstream).refuse_creates = True
     uploaded = await client.files.create(
         file=("letters.jsonl", jsonl(chat_line(n) for n in range(2))), purpose="batch"
     )
-    with pytest.raises(openai.InternalServerError):
+    with pytest.raises(openai.BadRequestError) as refused:
         await client.batches.create(
             input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
         )
+    assert "cannot be created now" in refused.value.response.json()["error"]["message"]
     assert await gw.holds() == 0 and await intents_open(gw) == 0
     async with gw.db.read() as conn:
         assert await conn.fetchval("SELECT COUNT(*) FROM aza_batches") == 0

@@ -53,9 +53,9 @@ def environment(url: str, upstream_root: str) -> dict[str, str]:
         "AZA_DATABASE_POOL_SIZE": "4",
         "AZA_UPSTREAM_BASE_URL": upstream_root + "/v1",
         "OPENAI_API_KEY": FAKE_UPSTREAM_KEY,
-        # The upstream's batch create is awaited 1 s at most: an intent is looked for
-        # upstream some 2 s after it was made.
-        "AZA_UPSTREAM_TIMEOUT_SECONDS": "1",
+        # The upstream's batch create is awaited 2 s at most: an intent is looked for
+        # upstream some 4 s after it was made.
+        "AZA_UPSTREAM_TIMEOUT_SECONDS": "2",
         "AZA_JOB_POLL_MIN_SECONDS": "0.05",
         "AZA_JOB_POLL_MAX_SECONDS": "0.2",
         "AZA_LOG_LEVEL": "warning",
