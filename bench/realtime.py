@@ -11,9 +11,20 @@ session's responses at the given rate: `response.created`, audio deltas of
 50 ms of 24 kHz PCM16 each, and `response.done` with usage, once a second,
 so the gateway meters one response per session per second (a hold when the
 response starts, a usage event when it is done) while it relays. Each event's
-`event_id` carries the upstream's send time (`time.time_ns()`); the client
-takes its receive time minus that. Added latency = gateway percentile minus
-direct percentile (p50, p99). Goals: p50 <= 0.2 ms, p99 <= 2 ms added.
+`event_id` carries the upstream's send time (`time.time_ns()`, taken as the
+event is written); the client takes its receive time as soon as its
+connection hands the event over, the same code for both arms. Added latency
+= gateway percentile minus direct percentile (p50, p99). Goals: p50 <= 0.2
+ms, p99 <= 2 ms added.
+
+The arms take turns (`--rounds`, the order alternating: direct, gateway,
+gateway, direct, ...), each round opening its sessions afresh and measuring
+after a short warm-up, so that a machine whose load drifts during the run
+weighs on both arms alike. Client and upstream run on uvloop where it is
+installed, as the gateway does. Also reported: the gateway process's CPU time
+per relayed event (Linux, from /proc), which load on the machine hardly
+moves. `--floor` adds a third arm, a bare relay of websockets' own server and
+client (no app, no metering): the least any Python relay hop adds here.
 
 Nothing here is imported by the gateway or its tests.
 """
@@ -35,11 +46,22 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 UPSTREAM_KEY = "sk-bench-realtime"
 DELTA = base64.b64encode(bytes(2_400)).decode()  # 50 ms of 24 kHz 16-bit silence
 MODEL = "gpt-realtime-mini"
+
+
+def run_async(coro: Any) -> Any:
+    """Run `coro` on uvloop where installed (as the gateway runs), else asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def free_port() -> int:
@@ -150,38 +172,99 @@ async def serve_upstream(port: int, rate: float) -> None:
 # -- the client -------------------------------------------------------------------
 
 
-async def measure(url: str, key: str, sessions: int, seconds: float, warmup: float) -> list[int]:
-    """Open `sessions` sessions at `url`; per event received after `warmup`, its latency in ns."""
-    from websockets.asyncio.client import connect
+async def measure(
+    url: str,
+    key: str,
+    sessions: int,
+    seconds: float,
+    warmup: float,
+    on_record: Callable[[bool], None] | None = None,
+) -> list[int]:
+    """Open `sessions` sessions at `url`; after `warmup`, each event's latency in ns for
+    `seconds`. `on_record(True)` / `(False)` mark the start and end of the measured time."""
+    from websockets.asyncio.client import ClientConnection, connect
 
     samples: list[int] = []
-    stop_at = time.monotonic() + warmup + seconds
-    record_from = time.monotonic() + warmup
+    recording = [False]
+    marker = '"event_id":"event_'
 
-    async def one() -> None:
-        async with connect(
-            url,
-            additional_headers={"Authorization": f"Bearer {key}"},
-            max_size=None,
-            compression=None,
-        ) as ws:
-            while time.monotonic() < stop_at:
-                try:
-                    async with asyncio.timeout(max(0.01, stop_at - time.monotonic())):
-                        message = await ws.recv()
-                except TimeoutError:
-                    break
-                now = time.time_ns()
-                if isinstance(message, bytes):
-                    continue
-                start = message.find('"event_id":"event_')
-                if start < 0 or time.monotonic() < record_from:
-                    continue
-                start += len('"event_id":"event_')
+    async def read(ws: ClientConnection) -> None:
+        async for message in ws:
+            now = time.time_ns()  # as soon as the connection hands the event over
+            if not recording[0] or isinstance(message, bytes):
+                continue
+            start = message.find(marker)
+            if start >= 0:
+                start += len(marker)
                 samples.append(now - int(message[start : message.index('"', start)]))
 
-    await asyncio.gather(*(one() for _ in range(sessions)))
+    connections = await asyncio.gather(
+        *(
+            connect(
+                url,
+                additional_headers={"Authorization": f"Bearer {key}"},
+                max_size=None,
+                compression=None,
+            )
+            for _ in range(sessions)
+        )
+    )
+    readers = [asyncio.create_task(read(ws)) for ws in connections]
+    try:
+        await asyncio.sleep(warmup)
+        if on_record:
+            on_record(True)
+        recording[0] = True
+        await asyncio.sleep(seconds)
+        recording[0] = False
+        if on_record:
+            on_record(False)
+    finally:
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        await asyncio.gather(*(ws.close() for ws in connections), return_exceptions=True)
     return samples
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of process `pid` (Linux /proc), None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# -- a bare relay (the floor arm) -------------------------------------------------
+
+
+async def serve_relay(port: int, upstream_port: int) -> None:
+    """websockets' server relaying to its client, nothing else: what a Python hop costs."""
+    from websockets.asyncio.client import connect
+    from websockets.asyncio.server import ServerConnection, serve
+
+    logging.getLogger("websockets.server").setLevel(logging.CRITICAL)
+
+    async def handler(ws: ServerConnection) -> None:
+        path = ws.request.path if ws.request is not None else "/"
+        async with connect(
+            f"ws://127.0.0.1:{upstream_port}{path}", max_size=None, compression=None
+        ) as upstream:
+
+            async def client_to_upstream() -> None:
+                async for message in ws:
+                    await upstream.send(message)
+
+            task = asyncio.create_task(client_to_upstream())
+            try:
+                async for message in upstream:
+                    await ws.send(message)
+            finally:
+                task.cancel()
+
+    async with serve(handler, "127.0.0.1", port, max_size=None, compression=None):
+        await asyncio.Event().wait()
 
 
 def percentile(values: list[int], q: float) -> float:
@@ -225,9 +308,14 @@ def prepare_gateway(env: dict[str, str]) -> str:
 
 
 def run(
-    sessions: int = 50, rate: float = 20.0, seconds: float = 10.0, warmup: float = 2.0
+    sessions: int = 50,
+    rate: float = 20.0,
+    seconds: float = 10.0,
+    warmup: float = 1.0,
+    rounds: int = 4,
+    floor: bool = False,
 ) -> dict[str, float]:
-    """Both arms in one run; returns the figures (milliseconds, counts)."""
+    """The arms in turns in one run; returns the figures (milliseconds, counts)."""
     procs: list[subprocess.Popen[bytes]] = []
     folder = Path(tempfile.mkdtemp(prefix="aza-bench-realtime-"))
     try:
@@ -253,15 +341,51 @@ def run(
         procs.append(gateway)
         wait_port(gw_port, gateway)
         query = f"/v1/realtime?model={MODEL}"
-        direct = asyncio.run(
-            measure(f"ws://127.0.0.1:{up_port}{query}", UPSTREAM_KEY, sessions, seconds, warmup)
-        )
-        through = asyncio.run(
-            measure(f"ws://127.0.0.1:{gw_port}{query}", key, sessions, seconds, warmup)
-        )
+        arms = {
+            "direct": (f"ws://127.0.0.1:{up_port}{query}", UPSTREAM_KEY),
+            "gateway": (f"ws://127.0.0.1:{gw_port}{query}", key),
+        }
+        if floor:
+            relay_port = free_port()
+            relay = subprocess.Popen(
+                [sys.executable, __file__, "--serve-relay", str(relay_port), str(up_port)]
+            )
+            procs.append(relay)
+            wait_port(relay_port, relay)
+            arms["floor"] = (f"ws://127.0.0.1:{relay_port}{query}", UPSTREAM_KEY)
+        samples: dict[str, list[int]] = {name: [] for name in arms}
+        # CPU seconds of the relaying process (gateway, floor) while its arm is measured.
+        relays = {"gateway": gateway.pid, **({"floor": procs[-1].pid} if floor else {})}
+        cpu = dict.fromkeys(relays, 0.0)
+
+        def cpu_hook(name: str) -> Callable[[bool], None] | None:
+            if name not in relays:
+                return None
+            started = [0.0]
+
+            def hook(start: bool) -> None:
+                now = cpu_seconds(relays[name])
+                if now is not None and start:
+                    started[0] = now
+                elif now is not None:
+                    cpu[name] += now - started[0]
+
+            return hook
+
+        names = list(arms)
+        per_round = seconds / max(1, rounds)
+        for number in range(max(1, rounds)):
+            order = names if number % 2 == 0 else names[::-1]
+            for name in order:
+                url, arm_key = arms[name]
+                samples[name] += run_async(
+                    measure(url, arm_key, sessions, per_round, warmup, on_record=cpu_hook(name))
+                )
+        direct, through = samples["direct"], samples["gateway"]
         figures = {
             "sessions": sessions,
             "events_per_second": rate,
+            "rounds": max(1, rounds),
             "direct_events": len(direct),
             "gateway_events": len(through),
             "direct_p50_ms": percentile(direct, 0.50),
@@ -269,9 +393,14 @@ def run(
             "gateway_p50_ms": percentile(through, 0.50),
             "gateway_p99_ms": percentile(through, 0.99),
             "gateway_mean_ms": statistics.fmean(through) / 1e6,
+            "gateway_cpu_us_per_event": 1e6 * cpu["gateway"] / max(1, len(through)),
         }
         figures["added_p50_ms"] = figures["gateway_p50_ms"] - figures["direct_p50_ms"]
         figures["added_p99_ms"] = figures["gateway_p99_ms"] - figures["direct_p99_ms"]
+        if floor:
+            figures["floor_p50_ms"] = percentile(samples["floor"], 0.50)
+            figures["floor_p99_ms"] = percentile(samples["floor"], 0.99)
+            figures["floor_cpu_us_per_event"] = 1e6 * cpu["floor"] / max(1, len(samples["floor"]))
         return figures
     finally:
         for proc in reversed(procs):
@@ -286,20 +415,28 @@ def run(
 def report(figures: dict[str, float]) -> str:
     ok50 = figures["added_p50_ms"] <= 0.2
     ok99 = figures["added_p99_ms"] <= 2.0
+    arms = ("direct", "gateway", "floor") if "floor_p50_ms" in figures else ("direct", "gateway")
     return "\n".join(
         [
             f"Realtime relay: {figures['sessions']:.0f} sessions x "
-            f"{figures['events_per_second']:.0f} events/s "
+            f"{figures['events_per_second']:.0f} events/s, {figures['rounds']:.0f} rounds "
             f"({figures['gateway_events']:.0f} events through the gateway, "
             f"{figures['direct_events']:.0f} direct)",
             *(
                 f"  {arm:<7} p50 {figures[arm + '_p50_ms']:.3f} ms  "
                 f"p99 {figures[arm + '_p99_ms']:.3f} ms"
-                for arm in ("direct", "gateway")
+                for arm in arms
             ),
             f"  added   p50 {figures['added_p50_ms']:.3f} ms (goal <= 0.2: "
             f"{'met' if ok50 else 'MISSED'})  p99 {figures['added_p99_ms']:.3f} ms "
             f"(goal <= 2: {'met' if ok99 else 'MISSED'})",
+            f"  gateway CPU {figures['gateway_cpu_us_per_event']:.0f} us per relayed event "
+            "(metering included)"
+            + (
+                f"; floor {figures['floor_cpu_us_per_event']:.0f} us"
+                if "floor_cpu_us_per_event" in figures
+                else ""
+            ),
         ]
     )
 
@@ -311,14 +448,21 @@ def main(argv: list[str]) -> int:
     p.add_argument("--sessions", type=int, default=50)
     p.add_argument("--rate", type=float, default=20.0, help="events a second per session")
     p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per arm")
-    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds before each round counts")
+    p.add_argument("--rounds", type=int, default=4, help="turns per arm (order alternating)")
+    p.add_argument("--floor", action="store_true", help="also a bare websockets relay arm")
     p.add_argument("--serve-upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    p.add_argument("--serve-relay", type=int, nargs=2, metavar="PORT", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.serve_upstream:
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(serve_upstream(a.serve_upstream, a.rate))
+            run_async(serve_upstream(a.serve_upstream, a.rate))
         return 0
-    print(report(run(a.sessions, a.rate, a.seconds, a.warmup)))
+    if a.serve_relay:
+        with contextlib.suppress(KeyboardInterrupt):
+            run_async(serve_relay(*a.serve_relay))
+        return 0
+    print(report(run(a.sessions, a.rate, a.seconds, a.warmup, a.rounds, a.floor)))
     return 0
 
 

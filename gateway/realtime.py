@@ -43,6 +43,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
+from urllib.parse import urlsplit
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -95,9 +96,10 @@ from gateway.proxy import (
 )
 from gateway.routing import Upstream
 from gateway.services import Services
+from gateway.settings import Settings
 from gateway.storage.holds import Hold, Reservation
 from gateway.storage.limits import CapHold
-from gateway.upstream import UpstreamError
+from gateway.upstream import NoProxy, UpstreamError
 
 log = logging.getLogger("aza.gateway.realtime")
 
@@ -424,20 +426,27 @@ class RealtimeSession:
             await upstream.send(text)
 
     async def _upstream_to_client(self) -> None:
+        # The per-event path: one sniff of the type, the frame passed on as it came.
+        send, watched = self.send, _SERVER_WATCHED
         try:
             async for message in self.upstream:
                 if isinstance(message, str):
                     kind = event_type(message)
+                    parsed = None
                     if kind is None:
                         parsed = _parse(message)
                         kind = parsed.get("type") if parsed is not None else None
-                    if kind in _SERVER_WATCHED:
-                        self._on_server(str(kind), _parse(message) or {})
-                    if self.client_open:
-                        await self._to_client({"type": "websocket.send", "text": message})
-                elif self.client_open:
-                    await self._to_client({"type": "websocket.send", "bytes": message})
-                if not self.running and not self.client_open:
+                    if kind in watched:
+                        self._on_server(str(kind), parsed or _parse(message) or {})
+                    frame: Message = {"type": "websocket.send", "text": message}
+                else:
+                    frame = {"type": "websocket.send", "bytes": message}
+                if self.client_open:
+                    try:
+                        await send(frame)
+                    except (OSError, RuntimeError):
+                        self.client_open = False
+                elif not self.running:
                     self._drained.set()
         except ConnectionClosed:
             return
@@ -826,8 +835,19 @@ def realtime_url(base_url: str) -> str:
     return base + "/realtime"
 
 
-async def _connect_upstream(upstream: Upstream, websocket: WebSocket) -> ClientConnection:
+def _egress_proxy(settings: Settings, url: str) -> str | None:
+    """The proxy a wss:// upstream is reached through, as an https one over HTTP."""
+    if not settings.https_proxy or not url.startswith("wss://"):
+        return None
+    host = urlsplit(url).hostname or ""
+    return None if NoProxy(settings.no_proxy).bypass(host) else settings.https_proxy
+
+
+async def _connect_upstream(
+    upstream: Upstream, websocket: WebSocket, settings: Settings
+) -> ClientConnection:
     url = realtime_url(upstream.config.base_url)
+    proxy = _egress_proxy(settings, url)
     query = websocket.scope.get("query_string", b"").decode("latin-1")
     if query:
         url += "?" + query
@@ -845,6 +865,10 @@ async def _connect_upstream(upstream: Upstream, websocket: WebSocket) -> ClientC
             compression=None,
             open_timeout=10,
             user_agent_header=None,
+            # The egress proxy as for HTTP (HTTPS_PROXY unless NO_PROXY names the
+            # host), from the settings: websockets would read the environment at
+            # every connect otherwise.
+            proxy=proxy,
         )
     except InvalidStatus as exc:
         status = exc.response.status_code
@@ -905,7 +929,7 @@ class RealtimeEndpoint:
             )
             first = _Held(hold, estimate, int(time.time()), caps)
             _track(services, first, running=True)
-            upstream = await _connect_upstream(chosen, websocket)
+            upstream = await _connect_upstream(chosen, websocket, services.settings)
         except BaseException as exc:
             if first is not None:
                 # In a task of its own: a cancellation (the client gone) cannot stop it.
