@@ -835,7 +835,7 @@ def realtime_url(base_url: str) -> str:
     return base + "/realtime"
 
 
-def _egress_proxy(settings: Settings, url: str) -> str | None:
+def egress_proxy(settings: Settings, url: str) -> str | None:
     """The proxy a wss:// upstream is reached through, as an https one over HTTP."""
     if not settings.https_proxy or not url.startswith("wss://"):
         return None
@@ -847,7 +847,7 @@ async def _connect_upstream(
     upstream: Upstream, websocket: WebSocket, settings: Settings
 ) -> ClientConnection:
     url = realtime_url(upstream.config.base_url)
-    proxy = _egress_proxy(settings, url)
+    proxy = egress_proxy(settings, url)
     query = websocket.scope.get("query_string", b"").decode("latin-1")
     if query:
         url += "?" + query

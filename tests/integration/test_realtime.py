@@ -23,7 +23,8 @@ from budget.pricing import PriceBook
 from budget.realtime import SessionKind, SessionMeter
 from budget.usage import Operation, Usage
 from config import CONFIG_DIR
-from gateway.settings import Secret
+from gateway.realtime import egress_proxy
+from gateway.settings import Secret, Settings
 from gateway.storage import AnyDatabase
 from tests.credit.helpers import STRIPE_BASE, STRIPE_HTTPX_DEPRECATION, WEBHOOK_SECRET, save
 from tests.integration.conftest import Gateway, StartGateway
@@ -615,3 +616,14 @@ async def test_a_device_over_its_cap_cannot_open_a_session(gateway: Gateway) -> 
     ) as connection:
         await next_of(connection, "session.created")
     await until(lambda: _no_holds(gateway))
+
+
+def test_the_upstream_websocket_takes_the_egress_proxy_as_https_requests_do() -> None:
+    """HTTPS_PROXY for a wss:// upstream unless NO_PROXY names its host; ws:// goes direct."""
+    proxied = Settings(https_proxy="http://proxy.praxis.ch:3128", no_proxy="intern.praxis.ch")
+    assert egress_proxy(proxied, "wss://api.openai.com/v1/realtime") == (
+        "http://proxy.praxis.ch:3128"
+    )
+    assert egress_proxy(proxied, "wss://llm.intern.praxis.ch/v1/realtime") is None
+    assert egress_proxy(proxied, "ws://127.0.0.1:9000/v1/realtime") is None
+    assert egress_proxy(Settings(), "wss://api.openai.com/v1/realtime") is None
