@@ -1009,11 +1009,17 @@ class EphemeralKeys:
             model = _model_of(body)
             chosen = _choose_upstream(services, practice_id, model)
             cap_micros = usd_to_micros(Decimal(cap))
-            hold = await hold_budget(services, practice_id, request_id, cap_micros)
+            estimate = Usage(Operation.REALTIME, model, estimated=True)
+            subjects = await limit_subjects(services, caller, practice_id)
+            hold, caps = await admit_response(
+                services, practice_id, subjects, request_id, estimate, cap_micros
+            )
         except GatewayError as exc:
             return exc.response(request_id)
         except DatabaseUnavailable:
             return unavailable().response(request_id)
+        held = _Held(hold, estimate, int(time.time()), caps)
+        response = None
         try:
             response = await chosen.client.send(
                 "POST",
@@ -1023,25 +1029,53 @@ class EphemeralKeys:
             )
             answer = await response.aread()
             await response.aclose()
-        except UpstreamError:
-            await services.metering.release(hold)
-            return upstream_unreachable().response(request_id)
-        if not 200 <= response.status_code < 300:
-            await services.metering.release(hold)
+        except BaseException as exc:
+            # Settled or released in a task of its own, which a cancellation (the
+            # server shutting down) cannot stop: a key the upstream issued is
+            # charged, else the hold goes back rather than waiting to expire.
+            issued = response is not None and 200 <= response.status_code < 300
+            work = self._charge(services, held, cap_micros, caller.device_id) if issued else None
+            task = services.spawn(work or release_held(services, held), name="realtime-key:settle")
+            if isinstance(exc, Exception):
+                await asyncio.shield(task)
+            if isinstance(exc, UpstreamError):
+                return upstream_unreachable().response(request_id)
+            raise
+        if 200 <= response.status_code < 300:
+            work = self._charge(services, held, cap_micros, caller.device_id)
         else:
-            await services.metering.settle(
-                hold,
-                Usage(Operation.REALTIME, model, estimated=True),
-                cost_micros=cap_micros,
-                device_id=caller.device_id,
-                status="success",
-            )
+            work = release_held(services, held)
+        await asyncio.shield(services.spawn(work, name="realtime-key:settle"))
         headers = dict(
             (name.decode("latin-1"), value.decode("latin-1"))
             for name, value in client_response_headers(response.headers)
             if name != b"content-length"
         )
         return Response(answer, status_code=response.status_code, headers=headers)
+
+    @staticmethod
+    async def _charge(
+        services: Services, held: _Held, cost_micros: int, device_id: str | None
+    ) -> None:
+        """The key's fixed charge as one usage event, its cap holds settled with it."""
+        assert held.hold is not None
+        try:
+            await services.metering.settle(
+                held.hold,
+                held.estimate,
+                cost_micros=cost_micros,
+                device_id=device_id,
+                status="success",
+            )
+            if held.caps:
+                await settle_limits(
+                    services.limit_leases,
+                    held.caps,
+                    cost_micros,
+                    retry_seconds=services.metering.retry_seconds,
+                )
+        except Exception:
+            log.exception("charging an ephemeral key failed; its hold expires by itself")
 
 
 def _model_of(body: bytes) -> str:

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import json
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from decimal import Decimal
 from typing import Any
 
@@ -17,17 +18,23 @@ import httpx
 import openai
 import pytest
 import respx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from budget.pricing import PriceBook
 from budget.realtime import SessionKind, SessionMeter
 from budget.usage import Operation, Usage
 from config import CONFIG_DIR
+from gateway.app import create_app
 from gateway.realtime import egress_proxy
 from gateway.settings import Secret, Settings
 from gateway.storage import AnyDatabase
+from gateway.storage.metering import MeteringStore
 from tests.credit.helpers import STRIPE_BASE, STRIPE_HTTPX_DEPRECATION, WEBHOOK_SECRET, save
-from tests.integration.conftest import Gateway, StartGateway
+from tests.integration.conftest import Gateway, StartGateway, serve, serving
 from tests.integration.test_auto_topup import auto_topups, payment_intent
 
 PRICES = PriceBook.load(CONFIG_DIR / "prices.toml")
@@ -627,3 +634,78 @@ def test_the_upstream_websocket_takes_the_egress_proxy_as_https_requests_do() ->
     assert egress_proxy(proxied, "wss://llm.intern.praxis.ch/v1/realtime") is None
     assert egress_proxy(proxied, "ws://127.0.0.1:9000/v1/realtime") is None
     assert egress_proxy(Settings(), "wss://api.openai.com/v1/realtime") is None
+
+
+async def test_an_ephemeral_key_cut_off_by_a_shutdown_leaves_no_hold(
+    db: AnyDatabase, metering: MeteringStore, practice: str, gateway_settings: Settings
+) -> None:
+    """The upstream never answers the key request; the gateway shuts down and cancels it:
+    the hold goes back at once (not at its expiry), nothing is charged."""
+    arrived = asyncio.Event()
+
+    async def hang(request: Request) -> Response:
+        arrived.set()
+        await asyncio.Event().wait()  # until the test ends it
+        raise AssertionError("unreachable")
+
+    stalled = Starlette(routes=[Route("/v1/realtime/client_secrets", hang, methods=["POST"])])
+    async with serve(stalled) as upstream_root:
+        settings = replace(
+            gateway_settings,
+            upstream_base_url=upstream_root + "/v1",
+            realtime_ephemeral_keys=True,
+            realtime_session_cap_usd=Decimal("0.50"),
+        )
+        key = await metering.create_key(practice)
+        app = create_app(settings, database=db)
+        async with httpx.AsyncClient(timeout=30) as http:
+            async with serving(app, graceful_shutdown_seconds=0.2) as (root, _server):
+                asking = asyncio.create_task(
+                    http.post(
+                        root + "/v1/realtime/client_secrets",
+                        headers={"authorization": f"Bearer {key}"},
+                        json={"session": {"type": "realtime", "model": "gpt-realtime"}},
+                    )
+                )
+                await asyncio.wait_for(arrived.wait(), 10)
+                assert await metering.active_holds(practice) == 1
+            # uvicorn answers a request whose handler it cancelled with a bare 500.
+            assert (await asking).status_code == 500
+    await until(lambda: _no_holds_of(metering, practice))
+    async with db.read() as conn:
+        assert await conn.fetchval("SELECT COUNT(*) FROM ai_usage_events") == 0
+
+
+async def _no_holds_of(metering: MeteringStore, practice: str) -> bool:
+    return await metering.active_holds(practice) == 0
+
+
+async def test_an_ephemeral_key_is_refused_to_a_key_whose_cap_it_exceeds(
+    start_gateway: StartGateway, db: AnyDatabase
+) -> None:
+    """Keys allowed at 0.50 USD each; a client key capped at 0.40 USD gets the cap's 429,
+    and the upstream is not asked; one capped at 1 USD gets its key, charged to its cap."""
+    async with start_gateway(
+        realtime_ephemeral_keys=True, realtime_session_cap_usd=Decimal("0.50")
+    ) as gateway:
+        prefix = gateway.client_key[:10]
+        await put_limits(
+            gateway, f"/v1/ai-credit/keys/{prefix}/limits", {"monthly_cap_usd": "0.40"}
+        )
+        client = gateway.client(key=gateway.client_key)
+        with pytest.raises(openai.RateLimitError) as refused:
+            await client.realtime.client_secrets.create(session={"type": "realtime"})
+        assert refused.value.response.json()["error_code"] == "KEY_SPENDING_CAP_REACHED"
+        assert gateway.fake.requests == 0
+        await put_limits(
+            gateway, f"/v1/ai-credit/keys/{prefix}/limits", {"monthly_cap_usd": "1.00"}
+        )
+        secret = await client.realtime.client_secrets.create(session={"type": "realtime"})
+        assert secret.value.startswith("ek_")
+        [event] = await gateway.settled(1)
+        assert event["estimated_cost_micro_usd"] == USD // 2
+        [total] = await rows(
+            db, "SELECT used_micro_usd FROM ai_limit_totals WHERE subject = ?", prefix
+        )
+        assert int(total[0]) == USD // 2
+        await until(lambda: _no_cap_holds(db))
