@@ -151,3 +151,27 @@ async def test_a_background_response_ending_in_a_new_period_crosses_its_threshol
         [event] = await until(charged)  # settled after the answer went out
         assert event["estimated_cost_micro_usd"] > 0
         assert await thresholds(db, gw.practice, start) == [50]
+
+
+async def test_a_realtime_response_crosses_a_threshold_no_request_preceded(
+    start_gateway: StartGateway, metering: MeteringStore, db: AnyDatabase
+) -> None:
+    """The period's usage so far came from elsewhere (no gate wrote marks); the first
+    realtime response crosses 50 %: its gate writes the marks, its settle the alert."""
+    from tests.integration.test_realtime import turn
+
+    async with start_gateway() as gw:
+        state = await metering.state(gw.practice)
+        assert state.period is not None
+        start = state.period.start
+        await spend_up_to(metering, gw.practice, BUDGET // 2 - 1)
+        assert await thresholds(db, gw.practice, start) == []
+        async with gw.client().realtime.connect(model="gpt-realtime") as connection:
+            await turn(connection)
+
+        async def charged() -> list[dict[str, Any]]:
+            return [e for e in await gw.events() if e["request_id"].startswith("rt:")]
+
+        [event] = await until(charged)
+        assert event["estimated_cost_micro_usd"] > 0
+        assert await thresholds(db, gw.practice, start) == [50]
