@@ -150,6 +150,22 @@ async def test_a_cap_set_in_the_console_refuses_a_request_over_it(
     assert await page.locator(device_row).count() == 0
     assert [(r["scope"], r["subject"]) for r in await limit_rows(console)] == [("key", prefix)]
 
+    # The session's cookie without the form's CSRF token, or with it from another site:
+    # refused, nothing changed.
+    cookies = {c["name"]: c["value"] for c in await page.context.cookies()}
+    csrf = await page.get_attribute("#new-device input[name=csrf]", "value")
+    fields = {"scope": "key", "name": prefix, "monthly_cap_usd": "1000"}
+    async with httpx.AsyncClient(base_url=console.root, cookies=cookies) as http:
+        missing = await http.post("/console/limits", data=fields)
+        foreign = await http.post(
+            "/console/limits",
+            data={**fields, "csrf": csrf or ""},
+            headers={"origin": "https://evil.example"},
+        )
+    assert (missing.status_code, foreign.status_code) == (403, 403)
+    [kept] = await limit_rows(console)
+    assert kept["monthly_cap_micro_usd"] == 10_000
+
 
 async def test_alert_settings_in_the_console_are_the_put_routes(
     page: Any, console: Console
