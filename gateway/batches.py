@@ -374,11 +374,13 @@ async def create_batch(request: Request) -> Response:
     expires_at = int(time.time()) + _WINDOW_SECONDS + _MARGIN_SECONDS
 
     async def reserve() -> Any:
+        # A request's life at first (a crash before the intent is written leaves a
+        # hold that runs out like a request's); the batch's once the intent is written.
         return await services.metering.reserve_own(
             practice_id,
             request_id=f"batch-hold:{request_id}",
             estimate_micros=estimate,
-            expires_at=expires_at,
+            expires_at=int(time.time()) + services.settings.hold_ttl_seconds,
         )
 
     hold = await gate(services, practice_id, reserve)
@@ -412,6 +414,7 @@ async def create_batch(request: Request) -> Response:
         # either finds the batch upstream by its metadata or releases the holds.
         async with services.db.transaction(lock=practice_id) as conn:
             await service.store.insert_batch(conn, row)
+            await service.store.keep_hold(conn, practice_id, hold.hold_id, expires_at)
             await service.jobs.add(
                 INTENT_KIND,
                 intent_id,

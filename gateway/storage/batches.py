@@ -256,6 +256,18 @@ class BatchStore:
             await LimitStore.settle_durable(conn, practice_id, row["cap_hold_id"], 0, 0)
         return True
 
+    @staticmethod
+    async def keep_hold(conn: Connection, practice_id: str, hold_id: str, until: int) -> None:
+        """Keep a batch's budget hold until `until` at least (in the caller's transaction)."""
+        await conn.execute(
+            "UPDATE ai_budget_holds SET expires_at = ? "
+            "WHERE practice_id = ? AND hold_id = ? AND expires_at < ?",
+            until,
+            practice_id,
+            hold_id,
+            until,
+        )
+
     async def follow_status(self, batch_id: str, status: str, *, hold_until: int) -> None:
         """Note the upstream status of a running batch and keep its holds (the budget's and
         the caps') alive until `hold_until` (a batch may run for a day; its holds must
@@ -281,14 +293,7 @@ class BatchStore:
                 status,
                 batch_id,
             )
-            await conn.execute(
-                "UPDATE ai_budget_holds SET expires_at = ? "
-                "WHERE practice_id = ? AND hold_id = ? AND expires_at < ?",
-                hold_until,
-                row["practice_id"],
-                row["hold_id"],
-                hold_until,
-            )
+            await self.keep_hold(conn, row["practice_id"], row["hold_id"], hold_until)
 
     async def settle(
         self,

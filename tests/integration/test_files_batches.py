@@ -18,6 +18,7 @@ import pytest
 from budget.operations import Operation
 from budget.usage import Usage
 from gateway.demo.files_batches import FakeFilesBatches
+from gateway.storage.usage_report import EventFilters, UsageReport
 from tests.integration.conftest import Gateway, StartGateway, Upstream
 
 FAST = {"job_poll_min_seconds": 0.05, "job_poll_max_seconds": 0.2}
@@ -397,6 +398,17 @@ async def test_the_usage_route_and_the_history_show_a_batch_as_one_entry(
     )
     [chat] = by_operation["groups"]  # the batch's lines and the request: chat, 2 requests
     assert (chat["key"], chat["requests"], chat["batches"]) == ("chat", 2, 1)
+    report = UsageReport(gw.db)
+    for filters, found in (
+        (EventFilters(model=MODEL), 1),
+        (EventFilters(model="gpt-4o"), 0),
+        (EventFilters(operation="chat"), 1),
+        (EventFilters(operation="embedding"), 0),
+        (EventFilters(operation="no-such-operation"), 0),
+        (EventFilters(device="desk-9"), 0),
+    ):
+        shown = await report.batches(gw.practice, start=0, end=2**40, limit=10, filters=filters)
+        assert len(shown) == found, filters
     history: Any = await admin.get("/ai-credit/history", cast_to=object)
     [entry] = history["batches"]
     assert (entry["batch_id"], entry["lines"], entry["completed_lines"]) == (batch.id, 12, 10)
@@ -457,6 +469,7 @@ async def test_a_batch_carries_its_intent_in_metadata_and_keeps_the_clients(
     once the upstream answered, the intent is closed and the batch followed."""
     gw = fast_gateway
     client = gw.client()
+    fake(upstream).lines_per_poll = 0  # runs until told
     uploaded = await client.files.create(
         file=("letters.jsonl", jsonl(chat_line(n) for n in range(3))), purpose="batch"
     )
@@ -472,6 +485,13 @@ async def test_a_batch_carries_its_intent_in_metadata_and_keeps_the_clients(
     row = await batch_row(gw, batch.id)
     assert row is not None and row["intent_id"] == metadata["aza_intent"]
     assert await intents_open(gw) == 0
+    async with gw.db.read() as conn:
+        expires = await conn.fetchval(
+            "SELECT expires_at FROM ai_budget_holds WHERE hold_id = ?", row["hold_id"]
+        )
+    # Placed for a request's life, kept for the batch's once its intent was written.
+    assert expires > time.time() + 24 * 3600
+    fake(upstream).lines_per_poll = None
     await settled_row(gw, batch.id)
     assert await gw.holds() == 0
 
