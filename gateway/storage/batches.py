@@ -1,12 +1,17 @@
-"""Files, uploads and batches as the gateway keeps them (migration 010).
+"""Files, uploads and batches as the gateway keeps them (migrations 010 and 016).
 
 `aza_upstream_objects` records which practice owns each upstream file,
 upload and batch id (a practice sees only its own); `aza_batches` holds a
-batch's hold, estimate and, once it ended, what it was charged. Settling a
-batch writes one usage event per completed line (request id
-`batch:<batch_id>:<custom_id>`, unique, so a repeated settle charges
-nothing twice), deletes the hold and marks the batch settled, in one
-transaction locked on the practice. Amounts are integer micro-USD.
+batch's hold, cap hold, estimate and, once it ended, what it was charged.
+A batch is first recorded under its intent id (status `creating`, batch_id
+= intent_id) and named when the upstream's answer gives its id
+(`name_intent`), or forgotten with its holds when none was made
+(`abandon_intent`). Settling a batch writes one usage event per completed
+line (request id `batch:<batch_id>:<custom_id>`, created at the batch's
+`settled_at`, which the usage views join on; unique, so a repeated settle
+charges nothing twice), deletes the hold, settles the cap holds and marks
+the batch settled, in one transaction locked on the practice. Amounts are
+integer micro-USD.
 """
 
 from __future__ import annotations
