@@ -70,7 +70,7 @@ async def test_two_instances_follow_one_batch_and_charge_each_line_once(pg_url: 
     over connections of each process); 30 events, one each, charged once."""
     key, store, db = await prepare_practice(pg_url, leave_micros=10 * USD)
     fake = FakeUpstream()
-    fake.files_batches.lines_per_poll = 2  # many polls, shared by both instances
+    fake.files_batches.lines_per_poll = 1  # 30-odd polls, shared by both instances
     try:
         async with serve(fake) as upstream_root:
             env = {
