@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from budget.money import InvalidAmount, parse_decimal
 from budget.pricing import PlanBook, PriceBook
 from config import CONFIG_DIR
 from credit.config import CreditConfig
@@ -306,8 +307,8 @@ class Settings:
         session_cap: Decimal | None = None
         if cap_raw:
             try:
-                session_cap = Decimal(cap_raw)
-            except ArithmeticError:
+                session_cap = parse_decimal(cap_raw, what="AZA_REALTIME_SESSION_CAP_USD")
+            except InvalidAmount:
                 session_cap = None
             if session_cap is None or not session_cap.is_finite() or session_cap <= 0:
                 raise ConfigError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import tomllib
 from dataclasses import fields
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -132,3 +133,22 @@ def test_a_wrong_value_in_a_deployment_s_defaults_names_its_key(
     (folder / "defaults.toml").write_text(line + "\n")
     with pytest.raises(ConfigError, match=named):
         Settings.from_env({"AZA_CONFIG_DIR": str(folder)})
+
+
+def test_the_realtime_session_cap_is_read_exactly() -> None:
+    settings = Settings.from_env(
+        {"AZA_REALTIME_EPHEMERAL_KEYS": "1", "AZA_REALTIME_SESSION_CAP_USD": " 0.05 "}
+    )
+    assert settings.realtime_session_cap_usd == Decimal("0.05")
+    assert settings.realtime_ephemeral_keys
+
+
+@pytest.mark.parametrize("raw", ["abc", "NaN", "inf", "0", "-1", "1,5"])
+def test_a_realtime_session_cap_that_is_no_amount_above_zero_is_refused(raw: str) -> None:
+    with pytest.raises(ConfigError, match="AZA_REALTIME_SESSION_CAP_USD"):
+        Settings.from_env({"AZA_REALTIME_SESSION_CAP_USD": raw})
+
+
+def test_ephemeral_realtime_keys_need_a_session_cap() -> None:
+    with pytest.raises(ConfigError, match="AZA_REALTIME_SESSION_CAP_USD"):
+        Settings.from_env({"AZA_REALTIME_EPHEMERAL_KEYS": "1"})
