@@ -98,10 +98,14 @@ _TEXTS: dict[str, tuple[str, str, str, str]] = {
         "'{field}': whole percents from 1 to 100.",
     ),
     "err_invalid_amount": (
-        "«{field}» muss ein Betrag ab 0 sein (z. B. 5.00), oder leer.",
-        "« {field} » doit être un montant d'au moins 0 (p. ex. 5.00), ou vide.",
-        "«{field}» deve essere un importo di almeno 0 (p. es. 5.00), o vuoto.",
-        "'{field}' must be an amount of at least 0 (e.g. 5.00), or empty.",
+        "«{field}» muss ein Betrag von 0 bis 1000000000 mit höchstens 6 Nachkommastellen "
+        "sein (z. B. 5.00), oder leer.",
+        "« {field} » doit être un montant de 0 à 1000000000 avec au plus 6 décimales "
+        "(p. ex. 5.00), ou vide.",
+        "«{field}» deve essere un importo da 0 a 1000000000 con al massimo 6 decimali "
+        "(p. es. 5.00), o vuoto.",
+        "'{field}' must be an amount from 0 to 1000000000 with at most 6 decimals "
+        "(e.g. 5.00), or empty.",
     ),
     "err_invalid_email": (
         "«{field}» muss eine einzelne E-Mail-Adresse sein.",

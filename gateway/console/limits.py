@@ -115,16 +115,20 @@ _TEXTS: dict[str, tuple[str, str, str, str]] = {
         "Not saved ({name}): {reason}",
     ),
     "err_invalid_limit": (
-        "«{field}» muss eine ganze Zahl ab 1 sein, oder leer für kein Limit.",
-        "« {field} » doit être un nombre entier d'au moins 1, ou vide pour aucune limite.",
-        "«{field}» deve essere un numero intero di almeno 1, o vuoto per nessun limite.",
-        "'{field}' must be a whole number of at least 1, or empty for no limit.",
+        "«{field}» muss eine ganze Zahl von 1 bis 1000000000 sein, oder leer für kein Limit.",
+        "« {field} » doit être un nombre entier de 1 à 1000000000, ou vide pour aucune limite.",
+        "«{field}» deve essere un numero intero da 1 a 1000000000, o vuoto per nessun limite.",
+        "'{field}' must be a whole number from 1 to 1000000000, or empty for no limit.",
     ),
     "err_invalid_amount": (
-        "«{field}» muss ein Betrag ab 0 sein (z. B. 25.00), oder leer für kein Limit.",
-        "« {field} » doit être un montant d'au moins 0 (p. ex. 25.00), ou vide pour aucune limite.",
-        "«{field}» deve essere un importo di almeno 0 (p. es. 25.00), o vuoto per nessun limite.",
-        "'{field}' must be an amount of at least 0 (e.g. 25.00), or empty for no limit.",
+        "«{field}» muss ein Betrag von 0 bis 1000000000 mit höchstens 6 Nachkommastellen "
+        "sein (z. B. 25.00), oder leer für kein Limit.",
+        "« {field} » doit être un montant de 0 à 1000000000 avec au plus 6 décimales "
+        "(p. ex. 25.00), ou vide pour aucune limite.",
+        "«{field}» deve essere un importo da 0 a 1000000000 con al massimo 6 decimali "
+        "(p. es. 25.00), o vuoto per nessun limite.",
+        "'{field}' must be an amount from 0 to 1000000000 with at most 6 decimals "
+        "(e.g. 25.00), or empty for no limit.",
     ),
     "err_key_not_found": (
         "Kein aktiver Schlüssel Ihrer Praxis hat dieses Präfix.",

@@ -15,7 +15,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from budget.money import usd_to_micros
 from gateway.alerts.events import usd_text
 from gateway.alerts.messages import LANGUAGES, language_of
 from gateway.alerts.signing import new_webhook_secret
@@ -24,9 +23,9 @@ from gateway.alerts.targets import TargetRefused, check_target
 from gateway.errors import unprocessable
 from gateway.routes.common import (
     admin_practice_of,
-    decimal_field,
     endpoint,
     json_body,
+    micro_usd_field,
     ok,
     services_of,
 )
@@ -35,6 +34,18 @@ if TYPE_CHECKING:
     from gateway.services import Services
 
 MAX_THRESHOLDS = 10
+_FIELDS = frozenset(
+    {
+        "budget_used_percent",
+        "extra_credit_below_usd",
+        "key_cap_percent",
+        "email",
+        "webhook_url",
+        "language",
+    }
+)
+# What a GET answers besides the settings: a PUT of a GET's answer is taken, these ignored.
+_READ_ONLY = frozenset({"webhook_secret_set", "email_enabled"})
 
 
 def settings_view(settings: AlertSettings, *, email_enabled: bool) -> dict[str, Any]:
@@ -67,7 +78,9 @@ def _text(data: dict[str, Any], name: str, current: str | None) -> str | None:
     if value is None or value == "":
         return None
     if not isinstance(value, str):
-        raise unprocessable(f"'{name}' must be a string or null.", code="invalid_" + name)
+        raise unprocessable(
+            f"'{name}' must be a string or null.", code="invalid_" + name, param=name
+        )
     return value.strip()
 
 
@@ -75,6 +88,11 @@ async def _updated(
     data: dict[str, Any], current: AlertSettings, *, allow_private: bool
 ) -> AlertSettings:
     """`current` with the fields `data` names, each checked; 422 on the first bad one."""
+    unknown = set(data) - _FIELDS - _READ_ONLY
+    if unknown:
+        name = sorted(unknown)[0]
+        # webhook_secret included: the gateway makes it (a new webhook_url gets a new one).
+        raise unprocessable(f"Unknown field '{name}'.", code="unknown_field", param=name)
     new = current
     if "budget_used_percent" in data:
         raw = data["budget_used_percent"]
@@ -89,16 +107,8 @@ async def _updated(
         percents = sorted({_percent(p, "budget_used_percent") for p in raw})
         new = replace(new, budget_used_percent=tuple(percents))
     if "extra_credit_below_usd" in data:
-        amount = decimal_field(data, "extra_credit_below_usd", required=False)
-        if amount is not None and amount < 0:
-            raise unprocessable(
-                "'extra_credit_below_usd' cannot be negative.",
-                code="invalid_amount",
-                param="extra_credit_below_usd",
-            )
-        new = replace(
-            new, extra_credit_below_micros=None if amount is None else usd_to_micros(amount)
-        )
+        below = micro_usd_field(data, "extra_credit_below_usd")
+        new = replace(new, extra_credit_below_micros=below)
     if "key_cap_percent" in data:
         new = replace(new, key_cap_percent=_percent(data["key_cap_percent"], "key_cap_percent"))
     email = _text(data, "email", current.email)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from budget.money import InvalidAmount, parse_decimal
+from budget.money import InvalidAmount, parse_decimal, usd_to_micros
 from credit.errors import CreditError
 from credit.ports import DatabaseUnavailable
 from gateway.auth import Caller, require_admin, require_practice
@@ -152,6 +152,34 @@ def decimal_field(data: dict[str, Any], name: str, *, required: bool = True) -> 
     if not value.is_finite():
         raise unprocessable(f"'{name}' must be a finite number.", code="invalid_amount", param=name)
     return value
+
+
+# The largest amount a limit or alert threshold takes (far above any practice's month;
+# its micro-USD stay well inside a 64-bit integer column).
+MAX_LIMIT_USD = Decimal(1_000_000_000)
+_MICRO = Decimal("0.000001")
+
+
+def micro_usd_field(data: dict[str, Any], name: str) -> int | None:
+    """An optional USD amount from 0 to MAX_LIMIT_USD in whole micro-USD, as micro-USD
+    (None when absent or null); 422 `invalid_amount` otherwise, never rounded (a cap of
+    "0.0000001" is refused, not made 0)."""
+    amount = decimal_field(data, name, required=False)
+    if amount is None:
+        return None
+    if amount < 0:
+        raise unprocessable(f"'{name}' cannot be negative.", code="invalid_amount", param=name)
+    if amount > MAX_LIMIT_USD:
+        raise unprocessable(
+            f"'{name}' can be at most {MAX_LIMIT_USD} USD.", code="invalid_amount", param=name
+        )
+    if amount != amount.quantize(_MICRO):
+        raise unprocessable(
+            f"'{name}' has more than 6 decimal places (micro-USD).",
+            code="invalid_amount",
+            param=name,
+        )
+    return usd_to_micros(amount)
 
 
 def ok(payload: dict[str, Any], status: int = 200) -> JSONResponse:

@@ -20,14 +20,13 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from budget.limits import Limits, Scope, Subject
-from budget.money import usd_to_micros
 from gateway.alerts.events import usd_text
 from gateway.errors import GatewayError, unprocessable
 from gateway.routes.common import (
     admin_practice_of,
-    decimal_field,
     endpoint,
     json_body,
+    micro_usd_field,
     ok,
     service_caller,
     services_of,
@@ -37,6 +36,11 @@ if TYPE_CHECKING:
     from gateway.services import Services
 
 MAX_DEVICE_ID = 200
+# Far above any real rate (OpenAI's highest tiers allow some 10^8 tokens a minute), and
+# small enough for the windows' 64-bit counters.
+MAX_PER_MINUTE = 1_000_000_000
+# What a GET answers besides the limits: a PUT of a GET's answer is taken, these ignored.
+_READ_ONLY = frozenset({"ok", "key_prefix", "device_id", "used_this_period_usd"})
 
 
 def _count(data: dict[str, Any], name: str, current: int | None) -> int | None:
@@ -45,9 +49,9 @@ def _count(data: dict[str, Any], name: str, current: int | None) -> int | None:
     value = data[name]
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PER_MINUTE:
         raise unprocessable(
-            f"'{name}' must be a whole number of at least 1, or null for no limit.",
+            f"'{name}' must be a whole number from 1 to {MAX_PER_MINUTE}, or null for no limit.",
             code="invalid_limit",
             param=name,
         )
@@ -57,19 +61,13 @@ def _count(data: dict[str, Any], name: str, current: int | None) -> int | None:
 def parse_limits(data: dict[str, Any], current: Limits) -> Limits:
     """`current` with the limits `data` names; 422 on the first bad one."""
     unknown = set(data) - {"monthly_cap_usd", "requests_per_minute", "tokens_per_minute"}
+    unknown -= _READ_ONLY
     if unknown:
         name = sorted(unknown)[0]
         raise unprocessable(f"Unknown field '{name}'.", code="unknown_field", param=name)
     new = current
     if "monthly_cap_usd" in data:
-        cap = decimal_field(data, "monthly_cap_usd", required=False)
-        if cap is not None and cap < 0:
-            raise unprocessable(
-                "'monthly_cap_usd' cannot be negative.",
-                code="invalid_amount",
-                param="monthly_cap_usd",
-            )
-        new = replace(new, monthly_cap_micros=None if cap is None else usd_to_micros(cap))
+        new = replace(new, monthly_cap_micros=micro_usd_field(data, "monthly_cap_usd"))
     return replace(
         new,
         requests_per_minute=_count(data, "requests_per_minute", current.requests_per_minute),

@@ -264,12 +264,27 @@ async def test_bad_alert_settings_are_refused_and_change_nothing(
                 ({"language": "es"}, "invalid_language"),
                 ({"email": "a@b.test, c@d.test"}, "invalid_email"),
                 ({"extra_credit_below_usd": "-1"}, "invalid_amount"),
+                ({"extra_credit_below_usd": "1e30"}, "invalid_amount"),
+                ({"extra_credit_below_usd": "0.0000001"}, "invalid_amount"),
+                ({"email": 5}, "invalid_email"),
+                ({"webhook_url": ["https://example.com"]}, "invalid_webhook_url"),
+                ({"webhook_secret": "whsec_mine"}, "unknown_field"),
+                ({"budget_used_percents": [50]}, "unknown_field"),
             ]:
-                response = await http.put("/v1/ai-credit/alerts", json=body, headers=auth)
+                # A good change beside the bad one must not be stored either.
+                response = await http.put(
+                    "/v1/ai-credit/alerts", json={"language": "fr", **body}, headers=auth
+                )
                 assert response.status_code == 422, body
-                assert response.json()["error"]["code"] == code
+                error = response.json()["error"]
+                assert error["code"] == code, body
+                assert error["param"] == next(iter(body)), body
             after = await http.get("/v1/ai-credit/alerts", headers=auth)
             assert after.json() == before
+            # A GET's answer PUT back is taken as it is (its read-only fields ignored).
+            again = await http.put("/v1/ai-credit/alerts", json=after.json(), headers=auth)
+            assert again.status_code == 200, again.text
+            assert again.json() == before
             unauthenticated = await http.get("/v1/ai-credit/alerts")
             assert unauthenticated.status_code == 401
             client_key = {"authorization": f"Bearer {gateway.client_key}"}
