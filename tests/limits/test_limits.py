@@ -14,7 +14,7 @@ import pytest
 
 from gateway.app import create_app
 from gateway.keys import KeyRole
-from gateway.settings import Settings
+from gateway.settings import Secret, Settings
 from gateway.storage import AnyDatabase, open_database
 from tests.integration.conftest import Gateway, StartGateway, serve
 
@@ -39,6 +39,10 @@ async def put_limits(
         return await http.put(
             path, json=body, headers={"authorization": f"Bearer {key or gateway.key}"}
         )
+
+
+def auth_of(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
 
 
 async def rows(db: AnyDatabase, sql: str, *args: Any) -> list[Any]:
@@ -197,6 +201,51 @@ async def test_limit_routes_check_input_and_who_asks(
         )
         assert all_off.json()["requests_per_minute"] is None
         assert await rows(db, "SELECT * FROM ai_spend_limits") == []
+
+
+async def test_out_of_range_limits_are_refused_not_stored_or_rounded(
+    start_gateway: StartGateway, db: AnyDatabase
+) -> None:
+    """Amounts and counts beyond what the database holds, or finer than a micro-USD, are
+    a 422 in the OpenAI shape on the key and the device routes alike (not a 500, and
+    "0.0000001" is not made a cap of 0); a PUT of a GET's answer is taken as it is."""
+    async with start_gateway() as gateway:
+        key_path = f"/v1/ai-credit/keys/{prefix_of(gateway.client_key)}/limits"
+        first = {"monthly_cap_usd": "2.50", "requests_per_minute": 60, "tokens_per_minute": 1000}
+        for path in (key_path, "/v1/ai-credit/devices/labor-1/limits"):
+            assert (await put_limits(gateway, path, first)).status_code == 200
+            for body, param in (
+                ({"monthly_cap_usd": "1e30"}, "monthly_cap_usd"),
+                ({"monthly_cap_usd": 1e300}, "monthly_cap_usd"),
+                ({"monthly_cap_usd": "1000000000.000001"}, "monthly_cap_usd"),
+                ({"monthly_cap_usd": "0.0000001"}, "monthly_cap_usd"),
+                ({"requests_per_minute": 10**23}, "requests_per_minute"),
+                ({"tokens_per_minute": 2**63}, "tokens_per_minute"),
+                ({"tokens_per_minute": 1_000_000_001}, "tokens_per_minute"),
+            ):
+                # With a good change beside it, which must not be stored either.
+                beside = {"monthly_cap_usd": "9"} if param != "monthly_cap_usd" else {}
+                refused = await put_limits(
+                    gateway, path, {"requests_per_minute": 5, **beside, **body}
+                )
+                assert refused.status_code == 422, (path, body, refused.text)
+                error = refused.json()["error"]
+                assert error["type"] == "invalid_request_error", body
+                assert error["code"] in ("invalid_amount", "invalid_limit"), body
+                assert error["param"] == param, body
+            async with httpx.AsyncClient(base_url=gateway.root) as http:
+                shown = await http.get(path, headers={"authorization": f"Bearer {gateway.key}"})
+            assert {name: shown.json()[name] for name in first} == first
+            again = await put_limits(gateway, path, shown.json())
+            assert again.status_code == 200, again.text
+            largest = {"monthly_cap_usd": "1000000000", "tokens_per_minute": 1_000_000_000}
+            assert (await put_limits(gateway, path, largest)).status_code == 200
+            exact = await put_limits(gateway, path, {"monthly_cap_usd": "0.000001"})
+            assert exact.json()["monthly_cap_usd"] == "0.000001"
+        caps = await rows(
+            db, "SELECT monthly_cap_micro_usd, tokens_per_minute FROM ai_spend_limits"
+        )
+        assert sorted(tuple(row) for row in caps) == [(1, 1_000_000_000)] * 2
 
 
 @pytest.fixture
@@ -397,3 +446,47 @@ async def test_a_background_response_settles_its_key_cap_hold_at_its_cost(
         totals = await rows(db, "SELECT used_micro_usd FROM ai_limit_totals")
         assert [int(t["used_micro_usd"]) for t in totals] == [cost]
         assert used == view.json()["used_this_period_usd"] != "0.00"
+
+
+async def test_the_operator_sets_a_keys_limits_with_the_service_token(
+    start_gateway: StartGateway, db: AnyDatabase
+) -> None:
+    """`/v1/admin/keys/{prefix}/limits`: the service token sets and reads any practice's key;
+    a practice's admin key, or no token, is refused; bad values are a 422 and change
+    nothing; a prefix no active key has is a 404; the key is then held to what was set."""
+    token = "svc-limits"
+    async with start_gateway(api_token=Secret(token)) as gateway:
+        path = f"/v1/admin/keys/{prefix_of(gateway.client_key)}/limits"
+        service = {"authorization": f"Bearer {token}"}
+        async with httpx.AsyncClient(base_url=gateway.root) as http:
+            put = await http.put(
+                path, json={"monthly_cap_usd": "3", "requests_per_minute": 1}, headers=service
+            )
+            assert put.status_code == 200, put.text
+            assert put.json()["monthly_cap_usd"] == "3.00"
+            shown = await http.get(path, headers=service)
+            assert shown.json()["requests_per_minute"] == 1
+            assert shown.json()["key_prefix"] == prefix_of(gateway.client_key)
+            as_admin = await http.put(
+                path, json={"requests_per_minute": None}, headers=auth_of(gateway.key)
+            )
+            assert as_admin.status_code == 403
+            assert as_admin.json()["error"]["code"] == "service_token_required"
+            assert (await http.get(path)).status_code == 401
+            bad = await http.put(
+                path, json={"monthly_cap_usd": "-3", "requests_per_minute": 5}, headers=service
+            )
+            assert bad.status_code == 422
+            assert bad.json()["error"]["param"] == "monthly_cap_usd"
+            unknown = await http.get("/v1/admin/keys/aza_nokey/limits", headers=service)
+            assert unknown.status_code == 404
+            assert unknown.json()["error"]["code"] == "key_not_found"
+        stored = await rows(
+            db, "SELECT monthly_cap_micro_usd, requests_per_minute FROM ai_spend_limits"
+        )
+        assert [tuple(row) for row in stored] == [(3_000_000, 1)]
+        client = gateway.client(key=gateway.client_key)
+        await client.chat.completions.create(**CHAT)
+        with pytest.raises(openai.RateLimitError) as refused:
+            await client.chat.completions.create(**CHAT)
+        assert refused.value.response.json()["error_code"] == "KEY_RATE_LIMITED"
