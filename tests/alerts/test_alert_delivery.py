@@ -246,6 +246,25 @@ async def test_a_webhook_that_redirects_is_not_followed(
     assert followed == []
 
 
+async def test_a_webhook_target_is_checked_again_at_delivery(
+    start_gateway: StartGateway, channels: Channels, db: AnyDatabase
+) -> None:
+    """A loopback http URL saved while the operator allowed private targets is not called once
+    they are no longer allowed: each delivery checks the target again, and fails."""
+    async with start_gateway(**channels.overrides) as gateway:
+        await put_alerts(
+            gateway, {"budget_used_percent": [10], "webhook_url": channels.webhook_url}
+        )
+    strict = {**channels.overrides, "alert_webhook_allow_private": False, "alert_max_attempts": 2}
+    async with start_gateway(**strict) as gateway:
+        await spend(gateway, 3 * USD, "crossing")
+        await wait_for(lambda: outbox_settled(db, gateway.practice))
+        rows = await gateway_alerts(db, gateway.practice)
+    assert [r["webhook_state"] for r in rows] == ["failed"]
+    assert rows[0]["last_error"].startswith("webhook: webhook_url must")  # http, loopback
+    assert channels.receiver.deliveries == []
+
+
 async def test_bad_alert_settings_are_refused_and_change_nothing(
     start_gateway: StartGateway,
 ) -> None:
