@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from budget.money import InvalidAmount, parse_decimal
@@ -29,6 +30,17 @@ if TYPE_CHECKING:
 
 DEFAULT_UPSTREAM = "https://api.openai.com/v1"
 DEFAULT_DATABASE_URL = "sqlite:///./data/aza-gateway.sqlite"
+
+
+def _smtp_url_usable(url: str) -> bool:
+    """Whether `url` has an email scheme, a host and a numeric port (if any), so that the
+    mailer built from it at start does not fail there with a traceback instead."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises on a port that is not a number)
+    except ValueError:
+        return False
+    return parts.scheme in ("smtp", "smtp+starttls", "smtps") and bool(parts.hostname)
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,8 +282,11 @@ class Settings:
             raise ConfigError(f"AZA_USER_LANGUAGE must be de, fr, it or en, not {language!r}")
         credit = CreditConfig.from_mapping(defaults.get("credit", {}), base=CreditConfig.defaults())
         smtp_url = env.get("AZA_SMTP_URL", "")
-        if smtp_url and not smtp_url.startswith(("smtp://", "smtp+starttls://", "smtps://")):
-            raise ConfigError("AZA_SMTP_URL must start with smtp://, smtp+starttls:// or smtps://")
+        if smtp_url and not _smtp_url_usable(smtp_url):
+            raise ConfigError(
+                "AZA_SMTP_URL must be smtp://host:port, smtp+starttls://user:pass@host:port "
+                "or smtps://user:pass@host:port (the port a number)"
+            )
         if not Decimal(0) <= credit.vat_rate < Decimal(100):
             raise ConfigError(
                 f"[credit] vat_rate must be a percent from 0 to 100, not {credit.vat_rate}"

@@ -50,6 +50,10 @@ def test_an_unknown_month_zone_is_refused_at_start(tmp_path: Path, zone: str) ->
         ({"AZA_USER_LANGUAGE": "rm"}, "AZA_USER_LANGUAGE"),
         ({"AZA_SQLITE_SYNCHRONOUS": "OFF"}, "AZA_SQLITE_SYNCHRONOUS"),
         ({"AZA_GATE_LEASE_REQUESTS": "many"}, "AZA_GATE_LEASE_REQUESTS"),
+        ({"AZA_SMTP_URL": "smtp://mail.test:abc"}, "AZA_SMTP_URL"),
+        ({"AZA_SMTP_URL": "smtp+starttls://user:pass@:587"}, "AZA_SMTP_URL"),
+        ({"AZA_SMTP_URL": "smtps:mail.test"}, "AZA_SMTP_URL"),
+        ({"AZA_SMTP_URL": "mail.test:25"}, "AZA_SMTP_URL"),
     ],
 )
 def test_a_wrong_environment_value_names_its_variable(env: dict[str, str], named: str) -> None:
@@ -152,3 +156,11 @@ def test_a_realtime_session_cap_that_is_no_amount_above_zero_is_refused(raw: str
 def test_ephemeral_realtime_keys_need_a_session_cap() -> None:
     with pytest.raises(ConfigError, match="AZA_REALTIME_SESSION_CAP_USD"):
         Settings.from_env({"AZA_REALTIME_EPHEMERAL_KEYS": "1"})
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["smtp://mail.test:2525", "smtp+starttls://u%40x.ch:p%40ss@mail.test:587", "smtps://mail.test"],
+)
+def test_the_three_smtp_url_forms_are_taken(url: str) -> None:
+    assert Settings.from_env({"AZA_SMTP_URL": url}).smtp_url.reveal() == url
