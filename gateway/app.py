@@ -30,10 +30,11 @@ from gateway.errors import GatewayError, not_found
 from gateway.limit_leases import LimitLeases
 from gateway.limits import BodyLimitMiddleware, files_body_limit
 from gateway.metrics import GatewayMetrics
-from gateway.middleware import MeteringMiddleware, RequestContextMiddleware
+from gateway.middleware import MeteringMiddleware
 from gateway.pricing import Pricing
 from gateway.proxy import Proxy
 from gateway.realtime import realtime_routes
+from gateway.request_context import RequestContextMiddleware
 from gateway.residency import Residency
 from gateway.routes import all_routes
 from gateway.services import Services, build_alerts, build_credit, build_router

@@ -346,7 +346,7 @@ async def _estimate(
 
 async def create_batch(request: Request) -> Response:
     """POST /v1/batches: checked and held at the batch price before the upstream sees it."""
-    from gateway.middleware import gate
+    from gateway.admission import gate
 
     practice_id = practice_of_scope(request)
     service = service_of(request)

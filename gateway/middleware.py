@@ -1,8 +1,9 @@
-"""Pure ASGI middleware: request context, and metering (the budget gate and the usage tap).
+"""Pure ASGI middleware: metering (the budget gate and the usage tap).
 
-`MeteringMiddleware` sits in front of the proxy. For each OpenAI API request
-it authenticates the caller, reads the body (bounded), prices an estimate and
-places a hold (the gate, with one auto top-up retry), then lets the proxy
+`MeteringMiddleware` sits in front of the proxy (behind the request context,
+`gateway.request_context`). For each OpenAI API request it authenticates the
+caller, reads the body (bounded), prices an estimate and places a hold (the
+gate, `gateway.admission`, with one auto top-up retry), then lets the proxy
 forward the request while it watches the response go by (the tap): a stream's
 bytes pass through `budget.stream`'s tap on their way to the client, a
 whole body is kept to read its usage. When the response has been sent, or the
@@ -16,14 +17,12 @@ only their options.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import os
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -47,14 +46,14 @@ from budget.output_limit import RESPONSE_HEADER as OUTPUT_LIMIT_HEADER
 from budget.pricing import UnpricedModel
 from budget.request import InvalidRequest, RequestInfo, parse_request
 from budget.response import exact_json, usage_from_response
-from budget.snapshot import BudgetSnapshot
 from budget.stream import StreamTap, stream_tap_for
 from budget.usage import Usage
 from credit.ports import DatabaseUnavailable
+from gateway.admission import budget_exhausted, gate
 from gateway.auth import Caller, require_practice
 from gateway.background import FINISHED, RUNNING, BackgroundResponses, response_status
 from gateway.errors import GatewayError, bad_request, unavailable
-from gateway.handover import HANDOVER, Handover, handover_of
+from gateway.handover import HANDOVER, Handover
 from gateway.limiting import (
     cap_reached,
     device_subject,
@@ -65,13 +64,7 @@ from gateway.limiting import (
     subjects_of,
     take_rates,
 )
-from gateway.messages import (
-    ACTIONABLE_TOPUP_CODES,
-    BUDGET_EXHAUSTED,
-    Language,
-    developer_message,
-    user_message,
-)
+from gateway.messages import BUDGET_EXHAUSTED
 from gateway.paths import BadPath, checked_path
 from gateway.pricing import model_not_priced
 from gateway.proxy import (
@@ -80,93 +73,18 @@ from gateway.proxy import (
     no_upstream_serves,
     read_bounded_body,
 )
+from gateway.request_context import new_request_id
 from gateway.routing import Route
 from gateway.services import Services
-from gateway.storage.budget_state import BudgetState
 from gateway.storage.holds import Hold, Reservation
 from gateway.storage.limits import CapHold
 from gateway.storage.price_watch import PriceWatch
-
-if TYPE_CHECKING:
-    from credit.autotopup import AutoTopupOutcome
 
 log = logging.getLogger("aza.gateway.metering")
 
 # A whole (non-streamed) response is kept to read its usage up to this size;
 # OpenAI's largest JSON answers (several base64 images) stay well below it.
 MAX_KEPT_RESPONSE_BYTES = 64 * 1024 * 1024
-
-
-_request_id_prefix = os.urandom(8).hex()
-_request_id_seq = itertools.count(1)
-
-
-def _new_request_id_prefix() -> None:
-    """A forked child numbers its requests under a prefix of its own."""
-    global _request_id_prefix, _request_id_seq
-    _request_id_prefix = os.urandom(8).hex()
-    _request_id_seq = itertools.count(1)
-
-
-os.register_at_fork(after_in_child=_new_request_id_prefix)
-
-
-def new_request_id() -> str:
-    """`req_` and 32 hex digits: 64 random bits for this process, then a 64-bit counter.
-
-    Unique like a uuid4's hex (a usage event's request id must never repeat),
-    without a call to the system's random source on every request (one was
-    2.4 % of a request's CPU). Request ids are labels, not secrets.
-    """
-    return f"req_{_request_id_prefix}{next(_request_id_seq):016x}"
-
-
-_OWN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
-
-
-def path_label(scope: Scope) -> str:
-    """A bounded metrics label for a request path: its endpoint's template where it has one."""
-    handover = handover_of(scope)
-    if handover is not None:
-        return handover.match.endpoint.template
-    path: str = scope.get("path", "")
-    if path in _OWN_PATHS:
-        return path
-    route = scope.get("route")
-    route_path = getattr(route, "path", None)
-    return route_path if isinstance(route_path, str) else "unmatched"
-
-
-class RequestContextMiddleware:
-    """Gives every HTTP request an id (`x-request-id`) and counts it by path and status."""
-
-    def __init__(self, app: ASGIApp, *, services: Callable[[], Services | None]) -> None:
-        self.app = app
-        self.services = services
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        request_id = new_request_id()
-        scope.setdefault("state", {})["request_id"] = request_id
-        status = 500
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                headers = MutableHeaders(scope=message)
-                if "x-request-id" not in headers:
-                    headers.append("x-request-id", request_id)
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            services = self.services()
-            if services is not None:
-                services.metrics.requests.labels(path_label(scope), str(status)).inc()
 
 
 def store_not_allowed(practice_id: str) -> GatewayError:
@@ -202,22 +120,6 @@ def stored_content_refused() -> GatewayError:
         "every practice on the upstream account, so no single practice can allow it).",
         type="permission_error",
         code="stored_content_disabled",
-    )
-
-
-def budget_exhausted(language: Language, error_code: str, snapshot: BudgetSnapshot) -> GatewayError:
-    """The gate's 429: OpenAI's insufficient_quota, the seed's error code and message."""
-    return GatewayError(
-        429,
-        developer_message(error_code),
-        type="insufficient_quota",
-        code="insufficient_quota",
-        error_code=error_code,
-        message_user=user_message(error_code, language),
-        extra={"budget": snapshot.to_dict()},
-        # The official SDKs retry a 429 unless told not to; waiting will
-        # not bring money back.
-        headers={"x-should-retry": "false"},
     )
 
 
@@ -673,21 +575,6 @@ class MeteringMiddleware:
 
         return await gate(services, practice_id, reserve)
 
-    @staticmethod
-    async def _auto_topup(
-        services: Services, practice_id: str, state: BudgetState
-    ) -> AutoTopupOutcome | None:
-        try:
-            return await services.credit.maybe_auto_topup(
-                practice_id,
-                available_percent=state.snapshot.available_percent,
-                subscription_id=state.license.subscription_id if state.license else None,
-                trigger="gate",
-            )
-        except Exception:
-            log.exception("auto top-up at the gate failed for practice %s", practice_id)
-            return None
-
     # -- settling ---------------------------------------------------------
 
     async def _finish(
@@ -756,18 +643,6 @@ def _own_caps(caps: Sequence[CapHold]) -> Iterator[CapHold]:
     return (cap for cap in caps if cap.lease is None)
 
 
-async def _ensure_alert_marks(services: Services, hold: Hold) -> None:
-    """The period's budget alert marks, before the settle that may cross one (once here;
-    written at the gate, so that no settle waits for them)."""
-    alerts = services.alerts
-    if alerts.marked(hold.practice_id, hold.period.start, hold.budget_micros):
-        return
-    try:
-        await alerts.ensure_marks(hold.practice_id, hold.period.start, hold.budget_micros)
-    except Exception:
-        log.exception("writing the alert marks of practice %s failed", hold.practice_id)
-
-
 def _background(scope: Scope) -> BackgroundResponses:
     """The app's background responses (made in the lifespan, with its follower)."""
     found: BackgroundResponses = scope["app"].state.background_responses
@@ -791,57 +666,3 @@ def _usage_of(info: RequestInfo, estimate: Usage, watch: _Watch) -> Usage:
     if watch.completed:
         usage = usage_from_response(info, bytes(watch.kept or b""))
     return usage if usage is not None else estimate
-
-
-async def gate(
-    services: Services, practice_id: str, reserve: Callable[[], Awaitable[Reservation]]
-) -> Hold:
-    """The gate of a request (or a batch, or a realtime response): `reserve()` places its
-    hold when the budget admits it; when blocked, one auto top-up and one more try, else
-    403/429 in the OpenAI shape (`insufficient_quota`, `message_user`,
-    `x-should-retry: false`). An admitted hold's period has its alert marks."""
-    hold = await _gate_hold(services, practice_id, reserve)
-    if not services.alerts.marked(hold.practice_id, hold.period.start, hold.budget_micros):
-        # Once per practice and period here, at the gate: the settle is never delayed.
-        try:
-            await _ensure_alert_marks(services, hold)
-        except BaseException:
-            released = services.spawn(services.metering.release(hold), name="release hold")
-            await asyncio.shield(released)
-            raise
-    return hold
-
-
-async def _gate_hold(
-    services: Services, practice_id: str, reserve: Callable[[], Awaitable[Reservation]]
-) -> Hold:
-    metrics = services.metrics
-    reservation = await reserve()
-    if reservation.hold is not None:
-        metrics.gate_decisions.labels("admitted").inc()
-        return reservation.hold
-    state = reservation.state
-    language = services.settings.user_language
-    if state.problem is not None:
-        metrics.gate_decisions.labels("license_problem").inc()
-        code = str(state.problem)
-        raise GatewayError(
-            403,
-            developer_message(code),
-            type="permission_error",
-            code=code.lower(),
-            error_code=code,
-            message_user=user_message(code, language),
-        )
-    outcome = await MeteringMiddleware._auto_topup(services, practice_id, state)
-    if outcome is not None and outcome.charged:
-        reservation = await reserve()
-        if reservation.hold is not None:
-            metrics.gate_decisions.labels("admitted_after_topup").inc()
-            return reservation.hold
-        state = reservation.state
-    metrics.gate_decisions.labels("blocked").inc()
-    error_code = BUDGET_EXHAUSTED
-    if outcome is not None and outcome.error_code in ACTIONABLE_TOPUP_CODES:
-        error_code = outcome.error_code
-    raise budget_exhausted(language, error_code, state.snapshot)

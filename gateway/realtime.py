@@ -73,6 +73,7 @@ from budget.realtime import (
 )
 from budget.usage import Usage
 from credit.ports import DatabaseUnavailable
+from gateway.admission import gate
 from gateway.auth import Caller, require_practice
 from gateway.errors import GatewayError, bad_request, forbidden, unavailable
 from gateway.limiting import (
@@ -85,7 +86,6 @@ from gateway.limiting import (
     subjects_of,
     take_rates,
 )
-from gateway.middleware import gate, new_request_id
 from gateway.pricing import Pricing, model_not_priced
 from gateway.proxy import (
     client_response_headers,
@@ -94,6 +94,7 @@ from gateway.proxy import (
     upstream_request_headers,
     upstream_unreachable,
 )
+from gateway.request_context import new_request_id
 from gateway.routing import Upstream
 from gateway.services import Services
 from gateway.settings import Settings

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 
-from gateway.middleware import new_request_id
+from gateway.request_context import new_request_id
 
 FORMAT = re.compile(r"req_[0-9a-f]{32}")
 
