@@ -36,10 +36,20 @@ def check_url_form(url: str, *, allow_private: bool) -> str:
     return parts.hostname
 
 
+# IPv6 ranges that carry an IPv4 address in their last 32 bits and reach it: NAT64's
+# well-known prefix and the deprecated IPv4-compatible form (6to4 has `sixtofour`).
+_EMBEDDING_IPV4 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("::/96"))
+
+
 def _is_public(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is None and any(ip in net for net in _EMBEDDING_IPV4):
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            # 64:ff9b::7f00:1 or 2002:7f00:1:: is loopback by another name.
+            ip = embedded
     return ip.is_global and not ip.is_multicast
 
 

@@ -38,6 +38,9 @@ def test_signature_is_hmac_sha256_of_timestamp_dot_body() -> None:
         "https://169.254.169.254/latest/meta-data",
         "https://[::1]/hook",
         "https://[::ffff:192.168.1.1]/hook",
+        "https://[64:ff9b::7f00:1]/hook",  # NAT64 of 127.0.0.1
+        "https://[2002:a00:1::]/hook",  # 6to4 of 10.0.0.1
+        "https://[::127.0.0.1]/hook",  # IPv4-compatible loopback
         "https://user:pw@example.com/hook",
         "https://localhost/hook",
         "ftp://example.com/",
@@ -52,6 +55,8 @@ async def test_webhook_targets_must_be_public_https(url: str) -> None:
 
 async def test_private_targets_only_when_the_operator_allows() -> None:
     await check_target("https://93.184.215.14/hook", allow_private=False)
+    await check_target("https://[64:ff9b::5db8:d70e]/hook", allow_private=False)  # NAT64
+    await check_target("https://[2606:2800:21f:cb07:6820:80da:af6b:8b2c]/", allow_private=False)
     await check_target("http://127.0.0.1:9/hook", allow_private=True)
     with pytest.raises(TargetRefused):
         check_url_form("ftp://127.0.0.1/", allow_private=True)
