@@ -10,7 +10,9 @@ upstream ("gateway"). The upstream (a process of its own) streams each
 session's responses at the given rate: `response.created`, audio deltas of
 50 ms of 24 kHz PCM16 each, and `response.done` with usage, once a second,
 so the gateway meters one response per session per second (a hold when the
-response starts, a usage event when it is done) while it relays. Each event's
+response starts, a usage event when it is done) while it relays; each session
+starts its responses at a random phase of the second, as independent
+sessions would. Each event's
 `event_id` carries the upstream's send time (`time.time_ns()`, taken as the
 event is written); the client takes its receive time as soon as its
 connection hands the event over, the same code for both arms. Added latency
@@ -38,6 +40,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -106,7 +109,9 @@ async def serve_upstream(port: int, rate: float) -> None:
             }
         )
         loop = asyncio.get_running_loop()
-        next_at = loop.time()
+        # Sessions are independent: each starts its responses at a phase of its own
+        # (else all 50 would start one in the same millisecond every second).
+        next_at = loop.time() + random.random() * per_response * interval
         try:
             while True:
                 number += 1

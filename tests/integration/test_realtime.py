@@ -709,3 +709,33 @@ async def test_an_ephemeral_key_is_refused_to_a_key_whose_cap_it_exceeds(
         )
         assert int(total[0]) == USD // 2
         await until(lambda: _no_cap_holds(db))
+
+
+async def test_a_key_revoked_mid_session_gets_no_further_response(
+    start_gateway: StartGateway,
+) -> None:
+    """Each response's gate looks the key up again: revoked, the next response.create gets
+    the 401 as an error event, is not forwarded, and the socket closes with 1008."""
+    async with start_gateway(api_token=Secret("svc-revoke")) as gateway:
+        fake = gateway.fake.realtime
+        async with gateway.client(key=gateway.client_key).realtime.connect(
+            model="gpt-realtime"
+        ) as connection:
+            await next_of(connection, "session.created")
+            await turn(connection)
+            async with httpx.AsyncClient(base_url=gateway.root) as http:
+                answer = await http.delete(
+                    f"/v1/admin/keys/{gateway.client_key[:10]}",
+                    headers={"authorization": "Bearer svc-revoke"},
+                )
+            assert answer.status_code == 200, answer.text
+            await speak(connection)
+            await connection.response.create()
+            error = await next_of(connection, "error")
+            with pytest.raises(ConnectionClosed) as closed:
+                await connection.recv()
+        assert error.error.code == "invalid_api_key"
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+        assert fake.client_events.count("response.create") == 1
+        assert len(await gateway.settled(1)) == 1
+        await until(lambda: _no_holds(gateway))
