@@ -52,6 +52,10 @@ _FRAMING_BYTES = 1024 * 1024
 # Items asked of the upstream per page while a listing is filtered by owner.
 _LIST_PAGE = 100
 _MAX_LIST = 10_000
+# A listing's default `limit` and the most the upstream lists at once, as OpenAI's
+# (files: 10,000 and 10,000; batches: 20 and 100).
+_LIST_DEFAULT = {"/files": 10_000, "/batches": 20}
+_UPSTREAM_PAGE_MAX = {"/files": 10_000, "/batches": 100}
 
 
 def no_such(kind: str, object_id: str, *, param: str = "id", status: int = 404) -> GatewayError:
@@ -250,16 +254,21 @@ async def owned_listing(
     """An upstream cursor listing filtered to the practice's own objects."""
     service = service_of(request)
     query = request.query_params
-    limit_text = query.get("limit", "20")
+    limit_text = query.get("limit", str(_LIST_DEFAULT[path]))
     # isdigit() alone accepts "²" and other digits int() refuses.
     if not (limit_text.isascii() and limit_text.isdigit()) or not 1 <= int(limit_text) <= _MAX_LIST:
         raise bad_request(f"limit must be from 1 to {_MAX_LIST}", param="limit")
     want = int(limit_text)
     params = {key: value for key, value in query.items() if key != "limit"}
+    # One more than asked for is looked for: whether it exists is `has_more` (the
+    # upstream's own says only that other practices' objects follow).
     data: list[dict[str, Any]] = []
-    has_more = False
+    # Pages grow while other practices' objects fill them, so a sparse practice's list
+    # takes few upstream calls.
+    page_size = min(max(want + 1, _LIST_PAGE), _UPSTREAM_PAGE_MAX[path])
     while True:
-        params["limit"] = str(max(want, _LIST_PAGE))
+        params["limit"] = str(page_size)
+        page_size = min(page_size * 4, _UPSTREAM_PAGE_MAX[path])
         response = await service.upstream.json(practice_id, "GET", path, params=params)
         if response.status_code != 200:
             raise _Passthrough(response)
@@ -268,15 +277,12 @@ async def owned_listing(
         owned = await service.store.owned(
             practice_id, object_type, (str(item.get("id")) for item in items)
         )
-        for index, item in enumerate(items):
-            if item.get("id") in owned:
-                data.append(item)
-                if len(data) == want:
-                    has_more = index < len(items) - 1 or bool(page.get("has_more"))
-                    break
-        if len(data) >= want or not page.get("has_more") or not items:
+        data.extend(item for item in items if item.get("id") in owned)
+        if len(data) > want or not page.get("has_more") or not items:
             break
         params["after"] = str(items[-1].get("id"))
+    has_more = len(data) > want
+    del data[want:]
     return {
         "object": "list",
         "data": data,

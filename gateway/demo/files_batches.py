@@ -6,8 +6,10 @@ each retrieve, completes `lines_per_poll` more of its lines (None: all at
 once); when all are done it is `completed`, with an output file whose lines
 carry each answer and its `usage`. Cancel makes it `cancelling`, and the next
 retrieve `cancelled`, with an output file of the lines completed so far.
-Tests steer it through `lines_per_poll`, `advance()` and `fail_lines`
-(custom_ids answered with an error line instead). A batch keeps the
+Tests steer it through `lines_per_poll`, `advance()`, `fail_lines`
+(custom_ids answered with an error line instead), `expire()` (the window ran
+out: done lines in the output file, the rest `batch_expired` error lines)
+and `fail()` (refused by the upstream's validation: `errors`, no files). A batch keeps the
 `metadata` it was created with, as OpenAI's do. `create_gate` (an
 `asyncio.Event`) holds the answer to `POST /v1/batches` back until it is
 set, after the batch was made, or, with `create_lost`, before: then no
@@ -39,6 +41,8 @@ _ANSWERS: Mapping[str, Callable[[Any], Any]] = {
     "/v1/moderations": media.moderations,
 }
 _TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+# The purposes OpenAI takes for a file or an upload (openai.types.FilePurpose).
+PURPOSES = frozenset({"assistants", "batch", "fine-tune", "vision", "user_data", "evals"})
 
 
 def _not_found(kind: str, object_id: str) -> Response:
@@ -60,10 +64,15 @@ def _bad(message: str, param: str | None = None) -> Response:
     return JSONResponse(body, status_code=400)
 
 
-def _page(items: list[dict[str, Any]], request: Request) -> dict[str, Any]:
-    """A cursor page as OpenAI lists: newest first, `after` an id, `limit` items."""
+def _page(
+    items: list[dict[str, Any]], request: Request, *, default: int, most: int
+) -> dict[str, Any] | Response:
+    """A cursor page as OpenAI lists: newest first, `after` an id, `limit` items (from 1 to
+    `most`, else a 400 as OpenAI's)."""
     after = request.query_params.get("after")
-    limit = int(request.query_params.get("limit", "20"))
+    limit = int(request.query_params.get("limit", str(default)))
+    if not 1 <= limit <= most:
+        return _bad(f"limit must be between 1 and {most}", "limit")
     ordered = sorted(items, key=lambda item: (item["created_at"], item["id"]), reverse=True)
     if request.query_params.get("order") == "asc":
         ordered.reverse()
@@ -148,6 +157,8 @@ class FakeFilesBatches:
             purpose = form.get("purpose")
             if not isinstance(upload, UploadFile) or not isinstance(purpose, str):
                 return _bad("file and purpose are required")
+            if purpose not in PURPOSES:
+                return _bad(f"Invalid purpose: {purpose}", "purpose")
             data = await upload.read()
             entry = self.add_file(data, filename=upload.filename or "", purpose=purpose)
             return JSONResponse(entry)
@@ -155,7 +166,8 @@ class FakeFilesBatches:
     async def _list_files(self, request: Request) -> Response:
         purpose = request.query_params.get("purpose")
         items = [f for f in self.files.values() if purpose is None or f["purpose"] == purpose]
-        return JSONResponse(_page(items, request))
+        page = _page(items, request, default=10_000, most=10_000)
+        return page if isinstance(page, Response) else JSONResponse(page)
 
     async def _get_file(self, request: Request) -> Response:
         file_id = request.path_params["file_id"]
@@ -179,6 +191,8 @@ class FakeFilesBatches:
 
     async def _create_upload(self, request: Request) -> Response:
         body = await request.json()
+        if body.get("purpose") not in PURPOSES:
+            return _bad(f"Invalid purpose: {body.get('purpose')}", "purpose")
         upload_id = self._id("upload_")
         now = next(self._clock)
         self.uploads[upload_id] = {
@@ -339,6 +353,44 @@ class FakeFilesBatches:
         batch["finalizing_at"] = batch["finalizing_at"] or now
         batch[f"{status}_at"] = now
 
+    def expire(self, batch_id: str) -> None:
+        """The completion window runs out (as OpenAI's does): the lines done so far are in
+        the output file, each unfinished one is an error line `batch_expired`."""
+        batch = self.batches[batch_id]
+        pending = [
+            line for line in self.contents[batch["input_file_id"]].splitlines() if line.strip()
+        ]
+        done = self.done_lines[batch_id]
+        for raw in pending[len(done) :]:
+            line = {
+                "id": self._id("batch_req_"),
+                "custom_id": json.loads(raw)["custom_id"],
+                "response": None,
+                "error": {
+                    "code": "batch_expired",
+                    "message": "This request could not be executed before the completion "
+                    "window expired.",
+                },
+            }
+            done.append(json.dumps(line, separators=(",", ":")).encode())
+        counts = batch["request_counts"]
+        counts["failed"] = sum(1 for line in done if b'"error":{' in line)
+        counts["completed"] = len(done) - counts["failed"]
+        self._finish(batch, "expired")
+
+    def fail(self, batch_id: str, message: str = "The input file is not valid.") -> None:
+        """The upstream's own validation refuses the batch: `failed`, `errors` set, no lines
+        run and no output or error file, as OpenAI's failed batches are."""
+        batch = self.batches[batch_id]
+        now = next(self._clock)
+        batch["status"] = "failed"
+        batch["failed_at"] = now
+        batch["errors"] = {
+            "object": "list",
+            "data": [{"code": "invalid_request", "message": message, "param": None, "line": 1}],
+        }
+        batch["request_counts"] = {"total": 0, "completed": 0, "failed": 0}
+
     def step(self, batch_id: str) -> None:
         """What one retrieve does to a batch (see the module doc)."""
         batch = self.batches[batch_id]
@@ -367,7 +419,8 @@ class FakeFilesBatches:
 
     async def _list_batches(self, request: Request) -> Response:
         self.lists += 1
-        return JSONResponse(_page(list(self.batches.values()), request))
+        page = _page(list(self.batches.values()), request, default=20, most=100)
+        return page if isinstance(page, Response) else JSONResponse(page)
 
     async def _cancel_batch(self, request: Request) -> Response:
         batch_id = request.path_params["batch_id"]

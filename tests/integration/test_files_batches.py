@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 
+from budget.batch import MAX_BATCH_FILE_BYTES
 from budget.operations import Operation
 from budget.usage import Usage
 from gateway.demo.files_batches import FakeFilesBatches
@@ -175,6 +176,11 @@ async def test_a_batch_the_practice_cannot_afford_is_refused_up_front(
         (MODEL, json.dumps(chat_line(1, model="gpt-4o")).encode(), "differs from the batch's"),
         (MODEL, json.dumps(chat_line(0)).encode(), "is used twice"),
         ("no-such-model", json.dumps(chat_line(1)).encode(), "cannot be priced"),
+        (
+            MODEL,
+            json.dumps({**chat_line(1), "body": {**chat_line(1)["body"], "stream": True}}).encode(),
+            "cannot stream",
+        ),
     ],
 )
 async def test_a_line_the_gateway_cannot_meter_is_a_400_naming_it(
@@ -317,6 +323,7 @@ async def test_another_practice_cannot_see_read_cancel_or_delete_them(
         b.batches.cancel(batch.id),
         b.uploads.parts.create(upload.id, data=b"abcdef"),
         b.uploads.cancel(upload.id),
+        b.uploads.complete(upload.id, part_ids=["part_x"]),
     ):
         with pytest.raises(openai.NotFoundError):
             await attempt
@@ -728,3 +735,217 @@ async def test_a_create_cancelled_by_a_shutdown_leaks_no_hold_and_loses_no_batch
         assert row["cost_micro_usd"] == expected_cost(upstream, batch_id) > 0
         assert len(await second.events()) == 5
         assert await second.holds() == 0 and await intents_open(second) == 0
+
+
+async def test_an_empty_input_file_is_a_400_and_nothing_is_held(
+    fast_gateway: Gateway, upstream: Upstream
+) -> None:
+    """A batch of a file without a single request: 400 in the OpenAI shape, nothing forwarded."""
+    gw = fast_gateway
+    client = gw.client()
+    uploaded = await client.files.create(file=("empty.jsonl", b"\n\n"), purpose="batch")
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+    error = refused.value.response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "empty_batch"
+    assert "no requests" in error["message"]
+    assert fake(upstream).batches == {} and await gw.holds() == 0
+
+
+async def _running_batch(gw: Gateway, upstream: Upstream, lines: int) -> Any:
+    client = gw.client()
+    fake(upstream).lines_per_poll = 0
+    uploaded = await client.files.create(
+        file=("letters.jsonl", jsonl(chat_line(n) for n in range(lines))), purpose="batch"
+    )
+    batch = await client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+
+    async def running() -> bool:
+        row = await batch_row(gw, batch.id)
+        return row is not None and row["status"] == "in_progress"
+
+    await until(running)
+    return batch
+
+
+async def test_an_expired_batch_is_charged_for_its_done_lines_and_frees_the_rest(
+    fast_gateway: Gateway, upstream: Upstream
+) -> None:
+    """The window runs out after 4 of 10 lines: 4 usage events at the batch price, the 6
+    `batch_expired` lines counted failed, the hold released; both files readable."""
+    gw = fast_gateway
+    client = gw.client()
+    batch = await _running_batch(gw, upstream, 10)
+    fake(upstream).advance(batch.id, 4)
+    fake(upstream).expire(batch.id)
+    row = await settled_row(gw, batch.id)
+    assert row["status"] == "expired"
+    assert (row["completed_lines"], row["failed_lines"]) == (4, 6)
+    events = await gw.events()
+    assert {e["request_id"] for e in events} == {f"batch:{batch.id}:brief-{n}" for n in range(4)}
+    assert sum(e["estimated_cost_micro_usd"] for e in events) == expected_cost(upstream, batch.id)
+    assert row["cost_micro_usd"] == expected_cost(upstream, batch.id) > 0
+    assert await gw.holds() == 0
+    ended = await client.batches.retrieve(batch.id)
+    assert ended.status == "expired" and ended.output_file_id and ended.error_file_id
+    errors = (await client.files.content(ended.error_file_id)).read().splitlines()
+    assert [json.loads(e)["error"]["code"] for e in errors] == ["batch_expired"] * 6
+
+
+async def test_a_failed_batch_charges_nothing_and_frees_its_hold(
+    fast_gateway: Gateway, upstream: Upstream
+) -> None:
+    """The upstream's validation fails the batch: no usage, no hold, its errors shown."""
+    gw = fast_gateway
+    client = gw.client()
+    batch = await _running_batch(gw, upstream, 5)
+    fake(upstream).fail(batch.id)
+    row = await settled_row(gw, batch.id)
+    assert row["status"] == "failed" and row["cost_micro_usd"] == 0
+    assert await gw.events() == [] and await gw.holds() == 0
+    ended = await client.batches.retrieve(batch.id)
+    assert ended.status == "failed" and ended.errors and ended.errors.data
+    assert ended.output_file_id is None
+
+
+async def test_lists_page_through_a_practices_own_among_many_others(
+    fast_gateway: Gateway, upstream: Upstream
+) -> None:
+    """The practice's 3 files and 3 batches, each newer one behind 120 others' (more than an
+    upstream page): pages of 2 are full, `has_more`, `first_id`/`last_id` right, and the
+    SDK's iteration gives all 3, newest first, none twice."""
+    gw = fast_gateway
+    client = gw.client()
+    up = fake(upstream)
+    up.lines_per_poll = 0
+    files: list[str] = []
+    batches: list[str] = []
+    for _ in range(120):  # another practice's, older than all of this one's
+        up.add_file(b"{}\n", filename="older.jsonl", purpose="batch")
+    for n in range(3):
+        made = await client.files.create(
+            file=(f"in{n}.jsonl", jsonl(chat_line(k) for k in range(2))), purpose="batch"
+        )
+        files.append(made.id)
+        batch = await client.batches.create(
+            input_file_id=made.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        batches.append(batch.id)
+        for _ in range(120):  # another practice's, made after this one's
+            up.add_file(b"{}\n", filename="other.jsonl", purpose="batch")
+            other = {**up.batches[batch.id], "id": up._id("batch_"), "created_at": next(up._clock)}
+            up.batches[other["id"]] = other
+    newest_first_files = files[::-1]
+    newest_first_batches = batches[::-1]
+    page = await client.files.list(limit=2, purpose="batch")
+    assert [f.id for f in page.data] == newest_first_files[:2] and page.has_more
+    raw = await client.get("/files", cast_to=object, options={"params": {"limit": 2}})
+    assert (raw["first_id"], raw["last_id"]) == tuple(newest_first_files[:2])  # type: ignore[index]
+    assert [f.id async for f in await client.files.list(limit=2)] == newest_first_files
+    # A page that holds the practice's last file says there is no more (older ones are others').
+    whole = await client.files.list(limit=3)
+    assert [f.id for f in whole.data] == newest_first_files and not whole.has_more
+    batch_page = await client.batches.list(limit=2)
+    assert [b.id for b in batch_page.data] == newest_first_batches[:2] and batch_page.has_more
+    assert [b.id async for b in await client.batches.list(limit=2)] == newest_first_batches
+    last = await client.batches.list(limit=2, after=newest_first_batches[1])
+    assert [b.id for b in last.data] == newest_first_batches[2:] and not last.has_more
+    # More than the upstream lists at once (100 batches): the gateway pages it through.
+    many = await client.batches.list(limit=150)
+    assert [b.id for b in many.data] == newest_first_batches and not many.has_more
+
+
+async def test_a_chunked_upload_past_the_limit_is_a_400_and_never_stored(
+    start_gateway: StartGateway, upstream: Upstream
+) -> None:
+    """No content-length to refuse it by: counted as it streams, refused past the limit."""
+    async with start_gateway(max_file_bytes=1000, **FAST) as gw:
+        head = (
+            b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+            b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.jsonl"\r\n\r\n'
+        )
+
+        async def body() -> AsyncIterator[bytes]:
+            yield head
+            for _ in range(3):  # 3 MiB: past the limit and the multipart framing allowed
+                yield b"x" * (1024 * 1024)
+            yield b"\r\n--b--\r\n"
+
+        async with httpx.AsyncClient(base_url=gw.base_url, timeout=30) as http:
+            response = await http.post(
+                "/files",
+                content=body(),
+                headers={
+                    "Authorization": f"Bearer {gw.key}",
+                    "content-type": "multipart/form-data; boundary=b",
+                },
+            )
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert error["code"] == "file_too_large" and error["type"] == "invalid_request_error"
+        assert fake(upstream).files == {}
+        assert [f async for f in gw.client().files.list()] == []
+
+
+async def test_an_unknown_purpose_is_the_upstreams_400_and_owns_nothing(
+    fast_gateway: Gateway, upstream: Upstream
+) -> None:
+    client = fast_gateway.client()
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client.files.create(file=("a.jsonl", b"{}\n"), purpose="nonsense")  # type: ignore[arg-type]
+    assert refused.value.response.json()["error"]["param"] == "purpose"
+    with pytest.raises(openai.BadRequestError):
+        await client.uploads.create(
+            bytes=3,
+            filename="a.pdf",
+            mime_type="application/pdf",
+            purpose="nonsense",  # type: ignore[arg-type]
+        )
+    async with fast_gateway.db.read() as conn:
+        assert await conn.fetchval("SELECT COUNT(*) FROM aza_upstream_objects") == 0
+
+
+async def test_a_batch_input_file_over_openais_200_mb_is_a_400_and_nothing_held(
+    fast_gateway: Gateway, upstream: Upstream
+) -> None:
+    """A practice's input file over 200 MB (put upstream directly, as uploading it would
+    take long): the batch is a 400 naming the limit; nothing held, nothing forwarded."""
+    gw = fast_gateway
+    big = fake(upstream).add_file(
+        b"\n" * (MAX_BATCH_FILE_BYTES + 1), filename="big.jsonl", purpose="batch"
+    )
+    async with gw.db.transaction() as conn:
+        await conn.execute(
+            "INSERT INTO aza_upstream_objects (object_id, object_type, practice_id, created_at) "
+            "VALUES (?, 'file', ?, ?)",
+            big["id"],
+            gw.practice,
+            int(time.time()),
+        )
+    try:
+        with pytest.raises(openai.BadRequestError) as refused:
+            await gw.client().batches.create(
+                input_file_id=big["id"], endpoint="/v1/chat/completions", completion_window="24h"
+            )
+    finally:
+        fake(upstream).contents.pop(big["id"])
+    error = refused.value.response.json()["error"]
+    assert error["code"] == "file_too_large" and str(MAX_BATCH_FILE_BYTES) in error["message"]
+    assert fake(upstream).batches == {} and await gw.holds() == 0
+
+
+async def test_a_file_list_without_a_limit_has_openais_default_of_10000(
+    fast_gateway: Gateway, upstream: Upstream
+) -> None:
+    """`client.files.list().data` holds all 25 files in one page, as OpenAI's would."""
+    client = fast_gateway.client()
+    made = [
+        (await client.files.create(file=(f"f{n}.jsonl", b"{}\n"), purpose="batch")).id
+        for n in range(25)
+    ]
+    page = await client.files.list()
+    assert [f.id for f in page.data] == made[::-1] and not page.has_more
