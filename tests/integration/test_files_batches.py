@@ -949,3 +949,31 @@ async def test_a_file_list_without_a_limit_has_openais_default_of_10000(
     ]
     page = await client.files.list()
     assert [f.id for f in page.data] == made[::-1] and not page.has_more
+
+
+async def test_the_sdks_chunked_upload_makes_a_file_only_its_practice_sees(
+    fast_gateway: Gateway, upstream: Upstream
+) -> None:
+    """`uploads.upload_file_chunked` (create, 4 parts, complete) through the gateway: the
+    file holds every byte in order, lists and reads for its practice; a cancelled upload
+    takes no more parts."""
+    gw = fast_gateway
+    client = gw.client()
+    data = bytes(range(256)) * 14  # 3,584 bytes: 4 parts of at most 1,000
+    upload = await client.uploads.upload_file_chunked(
+        file=data,
+        filename="befund.pdf",
+        mime_type="application/pdf",
+        purpose="user_data",
+        part_size=1000,
+        bytes=len(data),
+    )
+    assert upload.status == "completed" and upload.file is not None
+    assert len(fake(upstream).uploads[upload.id]["_parts"]) == 4
+    assert (await client.files.content(upload.file.id)).read() == data
+    assert [f.id async for f in client.files.list()] == [upload.file.id]
+    other = await client.uploads.create(
+        bytes=3, filename="x.pdf", mime_type="application/pdf", purpose="user_data"
+    )
+    cancelled = await client.uploads.cancel(other.id)
+    assert cancelled.status == "cancelled"
