@@ -7,7 +7,7 @@ once); when all are done it is `completed`, with an output file whose lines
 carry each answer and its `usage`. Cancel makes it `cancelling`, and the next
 retrieve `cancelled`, with an output file of the lines completed so far.
 Tests steer it through `lines_per_poll`, `advance()`, `fail_lines`
-(custom_ids answered with an error line instead), `expire()` (the window ran
+(custom_ids the endpoint answers with a 400, in the error file), `expire()` (the window ran
 out: done lines in the output file, the rest `batch_expired` error lines)
 and `fail()` (refused by the upstream's validation: `errors`, no files). A batch keeps the
 `metadata` it was created with, as OpenAI's do. `create_gate` (an
@@ -300,6 +300,18 @@ class FakeFilesBatches:
             await self.create_gate.wait()
         return JSONResponse(self.batches[batch_id])
 
+    @staticmethod
+    def _ok(line: bytes) -> bool:
+        """An output line (its answer a 200), else an error file's line."""
+        response = json.loads(line).get("response")
+        return isinstance(response, dict) and response.get("status_code") == 200
+
+    def _count(self, batch: dict[str, Any]) -> None:
+        done = self.done_lines[batch["id"]]
+        counts = batch["request_counts"]
+        counts["completed"] = sum(1 for line in done if self._ok(line))
+        counts["failed"] = len(done) - counts["completed"]
+
     def advance(self, batch_id: str, lines: int) -> None:
         """Complete the next `lines` lines of a running batch."""
         batch = self.batches[batch_id]
@@ -309,19 +321,29 @@ class FakeFilesBatches:
         done = self.done_lines[batch_id]
         for raw in pending[len(done) : len(done) + lines]:
             done.append(self._answer_line(batch["endpoint"], raw))
-        counts = batch["request_counts"]
-        counts["failed"] = sum(1 for line in done if b'"error":{' in line)
-        counts["completed"] = len(done) - counts["failed"]
+        self._count(batch)
 
     def _answer_line(self, endpoint: str, raw: bytes) -> bytes:
         request = json.loads(raw)
         custom_id = request["custom_id"]
         if custom_id in self.fail_lines:
+            # As OpenAI writes a request the endpoint refused: its HTTP answer, `error` null.
             line: dict[str, Any] = {
                 "id": self._id("batch_req_"),
                 "custom_id": custom_id,
-                "response": None,
-                "error": {"code": "server_error", "message": "The line failed."},
+                "response": {
+                    "status_code": 400,
+                    "request_id": self._id("req_"),
+                    "body": {
+                        "error": {
+                            "message": "The line failed.",
+                            "type": "invalid_request_error",
+                            "param": None,
+                            "code": None,
+                        }
+                    },
+                },
+                "error": None,
             }
         else:
             line = {
@@ -338,8 +360,8 @@ class FakeFilesBatches:
 
     def _finish(self, batch: dict[str, Any], status: str) -> None:
         done = self.done_lines[batch["id"]]
-        ok = [line for line in done if b'"error":null' in line]
-        failed = [line for line in done if b'"error":null' not in line]
+        ok = [line for line in done if self._ok(line)]
+        failed = [line for line in done if not self._ok(line)]
         now = next(self._clock)
         if ok:
             batch["output_file_id"] = self.add_file(
@@ -373,9 +395,7 @@ class FakeFilesBatches:
                 },
             }
             done.append(json.dumps(line, separators=(",", ":")).encode())
-        counts = batch["request_counts"]
-        counts["failed"] = sum(1 for line in done if b'"error":{' in line)
-        counts["completed"] = len(done) - counts["failed"]
+        self._count(batch)
         self._finish(batch, "expired")
 
     def fail(self, batch_id: str, message: str = "The input file is not valid.") -> None:

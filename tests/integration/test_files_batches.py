@@ -83,7 +83,7 @@ def expected_cost(upstream: Upstream, batch_id: str) -> int:
     total = 0
     for raw in fake(upstream).done_lines[batch_id]:
         line = json.loads(raw)
-        if line["error"] is not None:
+        if line["error"] is not None or line["response"]["status_code"] != 200:
             continue
         usage = line["response"]["body"]["usage"]
         cost = usage["prompt_tokens"] * BATCH_INPUT + usage["completion_tokens"] * BATCH_OUTPUT
