@@ -352,6 +352,10 @@ class RealtimeSession:
         self.ready: _Held | None = first  # held at the open, for the first response
         self.waiting: deque[_Held] = deque()  # held for a response.create / commit sent on
         self.running: dict[str, _Held] = {}  # by upstream response or item id
+        # Upstream ids charged already: a replayed usage event is relayed, not charged
+        # again (nor raced against the first one's settle; the database's unique
+        # request id is the guard across sessions and instances).
+        self.charged: set[str] = set()
         self.receive = receive
         self.send = send
         self.upstream = upstream
@@ -604,6 +608,9 @@ class RealtimeSession:
             response = event.get("response")
             if not isinstance(response, Mapping) or not isinstance(response.get("id"), str):
                 return
+            if response["id"] in self.charged:
+                return
+            self.charged.add(response["id"])
             held = self.running.pop(response["id"], None)
             usage = response_usage(meter.model, response)
             if usage is not None:
@@ -621,8 +628,9 @@ class RealtimeSession:
                 self._started(item_id, meter.transcription_estimate)
         elif kind == "conversation.item.input_audio_transcription.completed":
             item_id = event.get("item_id")
-            if not isinstance(item_id, str):
+            if not isinstance(item_id, str) or item_id in self.charged:
                 return
+            self.charged.add(item_id)
             held = self.running.pop(item_id, None)
             model = meter.transcription_model or DEFAULT_TRANSCRIPTION_MODEL
             usage = transcription_usage(model, event.get("usage"))

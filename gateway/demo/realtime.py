@@ -9,6 +9,13 @@ closed by `response.done` with usage, and in transcription sessions (or with
 input transcription on) a `conversation.item.input_audio_transcription.completed`
 with usage for each committed buffer.
 
+With `OpenAI-Beta: realtime=v1` on the upgrade (the SDK's `client.beta.realtime`)
+it speaks the beta protocol as OpenAI does: the beta session objects
+(`modalities`, `input_audio_format`, `input_audio_transcription`,
+`max_response_output_tokens`), `transcription_session.created`/`.update`/
+`.updated` in transcription sessions, `conversation.item.created`, and
+`response.audio.delta`/`response.audio_transcript.delta`/`response.audio.done`.
+
 Usage is deterministic: user audio is 10 tokens a second, assistant audio 2
 tokens a delta, text about a token per four characters; a response reads the
 whole conversation, what earlier responses already read counting as cached.
@@ -17,7 +24,8 @@ Knobs (attributes, read as each response starts): `deltas` (audio deltas a
 response sends), `delta_delay` (seconds between them), `hang_before_done`
 (never finish a response: no `response.done`, not even when cancelled),
 `drop_after_deltas` (drop the connection after that many deltas of a
-response, as an upstream that dies).
+response, as an upstream that dies), `replay_done` (send each `response.done` and
+transcription `…completed` twice, as a replayed event).
 Records: `sessions` (ids), `client_events` (types received, in order),
 `responses_done`, `cancelled`, `open_sessions`, `last_headers`, `last_query`.
 """
@@ -66,6 +74,27 @@ class _Conversation:
     responses: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     previous_item: str | None = None
     current: asyncio.Task[None] | None = None
+    beta: bool = False  # the beta protocol (OpenAI-Beta: realtime=v1)
+    transcription: bool = False
+
+    def transcription_config(self) -> Any:
+        """The session's input transcription settings (None: off), GA or beta shape."""
+        if self.beta:
+            return self.session.get("input_audio_transcription")
+        return self.session.get("audio", {}).get("input", {}).get("transcription")
+
+    def event(self, ga: str) -> str:
+        """A server event's name in this session's protocol."""
+        return _BETA_NAMES.get(ga, ga) if self.beta else ga
+
+
+# Server events the beta protocol names otherwise.
+_BETA_NAMES = {
+    "conversation.item.added": "conversation.item.created",
+    "response.output_audio.delta": "response.audio.delta",
+    "response.output_audio_transcript.delta": "response.audio_transcript.delta",
+    "response.output_audio.done": "response.audio.done",
+}
 
 
 class FakeRealtime:
@@ -77,6 +106,7 @@ class FakeRealtime:
         self.delta_delay = 0.0
         self.hang_before_done = False
         self.drop_after_deltas: int | None = None
+        self.replay_done = False
         self.sessions: list[str] = []
         self.client_events: list[str] = []
         self.responses_done = 0
@@ -116,12 +146,18 @@ class FakeRealtime:
         await websocket.accept()
         session_id = f"sess_fake{len(self.sessions) + 1:04d}"
         self.sessions.append(session_id)
-        conversation = _Conversation(session=self._session(session_id, model, transcription))
+        beta = websocket.headers.get("openai-beta") == "realtime=v1"
+        conversation = _Conversation(
+            session=self._session(session_id, model, transcription, beta=beta),
+            beta=beta,
+            transcription=transcription,
+        )
         self.open_sessions += 1
         try:
-            await self._send(
-                websocket, {"type": "session.created", "session": conversation.session}
+            created = (
+                "transcription_session.created" if beta and transcription else "session.created"
             )
+            await self._send(websocket, {"type": created, "session": conversation.session})
             await self._serve(websocket, conversation)
         except (WebSocketDisconnect, RuntimeError):
             pass
@@ -131,7 +167,11 @@ class FakeRealtime:
                 conversation.current.cancel()
 
     @staticmethod
-    def _session(session_id: str, model: str | None, transcription: bool) -> dict[str, Any]:
+    def _session(
+        session_id: str, model: str | None, transcription: bool, *, beta: bool = False
+    ) -> dict[str, Any]:
+        if beta:
+            return _beta_session(session_id, model, transcription)
         audio_input: dict[str, Any] = {
             "format": {"type": "audio/pcm", "rate": 24000},
             "transcription": {"model": "gpt-4o-transcribe"} if transcription else None,
@@ -171,12 +211,21 @@ class FakeRealtime:
                 continue
             kind = event.get("type") if isinstance(event, dict) else None
             self.client_events.append(str(kind))
-            if kind == "session.update":
+            update_kind = (
+                "transcription_session.update"
+                if conversation.beta and conversation.transcription
+                else "session.update"
+            )
+            if kind == update_kind:
                 update = event.get("session")
                 if isinstance(update, dict):
                     _merge(conversation.session, update)
                 await self._send(
-                    websocket, {"type": "session.updated", "session": conversation.session}
+                    websocket,
+                    {
+                        "type": update_kind[: -len("update")] + "updated",
+                        "session": conversation.session,
+                    },
                 )
             elif kind == "input_audio_buffer.append":
                 try:
@@ -235,15 +284,15 @@ class FakeRealtime:
         seconds = conversation.buffer_bytes / PCM16_BYTES_PER_SECOND
         conversation.buffer_bytes = 0
         item_id = self._item_id(conversation)
+        previous, conversation.previous_item = conversation.previous_item, item_id
         await self._send(
             websocket,
             {
                 "type": "input_audio_buffer.committed",
-                "previous_item_id": conversation.previous_item,
+                "previous_item_id": previous,
                 "item_id": item_id,
             },
         )
-        conversation.previous_item = item_id
         audio_tokens = math.ceil(seconds * USER_AUDIO_TOKENS_PER_SECOND)
         conversation.audio_tokens += audio_tokens
         item = {
@@ -254,9 +303,17 @@ class FakeRealtime:
             "role": "user",
             "content": [{"type": "input_audio", "transcript": None}],
         }
-        await self._send(websocket, {"type": "conversation.item.added", "item": item})
-        await self._send(websocket, {"type": "conversation.item.done", "item": item})
-        transcription = conversation.session.get("audio", {}).get("input", {}).get("transcription")
+        await self._send(
+            websocket,
+            {
+                "type": conversation.event("conversation.item.added"),
+                "previous_item_id": previous,
+                "item": item,
+            },
+        )
+        if not conversation.beta:
+            await self._send(websocket, {"type": "conversation.item.done", "item": item})
+        transcription = conversation.transcription_config()
         if not isinstance(transcription, dict):
             return
         words = TRANSCRIPT.split()[: max(1, min(len(TRANSCRIPT.split()), math.ceil(seconds * 3)))]
@@ -282,16 +339,17 @@ class FakeRealtime:
                 "output_tokens": tokens_for(transcript),
                 "total_tokens": audio_tokens + tokens_for(transcript),
             }
-        await self._send(
-            websocket,
-            {
-                "type": "conversation.item.input_audio_transcription.completed",
-                "item_id": item_id,
-                "content_index": 0,
-                "transcript": transcript,
-                "usage": usage,
-            },
-        )
+        for _ in range(2 if self.replay_done else 1):
+            await self._send(
+                websocket,
+                {
+                    "type": "conversation.item.input_audio_transcription.completed",
+                    "item_id": item_id,
+                    "content_index": 0,
+                    "transcript": transcript,
+                    "usage": usage,
+                },
+            )
 
     async def _add_text_item(
         self, websocket: WebSocket, conversation: _Conversation, item: Any
@@ -314,12 +372,13 @@ class FakeRealtime:
         await self._send(
             websocket,
             {
-                "type": "conversation.item.added",
+                "type": conversation.event("conversation.item.added"),
                 "previous_item_id": conversation.previous_item,
                 "item": added,
             },
         )
-        await self._send(websocket, {"type": "conversation.item.done", "item": added})
+        if not conversation.beta:
+            await self._send(websocket, {"type": "conversation.item.done", "item": added})
         conversation.previous_item = item_id
 
     async def _respond(
@@ -336,7 +395,9 @@ class FakeRealtime:
             "status_details": None,
             "output": [],
             "conversation_id": "conv_" + conversation.session["id"][5:],
-            "output_modalities": ["audio"],
+            ("modalities" if conversation.beta else "output_modalities"): (
+                ["text", "audio"] if conversation.beta else ["audio"]
+            ),
             "max_output_tokens": "inf",
             "usage": None,
             "metadata": (options or {}).get("metadata") if isinstance(options, dict) else None,
@@ -380,7 +441,7 @@ class FakeRealtime:
                 await self._send(
                     websocket,
                     {
-                        "type": "response.output_audio.delta",
+                        "type": conversation.event("response.output_audio.delta"),
                         **where,
                         "content_index": 0,
                         "delta": _DELTA_AUDIO,
@@ -390,7 +451,7 @@ class FakeRealtime:
                     await self._send(
                         websocket,
                         {
-                            "type": "response.output_audio_transcript.delta",
+                            "type": conversation.event("response.output_audio_transcript.delta"),
                             **where,
                             "content_index": 0,
                             "delta": words[index] + " ",
@@ -401,7 +462,9 @@ class FakeRealtime:
                 raise _Drop
             if hang:
                 await asyncio.Event().wait()  # never finishes: no response.done
-            await self._send(websocket, {"type": "response.output_audio.done", **where})
+            await self._send(
+                websocket, {"type": conversation.event("response.output_audio.done"), **where}
+            )
         except asyncio.CancelledError:
             self.cancelled += 1
             if hang:
@@ -449,8 +512,44 @@ class FakeRealtime:
             },
         )
         with _suppress_cancel():
-            await self._send(websocket, {"type": "response.done", "response": response})
+            for _ in range(2 if self.replay_done else 1):
+                await self._send(websocket, {"type": "response.done", "response": response})
             self.responses_done += 1
+
+
+def _beta_session(session_id: str, model: str | None, transcription: bool) -> dict[str, Any]:
+    """A session object of the beta protocol, as its `session.created` carries it."""
+    if transcription:
+        return {
+            "id": session_id,
+            "object": "realtime.transcription_session",
+            "modalities": ["text"],
+            "input_audio_format": "pcm16",
+            "input_audio_transcription": {
+                "model": "gpt-4o-transcribe",
+                "language": None,
+                "prompt": "",
+            },
+            "turn_detection": None,
+            "input_audio_noise_reduction": None,
+            "include": None,
+        }
+    return {
+        "id": session_id,
+        "object": "realtime.session",
+        "model": model,
+        "modalities": ["text", "audio"],
+        "instructions": "",
+        "voice": "alloy",
+        "input_audio_format": "pcm16",
+        "output_audio_format": "pcm16",
+        "input_audio_transcription": None,
+        "turn_detection": None,
+        "tools": [],
+        "tool_choice": "auto",
+        "temperature": 0.8,
+        "max_response_output_tokens": "inf",
+    }
 
 
 class _Drop(Exception):

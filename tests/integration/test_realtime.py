@@ -201,6 +201,39 @@ async def test_a_transcription_session_of_five_segments_is_charged_per_segment(
     assert list(await gateway.metering.totals_mismatches()) == []  # aza-gateway verify
 
 
+async def test_a_replayed_usage_event_is_charged_once(gateway: Gateway) -> None:
+    """Every response.done and transcription …completed arrives twice: one usage event each."""
+    fake = gateway.fake.realtime
+    fake.replay_done = True
+    async with gateway.client().realtime.connect(model="gpt-realtime") as connection:
+        created = await next_of(connection, "session.created")
+        await connection.session.update(
+            session={
+                "type": "realtime",
+                "audio": {"input": {"transcription": {"model": "gpt-4o-mini-transcribe"}}},
+            }
+        )
+        await next_of(connection, "session.updated")
+        done, _ = await turn(connection)
+        replayed = await next_of(connection, "response.done")
+        assert replayed.response.id == done.response.id
+        done2, _ = await turn(connection)
+        await next_of(connection, "response.done")
+    # Two responses and two transcriptions, each charged once, each at its own usage.
+    events = await gateway.settled(4)
+    ids = sorted(e["request_id"] for e in events)
+    assert len(set(ids)) == 4
+    assert f"rt:{created.session.id}:{done.response.id}" in ids
+    assert f"rt:{created.session.id}:{done2.response.id}" in ids
+    realtime = [e for e in events if e["operation_type"] == "realtime"]
+    assert [e["estimated_cost_micro_usd"] for e in realtime] == [
+        cost_of(d, "gpt-realtime") for d in (done, done2)
+    ]
+    assert len(await realtime_events(gateway)) == 4
+    assert await gateway.holds() == 0
+    assert list(await gateway.metering.totals_mismatches()) == []  # aza-gateway verify
+
+
 async def test_money_running_out_after_the_second_response_ends_the_session(
     start_gateway: StartGateway,
 ) -> None:
@@ -432,14 +465,93 @@ async def test_the_beta_realtime_client_is_relayed_with_its_protocol_header(
     # The beta client takes its WebSocket URL from websocket_base_url (else wss://).
     client = gateway.client(websocket_base_url=gateway.base_url.replace("http://", "ws://"))
     async with client.beta.realtime.connect(model="gpt-4o-realtime-preview") as conn:
-        await next_of(conn, "session.created")
+        created = await next_of(conn, "session.created")
+        assert created.session.max_response_output_tokens == "inf"  # the beta session object
         await conn.input_audio_buffer.append(audio=AUDIO_100MS)
         await conn.input_audio_buffer.commit()
         await conn.response.create()
-        await next_of(conn, "response.done")
+        seen: list[str] = []
+        while not seen or seen[-1] != "response.done":
+            seen.append((await conn.recv()).type)
+            done = None if seen[-1] != "response.done" else seen
+        assert done is not None
+    # The beta protocol's event names went through unchanged.
+    assert "response.audio.delta" in seen and "response.output_audio.delta" not in seen
     assert gateway.fake.realtime.last_headers.get("openai-beta") == "realtime=v1"
     [event] = await gateway.settled(1)
     assert event["model"] == "gpt-4o-realtime-preview"
+    assert event["usage_estimated"] == 0 and event["estimated_cost_micro_usd"] > 0
+
+
+async def test_a_beta_session_s_output_limit_sizes_the_hold_of_its_responses(
+    start_gateway: StartGateway,
+) -> None:
+    """max_response_output_tokens (the beta name) read from session.updated: a response that
+    never reports usage is charged at an estimate of that many output tokens."""
+    async with start_gateway(realtime_drain_seconds=0.2) as gateway:
+        gateway.fake.realtime.hang_before_done = True
+        client = gateway.client(websocket_base_url=gateway.base_url.replace("http://", "ws://"))
+        async with client.beta.realtime.connect(model="gpt-4o-realtime-preview") as conn:
+            await next_of(conn, "session.created")
+            await conn.session.update(session={"max_response_output_tokens": 77})
+            updated = await next_of(conn, "session.updated")
+            assert updated.session.max_response_output_tokens == 77
+            await conn.input_audio_buffer.append(audio=AUDIO_100MS)
+            await conn.input_audio_buffer.commit()
+            await conn.response.create()
+            await next_of(conn, "response.audio.delta")
+        [event] = await gateway.settled(1)
+    assert event["usage_estimated"] == 1 and event["output_tokens"] == 77
+    assert await gateway.holds() == 0
+
+
+async def test_a_beta_transcription_session_is_charged_at_the_model_it_names(
+    gateway: Gateway,
+) -> None:
+    """The beta protocol's transcription_session.update: an unpriced model is refused (not
+    forwarded, the session goes on); a priced one is what each segment is charged at."""
+    client = gateway.client(websocket_base_url=gateway.base_url.replace("http://", "ws://"))
+    fake = gateway.fake.realtime
+    async with client.beta.realtime.connect(
+        model="gpt-4o-transcribe", extra_query={"intent": "transcription"}
+    ) as conn:
+        # Not among the beta SDK's typed events: read as it came.
+        created = json.loads((await next_of(conn, "transcription_session.created")).to_json())
+        assert created["session"]["object"] == "realtime.transcription_session"
+        await conn.transcription_session.update(
+            session={"input_audio_transcription": {"model": "whisper-unpriced"}}  # type: ignore[typeddict-item]
+        )
+        refused = await next_of(conn, "error")
+        assert json.loads(refused.to_json())["error"]["code"] == "model_not_priced"
+        assert "transcription_session.update" not in fake.client_events
+        await conn.transcription_session.update(
+            session={"input_audio_transcription": {"model": "gpt-4o-mini-transcribe"}}
+        )
+        await next_of(conn, "transcription_session.updated")
+        completed = []
+        for tenths in (10, 20):
+            await speak(conn, tenths)
+            completed.append(
+                await next_of(conn, "conversation.item.input_audio_transcription.completed")
+            )
+    events = await gateway.settled(2)
+    assert [e["request_id"] for e in events] == [
+        f"rt:{created['session']['id']}:{done.item_id}" for done in completed
+    ]
+    for event, done in zip(events, completed, strict=True):
+        assert event["operation_type"] == "realtime_transcription"
+        assert event["model"] == "gpt-4o-mini-transcribe"
+        assert event["estimated_cost_micro_usd"] == PRICES.cost_micros(
+            Usage(
+                Operation.REALTIME_TRANSCRIPTION,
+                "gpt-4o-mini-transcribe",
+                input_tokens=done.usage.input_tokens,
+                output_tokens=done.usage.output_tokens,
+                audio_input_tokens=done.usage.input_token_details.audio_tokens,
+            )
+        )
+    assert await gateway.holds() == 0
+    assert list(await gateway.metering.totals_mismatches()) == []  # aza-gateway verify
 
 
 async def test_ephemeral_keys_are_refused_and_point_to_the_websocket_route(
