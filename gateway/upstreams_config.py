@@ -17,12 +17,13 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from budget.money import InvalidAmount, parse_decimal
 from gateway.settings import ConfigError, Secret
 
 UpstreamKind = Literal["openai", "azure"]
@@ -208,10 +209,10 @@ def _upstream(
     api_version = text("api_version", required=False)
     uplift_raw = table.get("price_uplift_percent", "0")
     try:
-        if isinstance(uplift_raw, (bool, float)):
-            raise InvalidOperation
-        uplift = Decimal(str(uplift_raw))
-    except InvalidOperation:
+        if isinstance(uplift_raw, float):  # TOML 10.5 is a binary float: a string says it exactly
+            raise InvalidAmount("a float")
+        uplift = parse_decimal(uplift_raw, what="price_uplift_percent")
+    except InvalidAmount:
         raise fail(
             "price_uplift_percent",
             'price_uplift_percent must be a decimal string such as "10" or an integer',

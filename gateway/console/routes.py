@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit
@@ -28,7 +28,7 @@ from starlette.templating import Jinja2Templates
 
 from budget.license import calendar_month
 from budget.limits import Scope
-from budget.money import micros_to_usd
+from budget.money import InvalidAmount, micros_to_usd, parse_decimal
 from credit.errors import CreditError
 from credit.money import chf_to_internal_usd
 from gateway.alerts.messages import LANGUAGES as ALERT_LANGUAGES
@@ -603,10 +603,10 @@ def _chf_field(form: FormData, name: str) -> Decimal | None:
     if not isinstance(raw, str) or not raw.strip():
         return None
     try:
-        value = Decimal(raw.strip().replace(",", ".").replace("'", ""))
-    except InvalidOperation:
+        # A person writes "1'000,50" as readily as "1000.50".
+        return parse_decimal(raw.replace(",", ".").replace("'", ""), what=name)
+    except InvalidAmount:
         return Decimal("NaN")
-    return value
 
 
 async def buy_page(request: Request) -> Response:
