@@ -73,14 +73,18 @@ def _count(data: Any, *path: str) -> int:
 def response_usage(model: str, response: Any) -> Usage | None:
     """The usage of a `response.done` event's `response`, None when it reports none.
 
-    Audio and cached tokens are parts of the input and output totals, as in
-    the event; cached audio input is part of both the cached and the audio input.
+    Audio, image and cached tokens are parts of the input and output totals,
+    as in the event; cached audio input is part of both the cached and the
+    audio input. Images are priced at the image input rate, cached ones at
+    the cached input rate (the price list has no cached image rate).
     """
     if not isinstance(response, Mapping) or not isinstance(response.get("usage"), Mapping):
         return None
     usage = response["usage"]
     input_tokens = _count(usage, "input_tokens")
     output_tokens = _count(usage, "output_tokens")
+    images = _count(usage, "input_token_details", "image_tokens")
+    cached_images = _count(usage, "input_token_details", "cached_tokens_details", "image_tokens")
     return Usage(
         Operation.REALTIME,
         model,
@@ -92,6 +96,7 @@ def response_usage(model: str, response: Any) -> Usage | None:
             usage, "input_token_details", "cached_tokens_details", "audio_tokens"
         ),
         audio_output_tokens=_count(usage, "output_token_details", "audio_tokens"),
+        image_input_tokens=max(0, images - cached_images),
     )
 
 

@@ -17,8 +17,9 @@ it speaks the beta protocol as OpenAI does: the beta session objects
 `response.audio.delta`/`response.audio_transcript.delta`/`response.audio.done`.
 
 Usage is deterministic: user audio is 10 tokens a second, assistant audio 2
-tokens a delta, text about a token per four characters; a response reads the
-whole conversation, what earlier responses already read counting as cached.
+tokens a delta, an input image 255 tokens, text about a token per four
+characters; a response reads the whole conversation, what earlier responses
+already read counting as cached.
 
 Knobs (attributes, read as each response starts): `deltas` (audio deltas a
 response sends), `delta_delay` (seconds between them), `hang_before_done`
@@ -53,6 +54,7 @@ ANSWER = "Verstanden, ich notiere die Angaben."
 PCM16_BYTES_PER_SECOND = 48_000
 USER_AUDIO_TOKENS_PER_SECOND = 10
 AUDIO_TOKENS_PER_DELTA = 2
+IMAGE_TOKENS = 255  # an `input_image` part of a conversation item
 # 50 ms of 24 kHz 16-bit silence per audio delta.
 _DELTA_AUDIO = base64.b64encode(bytes(2_400)).decode()
 
@@ -68,6 +70,7 @@ class _Conversation:
     session: dict[str, Any]
     buffer_bytes: int = 0
     text_tokens: int = 0  # text in the conversation so far
+    image_tokens: int = 0  # images in the conversation so far
     audio_tokens: int = 0  # audio in the conversation so far
     seen_tokens: int = 0  # what the last response read and wrote (cached for the next)
     items: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
@@ -359,6 +362,8 @@ class FakeRealtime:
             for part in item.get("content") or []:
                 if isinstance(part, dict) and isinstance(part.get("text"), str):
                     text += part["text"]
+                elif isinstance(part, dict) and part.get("type") == "input_image":
+                    conversation.image_tokens += IMAGE_TOKENS
         conversation.text_tokens += tokens_for(text) if text else 0
         item_id = self._item_id(conversation)
         added = {
@@ -476,9 +481,11 @@ class FakeRealtime:
         # Usage: the whole conversation is read; what the last response saw is cached.
         text_in = conversation.text_tokens + 8
         audio_in = conversation.audio_tokens
-        input_tokens = text_in + audio_in
+        image_in = conversation.image_tokens
+        input_tokens = text_in + audio_in + image_in
         cached = min(conversation.seen_tokens, input_tokens)
         cached_audio = min(cached, audio_in)
+        cached_image = min(cached - cached_audio, image_in)
         audio_out = AUDIO_TOKENS_PER_DELTA * sent
         text_out = tokens_for(" ".join(words[:sent])) if sent else 0
         output_tokens = audio_out + text_out
@@ -500,12 +507,12 @@ class FakeRealtime:
                 "input_token_details": {
                     "text_tokens": text_in,
                     "audio_tokens": audio_in,
-                    "image_tokens": 0,
+                    "image_tokens": image_in,
                     "cached_tokens": cached,
                     "cached_tokens_details": {
-                        "text_tokens": cached - cached_audio,
+                        "text_tokens": cached - cached_audio - cached_image,
                         "audio_tokens": cached_audio,
-                        "image_tokens": 0,
+                        "image_tokens": cached_image,
                     },
                 },
                 "output_token_details": {"text_tokens": text_out, "audio_tokens": audio_out},

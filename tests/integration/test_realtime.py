@@ -22,6 +22,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from websockets.asyncio.client import connect as websockets_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from budget.pricing import PriceBook
@@ -149,6 +150,43 @@ async def test_a_voice_conversation_of_three_responses_is_charged_per_response(
     assert fake.client_events.count("input_audio_buffer.append") == 30
     assert await gateway.holds() == 0
     assert list(await gateway.metering.totals_mismatches()) == []  # aza-gateway verify
+
+
+async def test_an_image_in_the_conversation_is_charged_at_the_image_rate(
+    gateway: Gateway,
+) -> None:
+    """gpt-realtime reads images: their tokens at its image input rate, not the text rate."""
+    async with gateway.client().realtime.connect(model="gpt-realtime") as connection:
+        await next_of(connection, "session.created")
+        await connection.conversation.item.create(
+            item={
+                "type": "message",
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": "Was zeigt das Bild?"},
+                    {"type": "input_image", "image_url": "data:image/png;base64,iVBORw0KGgo="},
+                ],
+            }
+        )
+        await next_of(connection, "conversation.item.added")
+        done, _ = await turn(connection)
+    details = done.response.usage.input_token_details
+    assert details.image_tokens > 0 and details.cached_tokens_details.image_tokens == 0
+    [event] = await gateway.settled(1)
+    usage = done.response.usage
+    expected = PRICES.cost_micros(
+        Usage(
+            Operation.REALTIME,
+            "gpt-realtime",
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            audio_input_tokens=details.audio_tokens,
+            audio_output_tokens=usage.output_token_details.audio_tokens,
+            image_input_tokens=details.image_tokens,
+        )
+    )
+    assert event["estimated_cost_micro_usd"] == expected
+    assert expected > cost_of(done, "gpt-realtime")  # the image rate is above the text rate
 
 
 async def test_a_transcription_session_of_five_segments_is_charged_per_segment(
@@ -304,6 +342,21 @@ async def test_a_wrong_gateway_key_is_refused_with_401(gateway: Gateway) -> None
             pass
     assert refused.value.response.status_code == 401
     assert gateway.fake.realtime.sessions == []
+
+
+async def test_an_upgrade_without_a_key_is_refused_before_the_upstream_is_called(
+    gateway: Gateway,
+) -> None:
+    """No Authorization header, or the key in the query instead: 401 in the OpenAI shape."""
+    url = gateway.root.replace("http://", "ws://") + "/v1/realtime?model=gpt-realtime"
+    for target in (url, f"{url}&api_key={gateway.key}"):
+        with pytest.raises(InvalidStatus) as refused:
+            async with websockets_connect(target):
+                pass
+        assert refused.value.response.status_code == 401
+        assert json.loads(refused.value.response.body)["error"]["type"] == "invalid_request_error"
+    assert gateway.fake.realtime.sessions == []
+    assert await gateway.holds() == 0
 
 
 async def _conversation_until_refused(gateway: Gateway) -> int:

@@ -74,6 +74,40 @@ def test_gpt_realtime_prices_each_kind_of_token_at_its_own_rate() -> None:
     assert PRICES.cost_micros(usage) == 27_040
 
 
+def test_image_input_of_a_response_is_priced_at_the_image_rate() -> None:
+    """A conversation with an image: 300 image tokens (100 of them cached) among 1,000 text
+    and 200 audio. Images new at gpt-realtime's image input rate, cached ones at the cached
+    input rate, the text at the text rate."""
+    usage = response_usage(
+        "gpt-realtime",
+        {
+            "usage": {
+                "input_tokens": 1500,
+                "output_tokens": 0,
+                "input_token_details": {
+                    "text_tokens": 1000,
+                    "audio_tokens": 200,
+                    "image_tokens": 300,
+                    "cached_tokens": 400,
+                    "cached_tokens_details": {
+                        "text_tokens": 300,
+                        "audio_tokens": 0,
+                        "image_tokens": 100,
+                    },
+                },
+            }
+        },
+    )
+    assert usage is not None and usage.image_input_tokens == 200
+    expected = (
+        Decimal(700) * Decimal("4.00")
+        + Decimal(400) * Decimal("0.40")
+        + Decimal(200) * Decimal("32.00")
+        + Decimal(200) * Decimal("5.00")
+    ) / Decimal(1_000_000)
+    assert PRICES.cost_usd(usage) == expected
+
+
 def test_transcription_usage_in_tokens_or_in_seconds() -> None:
     tokens = transcription_usage(
         "gpt-4o-transcribe",
