@@ -145,11 +145,14 @@ class WebhookSender:
             SIGNATURE_HEADER: signature(secret, int(self._clock()), body),
         }
         try:
-            response = await self._client.post(url, content=body, headers=headers)
+            # Only the status counts: the answer's body is never read, so a receiver that
+            # keeps sending one cannot hold the worker (and every other alert) up.
+            async with self._client.stream("POST", url, content=body, headers=headers) as answer:
+                status = answer.status_code
         except httpx.HTTPError as exc:
             raise DeliveryFailed(f"webhook: {exc.__class__.__name__}") from None
-        if not 200 <= response.status_code < 300:
-            raise DeliveryFailed(f"webhook: HTTP {response.status_code}")
+        if not 200 <= status < 300:
+            raise DeliveryFailed(f"webhook: HTTP {status}")
 
 
 class AlertDispatcher:

@@ -246,6 +246,40 @@ async def test_a_webhook_that_redirects_is_not_followed(
     assert followed == []
 
 
+async def test_a_receiver_that_never_ends_its_answer_does_not_hold_delivery_up(
+    start_gateway: StartGateway, channels: Channels, db: AnyDatabase
+) -> None:
+    """A receiver answers 200 and then streams its body forever: the alert counts as sent
+    on the status, and the worker goes on (it did wait for the body's end before)."""
+    chunks: list[int] = []
+
+    async def endless(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        watcher = asyncio.ensure_future(watch())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        while not gone.is_set():  # until the gateway hangs up
+            chunks.append(1)
+            await send({"type": "http.response.body", "body": b"x" * 1024, "more_body": True})
+            await asyncio.sleep(0.01)
+        await watcher
+
+    async with serve(endless) as url, start_gateway(**channels.overrides) as gateway:
+        await put_alerts(gateway, {"budget_used_percent": [10], "webhook_url": url + "/x"})
+        await spend(gateway, 3 * USD, "crossing")
+        await wait_for(lambda: outbox_settled(db, gateway.practice))
+        rows = await gateway_alerts(db, gateway.practice)
+    assert [r["webhook_state"] for r in rows] == ["sent"]
+    assert chunks
+
+
 async def test_a_webhook_target_is_checked_again_at_delivery(
     start_gateway: StartGateway, channels: Channels, db: AnyDatabase
 ) -> None:
