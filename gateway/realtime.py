@@ -112,6 +112,9 @@ EPHEMERAL_KEY_PATHS = (
     "/v1/realtime/sessions",
     "/v1/realtime/transcription_sessions",
 )
+# WebRTC and SIP calls (`client.realtime.calls`): their media flows between the
+# caller and OpenAI, past the gateway, and is not metered: always refused.
+CALL_PATHS = ("/v1/realtime/calls", "/v1/realtime/calls/{call_id}/{action}")
 # WebSocket close codes (RFC 6455): policy violation (the budget), internal error.
 CLOSE_POLICY = 1008
 CLOSE_INTERNAL = 1011
@@ -993,6 +996,21 @@ def ephemeral_keys_refused() -> GatewayError:
     )
 
 
+def calls_refused() -> GatewayError:
+    return forbidden(
+        "Realtime calls over WebRTC or SIP are not relayed by this gateway: their audio "
+        "flows between the caller and OpenAI, past the practice's budget. Connect to the "
+        "gateway's WebSocket route instead (wss://<gateway>/v1/realtime?model=…, e.g. "
+        "client.realtime.connect() with the gateway key).",
+        code="realtime_calls_not_relayed",
+    )
+
+
+async def _refuse_call(request: Request) -> Response:
+    request_id = request.scope.get("state", {}).get("request_id") or new_request_id()
+    return calls_refused().response(request_id)
+
+
 class EphemeralKeys:
     """`POST /v1/realtime/client_secrets` (and the beta session routes).
 
@@ -1100,4 +1118,5 @@ def realtime_routes(services: Callable[[], Services]) -> list[Route | WebSocketR
     return [
         WebSocketRoute(REALTIME_PATH, RealtimeEndpoint(services)),
         *(Route(path, keys.handle, methods=["POST"]) for path in EPHEMERAL_KEY_PATHS),
+        *(Route(path, _refuse_call, methods=["POST"]) for path in CALL_PATHS),
     ]

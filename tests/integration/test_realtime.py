@@ -628,6 +628,27 @@ async def test_ephemeral_keys_are_refused_and_point_to_the_websocket_route(
     assert gateway.fake.requests == 0
 
 
+async def test_webrtc_and_sip_calls_are_refused_and_point_to_the_websocket_route(
+    start_gateway: StartGateway,
+) -> None:
+    """client.realtime.calls would put a call's audio past the gateway: 403, even with
+    ephemeral keys allowed, and the upstream is never asked."""
+    async with start_gateway(
+        realtime_ephemeral_keys=True, realtime_session_cap_usd=Decimal("0.50")
+    ) as gateway:
+        client = gateway.client()
+        with pytest.raises(openai.PermissionDeniedError) as refused:
+            await client.realtime.calls.create(sdp="v=0\r\n")
+        error = refused.value.body
+        assert isinstance(error, dict)
+        assert error["code"] == "realtime_calls_not_relayed"
+        assert "/v1/realtime?model=" in error["message"]
+        with pytest.raises(openai.PermissionDeniedError):
+            await client.realtime.calls.hangup("rtc_fake_1")
+        assert gateway.fake.requests == 0
+        assert await gateway.events() == []
+
+
 async def test_ephemeral_keys_when_allowed_are_charged_at_the_session_cap(
     start_gateway: StartGateway,
 ) -> None:
