@@ -106,7 +106,9 @@ class FilesUpstream:
         if client is None:
             settings = self.services.settings
             config = upstream.config
-            headers = {}
+            # Bodies come as the upstream sent them (a file's content is streamed on raw),
+            # so none may come encoded, as on the proxy's path.
+            headers = {"accept-encoding": "identity"}
             if upstream.auth is not None:
                 headers[upstream.auth[0].decode()] = upstream.auth[1].decode("latin-1")
             proxy = None
@@ -355,7 +357,7 @@ async def file_content(request: Request) -> Response:
         practice_id, "GET", f"/files/{file_id}/content", stream=True
     )
     headers = {}
-    for name in ("content-type", "content-length", "content-disposition"):
+    for name in ("content-type", "content-length", "content-disposition", "content-encoding"):
         if name in response.headers:
             headers[name] = response.headers[name]
     return StreamingResponse(

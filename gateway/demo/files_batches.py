@@ -20,6 +20,7 @@ batch is made and the answer is a 500 (a crash of the upstream's own);
 from __future__ import annotations
 
 import asyncio
+import gzip
 import itertools
 import json
 import time
@@ -185,7 +186,15 @@ class FakeFilesBatches:
         file_id = request.path_params["file_id"]
         if file_id not in self.contents:
             return _not_found("File", file_id)
-        return Response(self.contents[file_id], media_type="application/octet-stream")
+        data = self.contents[file_id]
+        if "gzip" in request.headers.get("accept-encoding", ""):
+            # Compressed whenever the caller accepts it, as web servers do.
+            return Response(
+                gzip.compress(data, compresslevel=1),
+                media_type="application/octet-stream",
+                headers={"content-encoding": "gzip"},
+            )
+        return Response(data, media_type="application/octet-stream")
 
     # -- uploads ------------------------------------------------------------
 

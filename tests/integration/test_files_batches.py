@@ -977,3 +977,21 @@ async def test_the_sdks_chunked_upload_makes_a_file_only_its_practice_sees(
     )
     cancelled = await client.uploads.cancel(other.id)
     assert cancelled.status == "cancelled"
+
+
+async def test_a_file_downloads_byte_for_byte_whatever_the_upstream_compresses(
+    fast_gateway: Gateway, upstream: Upstream
+) -> None:
+    """The fake compresses content for a caller that accepts gzip: the client still reads
+    the file's own bytes, from the SDK and from a client that accepts no encoding."""
+    gw = fast_gateway
+    client = gw.client()
+    data = b"".join(b"Zeile %d des Befunds\n" % n for n in range(500))
+    made = await client.files.create(file=("befund.txt", data), purpose="user_data")
+    assert (await client.files.content(made.id)).read() == data
+    async with httpx.AsyncClient(base_url=gw.base_url, timeout=10) as http:
+        response = await http.get(
+            f"/files/{made.id}/content",
+            headers={"Authorization": f"Bearer {gw.key}", "accept-encoding": "identity"},
+        )
+    assert response.status_code == 200 and response.content == data
