@@ -130,6 +130,7 @@ _SESSION_EVENTS = frozenset(
     }
 )
 _SERVER_WATCHED = _SESSION_EVENTS | {
+    "error",
     "response.created",
     "response.done",
     "input_audio_buffer.committed",
@@ -147,6 +148,13 @@ _CLIENT_WATCHED = frozenset(
     }
 )
 _APPEND = "input_audio_buffer.append"
+# Upstream errors that refuse a client's event without naming it (the SDK sends
+# no event_id unless asked), by the event they refuse: no response or
+# transcription follows, so that event's hold goes back.
+_REFUSALS = {
+    "conversation_already_has_active_response": "response.create",
+    "input_audio_buffer_commit_empty": "input_audio_buffer.commit",
+}
 _server_event_ids = itertools.count(1)
 
 
@@ -304,6 +312,8 @@ class _Held:
     started_at: int
     caps: Sequence[CapHold] = ()  # on the caps of the caller's key and device
     late: asyncio.Task[None] | None = None  # places `hold` and `caps` (see _hold_late)
+    event: str = ""  # the client event it was placed for (response.create or a commit)
+    event_id: str | None = None  # that event's own id, if it had one
 
 
 class _Refused(Exception):
@@ -511,7 +521,7 @@ class RealtimeSession:
         elif kind == "input_audio_buffer.commit":
             if meter.kind is SessionKind.TRANSCRIPTION:
                 estimate = meter.transcription_estimate(meter.buffered_seconds())
-                self.waiting.append(await self._hold(estimate))
+                self._wait(await self._hold(estimate), kind, event)
             meter.committed()
         elif kind == "response.create":
             options = event.get("response")
@@ -520,8 +530,28 @@ class RealtimeSession:
                 value = options.get("max_output_tokens", options.get("max_response_output_tokens"))
                 if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                     limit = value
-            self.waiting.append(await self._hold(meter.response_estimate(limit)))
+            self._wait(await self._hold(meter.response_estimate(limit)), kind, event)
         return True
+
+    def _wait(self, held: _Held, kind: str, event: Mapping[str, Any]) -> None:
+        """`held` waits for the upstream to start what `event` asks for."""
+        event_id = event.get("event_id")
+        held.event, held.event_id = kind, event_id if isinstance(event_id, str) else None
+        self.waiting.append(held)
+
+    def _refused_upstream(self, error: Any) -> None:
+        """The upstream refused a client event: the hold waiting for it goes back."""
+        if not isinstance(error, Mapping) or not self.waiting:
+            return
+        event_id, code = error.get("event_id"), error.get("code")
+        kind = _REFUSALS.get(code) if isinstance(code, str) else None
+        for held in reversed(self.waiting):
+            if (isinstance(event_id, str) and held.event_id == event_id) or (
+                event_id is None and kind is not None and held.event == kind
+            ):
+                self.waiting.remove(held)
+                self._background(self._release(held))
+                return
 
     def _unpriced_models(self, session: Any) -> GatewayError | None:
         """A session.update naming a model this gateway has no price for: refuse it."""
@@ -595,7 +625,9 @@ class RealtimeSession:
     def _on_server(self, kind: str, event: Mapping[str, Any]) -> None:
         """Note a watched server event; charge what it reports (in the background)."""
         meter = self.meter
-        if kind in _SESSION_EVENTS:
+        if kind == "error":
+            self._refused_upstream(event.get("error"))
+        elif kind in _SESSION_EVENTS:
             session = event.get("session")
             meter.configure(session)
             if kind.endswith(".created") and isinstance(session, Mapping):

@@ -239,7 +239,7 @@ class FakeRealtime:
                 conversation.buffer_bytes = 0
                 await self._send(websocket, {"type": "input_audio_buffer.cleared"})
             elif kind == "input_audio_buffer.commit":
-                await self._commit(websocket, conversation)
+                await self._commit(websocket, conversation, event.get("event_id"))
             elif kind == "conversation.item.create":
                 await self._add_text_item(websocket, conversation, event.get("item"))
             elif kind == "response.create":
@@ -283,8 +283,19 @@ class FakeRealtime:
     def _item_id(self, conversation: _Conversation) -> str:
         return f"item_{conversation.session['id'][5:]}_{next(conversation.items):03d}"
 
-    async def _commit(self, websocket: WebSocket, conversation: _Conversation) -> None:
+    async def _commit(
+        self, websocket: WebSocket, conversation: _Conversation, event_id: Any
+    ) -> None:
         seconds = conversation.buffer_bytes / PCM16_BYTES_PER_SECOND
+        if seconds < 0.1:
+            await self._error(
+                websocket,
+                "Error committing input audio buffer: buffer too small. Expected at least "
+                f"100ms of audio, but buffer only has {seconds * 1000:.2f}ms of audio.",
+                event_id,
+                code="input_audio_buffer_commit_empty",
+            )
+            return
         conversation.buffer_bytes = 0
         item_id = self._item_id(conversation)
         previous, conversation.previous_item = conversation.previous_item, item_id

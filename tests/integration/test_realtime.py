@@ -447,6 +447,42 @@ async def _holds_are(gateway: Gateway, micros: int) -> bool:
     return (await gateway.metering.state(gateway.practice)).snapshot.held_micros == micros
 
 
+async def test_an_event_the_upstream_refuses_gives_its_hold_back_at_once(
+    gateway: Gateway,
+) -> None:
+    """A response.create while a response runs, a commit of too little audio: the upstream
+    answers with an error and starts nothing, so their holds go back while the session
+    goes on (they held the budget until the session's end)."""
+    fake = gateway.fake.realtime
+    fake.deltas, fake.delta_delay = 20, 0.02
+    async with gateway.client().realtime.connect(model="gpt-realtime") as connection:
+        await next_of(connection, "session.created")
+        await speak(connection)
+        await connection.response.create()
+        await next_of(connection, "response.created")
+        await connection.response.create()
+        refused = await next_of(connection, "error")
+        assert refused.error.code == "conversation_already_has_active_response"
+        done = await next_of(connection, "response.done")
+        await until(lambda: _no_holds(gateway))
+        [event] = await gateway.settled(1)
+        assert event["request_id"].endswith(done.response.id)
+    client = gateway.client()
+    async with client.realtime.connect(extra_query={"intent": "transcription"}) as connection:
+        await next_of(connection, "session.created")
+        await connection.input_audio_buffer.append(audio=AUDIO_100MS[:400])
+        await connection.input_audio_buffer.commit()
+        refused = await next_of(connection, "error")
+        assert refused.error.code == "input_audio_buffer_commit_empty"
+        await until(lambda: _no_holds(gateway))
+        await speak(connection, 5)
+        await next_of(connection, "conversation.item.input_audio_transcription.completed")
+    events = await gateway.settled(2)
+    assert [e["operation_type"] for e in events] == ["realtime", "realtime_transcription"]
+    assert await gateway.holds() == 0
+    assert list(await gateway.metering.totals_mismatches()) == []  # aza-gateway verify
+
+
 async def test_a_client_that_leaves_mid_response_is_charged_what_the_upstream_reports(
     start_gateway: StartGateway,
 ) -> None:
