@@ -120,7 +120,7 @@ class Gateway:
                 "--requests-per-minute",
                 "1000000000",
                 "--tokens-per-minute",
-                "1000000000000",
+                "1000000000",
             )
 
     def serve(self) -> None:
