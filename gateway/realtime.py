@@ -94,7 +94,7 @@ from gateway.proxy import (
     upstream_request_headers,
     upstream_unreachable,
 )
-from gateway.request_context import new_request_id
+from gateway.request_context import new_request_id, request_id_of
 from gateway.routing import Upstream
 from gateway.services import Services
 from gateway.settings import Settings
@@ -1039,7 +1039,7 @@ def calls_refused() -> GatewayError:
 
 
 async def _refuse_call(request: Request) -> Response:
-    request_id = request.scope.get("state", {}).get("request_id") or new_request_id()
+    request_id = request_id_of(request.scope)
     return calls_refused().response(request_id)
 
 
@@ -1057,7 +1057,7 @@ class EphemeralKeys:
     async def handle(self, request: Request) -> Response:
         services = self.services()
         settings = services.settings
-        request_id = request.scope.get("state", {}).get("request_id") or new_request_id()
+        request_id = request_id_of(request.scope)
         cap = settings.realtime_session_cap_usd
         try:
             if not settings.realtime_ephemeral_keys or cap is None:

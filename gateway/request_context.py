@@ -57,6 +57,12 @@ def path_label(scope: Scope) -> str:
     return route_path if isinstance(route_path, str) else "unmatched"
 
 
+def request_id_of(scope: Scope) -> str:
+    """The id the request context middleware gave this request, or a new one."""
+    value = scope.get("state", {}).get("request_id")
+    return value if isinstance(value, str) and value else new_request_id()
+
+
 class RequestContextMiddleware:
     """Gives every HTTP request an id (`x-request-id`) and counts it by path and status."""
 

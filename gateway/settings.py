@@ -325,7 +325,7 @@ class Settings:
                 session_cap = parse_decimal(cap_raw, what="AZA_REALTIME_SESSION_CAP_USD")
             except InvalidAmount:
                 session_cap = None
-            if session_cap is None or not session_cap.is_finite() or session_cap <= 0:
+            if session_cap is None or session_cap <= 0:  # parse_decimal refuses NaN and ±inf
                 raise ConfigError(
                     f"AZA_REALTIME_SESSION_CAP_USD must be an amount above 0, not {cap_raw!r}"
                 )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import uuid
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -26,6 +25,7 @@ from gateway.errors import (
     unprocessable,
 )
 from gateway.messages import credit_user_message, user_message
+from gateway.request_context import request_id_of
 
 if TYPE_CHECKING:
     from gateway.services import Services
@@ -72,7 +72,7 @@ def endpoint(handler: Handler) -> Handler:
     @functools.wraps(handler)
     async def wrapped(request: Request) -> Response:
         # The id the request context middleware gave this request (and logs).
-        request_id = request.scope.get("state", {}).get("request_id") or uuid.uuid4().hex
+        request_id = request_id_of(request.scope)
         try:
             response = await handler(request)
         except GatewayError as exc:
